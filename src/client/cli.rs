@@ -1,0 +1,287 @@
+//! `tuplespace client`: one-shot commands and an interactive shell (rustyline: history, line
+//! editing, `help`), with readable or `--json` output.
+
+use std::path::PathBuf;
+
+use ciborium::Value;
+
+use super::syntax::{self, Line};
+use super::{Client, ClientError};
+use crate::config::Config;
+use crate::net::tls::CertRole;
+use crate::wire::client::{Response, Status};
+
+pub const HELP: &str = r#"commands (tuples in text form: elements joined by commas, e.g. user,42):
+  get KEYEXP VALEXP        pairs whose key and value fully match the regexes   get 'user,\d+' '.*'
+  delete KEYEXP VALEXP     remove and return the matching pairs
+  put KEY=VALUE ...        insert pairs whose key is absent                     put user,1=alice user,2=bob
+  post KEY=VALUE ...       replace values of present keys                       post user,1=carol
+                           an element may also be any JSON value, sent as-is:   put '"junk"' '[["a"],["b"]]'
+  op NAME [JSON-ARGS]      send any operator (unknown ones too)                  op FROB '[]'
+  raw JSON                 send a whole request written as JSON                  raw '{"id":9,"op":"get"}'
+  rawhex HEX               send bytes as one frame (the 4-byte length is added)  rawhex ff
+  status                   cluster status (admin certificate, shutdown SAP)
+  shutdown                 stop the service, saving its data (admin)
+  connect [SAP]            (re)connect to the client SAP; disconnect: drop the connections
+  help, quit"#;
+
+/// Where and how the CLI connects.
+#[derive(Clone, Debug)]
+pub struct CliOptions {
+    pub client_sap: String,
+    pub shutdown_sap: String,
+    pub certs: PathBuf,
+    /// Certificate used on the client SAP (`client` or `admin`).
+    pub cert_role: CertRole,
+    pub json: bool,
+    pub config: Config,
+}
+
+/// The CLI's connections, opened on first use.
+pub struct Session {
+    opts: CliOptions,
+    data: Option<Client>,
+    admin: Option<Client>,
+}
+
+/// The outcome of one command, for the exit status of one-shot use.
+pub enum Outcome {
+    Response(Response),
+    Text(String),
+    Quit,
+}
+
+impl Session {
+    pub fn new(opts: CliOptions) -> Session {
+        Session {
+            opts,
+            data: None,
+            admin: None,
+        }
+    }
+
+    async fn data(&mut self) -> Result<&mut Client, ClientError> {
+        if self.data.is_none() {
+            let c = Client::connect(&self.opts.client_sap, &self.opts.certs, self.opts.cert_role, &self.opts.config).await?;
+            self.data = Some(c);
+        }
+        self.data.as_mut().ok_or(ClientError::EndOfStream)
+    }
+
+    async fn admin(&mut self) -> Result<&mut Client, ClientError> {
+        if self.admin.is_none() {
+            let c = Client::connect(&self.opts.shutdown_sap, &self.opts.certs, CertRole::Admin, &self.opts.config).await?;
+            self.admin = Some(c);
+        }
+        self.admin.as_mut().ok_or(ClientError::EndOfStream)
+    }
+
+    /// Runs one command line.
+    pub async fn exec(&mut self, line: &str) -> Result<Outcome, String> {
+        let parsed = syntax::parse(line)?;
+        let r = match parsed {
+            Line::Empty => return Ok(Outcome::Text(String::new())),
+            Line::Help => return Ok(Outcome::Text(HELP.into())),
+            Line::Quit => return Ok(Outcome::Quit),
+            Line::Disconnect => {
+                for c in [self.data.take(), self.admin.take()].into_iter().flatten() {
+                    c.close();
+                }
+                return Ok(Outcome::Text("disconnected".into()));
+            }
+            Line::Connect(sap) => {
+                if let Some(s) = sap {
+                    self.opts.client_sap = s;
+                }
+                if let Some(c) = self.data.take() {
+                    c.close();
+                }
+                if let Err(e) = self.data().await {
+                    return Err(self.explain(e));
+                }
+                return Ok(Outcome::Text(format!("connected to {}", self.opts.client_sap)));
+            }
+            Line::Request { op, args } => self.on_data(|c| Box::pin(c.request_owned(op, args))).await,
+            Line::Raw(v) => self.on_data(|c| Box::pin(c.raw_value(v))).await,
+            Line::RawBytes(b) => self.on_data(|c| Box::pin(c.raw_frame(b))).await,
+            Line::Status => match self.admin().await {
+                Ok(c) => c.request("STATUS", None).await,
+                Err(e) => Err(e),
+            },
+            Line::Shutdown => match self.admin().await {
+                Ok(c) => c.request("SHUTDOWN", None).await,
+                Err(e) => Err(e),
+            },
+        };
+        match r {
+            Ok(resp) => Ok(Outcome::Response(resp)),
+            Err(e) => {
+                // A broken connection is dropped so the next command reconnects.
+                self.data = None;
+                self.admin = None;
+                Err(self.explain(e))
+            }
+        }
+    }
+
+    async fn on_data<F>(&mut self, f: F) -> Result<Response, ClientError>
+    where
+        F: for<'a> FnOnce(&'a mut Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, ClientError>> + 'a>>,
+    {
+        let c = self.data().await?;
+        f(c).await
+    }
+
+    fn explain(&self, e: ClientError) -> String {
+        let s = e.to_string();
+        if s.contains("SERVICE_REFUSED") {
+            format!("{s}\nthe proxy has reached its client limit; try again later")
+        } else if s.contains("FORBIDDEN") {
+            format!("{s}\nyour certificate's role is not allowed there (data needs client/admin, status/shutdown need admin)")
+        } else {
+            s
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.opts.json
+    }
+}
+
+impl Client {
+    async fn request_owned(&mut self, op: String, args: Option<Value>) -> Result<Response, ClientError> {
+        self.request(&op, args).await
+    }
+    async fn raw_value(&mut self, v: Value) -> Result<Response, ClientError> {
+        self.send_value(&v).await?;
+        self.read_response().await
+    }
+    async fn raw_frame(&mut self, body: Vec<u8>) -> Result<Response, ClientError> {
+        let mut b = (body.len() as u32).to_be_bytes().to_vec();
+        b.extend(body);
+        self.send_raw(&b).await?;
+        self.read_response().await
+    }
+}
+
+fn value_to_json(v: &Value) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// The response as JSON (for `--json`): the same keys as on the wire.
+pub fn response_json(r: &Response) -> serde_json::Value {
+    value_to_json(&r.to_value())
+}
+
+/// A readable rendering of a response.
+pub fn render(r: &Response) -> String {
+    let mut s = String::new();
+    s.push_str(r.status.as_str());
+    if let Some(id) = r.id {
+        s.push_str(&format!(" (id {id})"));
+    }
+    if let Some(m) = &r.message {
+        s.push_str(&format!(": {m}"));
+    }
+    if let Some(pairs) = &r.pairs {
+        s.push_str(&format!("\n{} pair{}", pairs.len(), if pairs.len() == 1 { "" } else { "s" }));
+        for p in pairs {
+            s.push_str(&format!("\n  {} => {}", p.key, p.value));
+        }
+    }
+    if let Some(rej) = &r.rejected {
+        if rej.is_empty() {
+            s.push_str("\nall elements applied");
+        } else {
+            s.push_str(&format!("\n{} rejected:", rej.len()));
+            for v in rej {
+                s.push_str(&format!("\n  {}", value_to_json(v)));
+            }
+        }
+    }
+    if let Some(c) = &r.cluster {
+        let pretty = serde_json::to_string_pretty(&value_to_json(c)).unwrap_or_default();
+        s.push('\n');
+        s.push_str(&pretty);
+    }
+    s
+}
+
+fn print(session: &Session, o: &Outcome) {
+    match o {
+        Outcome::Response(r) if session.json() => println!("{}", response_json(r)),
+        Outcome::Response(r) => println!("{}", render(r)),
+        Outcome::Text(t) if !t.is_empty() => println!("{t}"),
+        _ => {}
+    }
+}
+
+fn print_err(session: &Session, e: &str) {
+    if session.json() {
+        println!("{}", serde_json::json!({ "error": e }));
+    } else {
+        eprintln!("error: {e}");
+    }
+}
+
+/// One-shot: runs `words` as one command. Exit code 0 for `ok`, 1 for another status, 2 for an
+/// error reaching the service.
+pub fn run_once(rt: &tokio::runtime::Runtime, opts: CliOptions, words: &[String]) -> i32 {
+    let line = shlex::try_join(words.iter().map(|s| s.as_str())).unwrap_or_default();
+    let mut session = Session::new(opts);
+    match rt.block_on(session.exec(&line)) {
+        Ok(o) => {
+            print(&session, &o);
+            match o {
+                Outcome::Response(r) if r.status != Status::Ok => 1,
+                _ => 0,
+            }
+        }
+        Err(e) => {
+            print_err(&session, &e);
+            2
+        }
+    }
+}
+
+/// Interactive shell.
+pub fn run_interactive(rt: &tokio::runtime::Runtime, opts: CliOptions) -> i32 {
+    let mut session = Session::new(opts.clone());
+    let mut rl = match rustyline::DefaultEditor::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the line editor: {e}");
+            return 2;
+        }
+    };
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".tuplespace_history"));
+    if let Some(h) = &history {
+        let _ = rl.load_history(h);
+    }
+    println!(
+        "tuplespace client: data on {}, admin on {}, certificates in {}. Type `help`.",
+        opts.client_sap,
+        opts.shutdown_sap,
+        opts.certs.display()
+    );
+    loop {
+        match rl.readline("tuplespace> ") {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    let _ = rl.add_history_entry(line.as_str());
+                }
+                match rt.block_on(session.exec(&line)) {
+                    Ok(Outcome::Quit) => break,
+                    Ok(o) => print(&session, &o),
+                    Err(e) => print_err(&session, &e),
+                }
+            }
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(_) => break,
+        }
+    }
+    if let Some(h) = &history {
+        let _ = rl.save_history(h);
+    }
+    0
+}

@@ -1,0 +1,345 @@
+//! Every timeout, limit and tunable constant of the service, in one place.
+//!
+//! Loaded from `config/tuplespace.toml` (all keys optional, documented defaults below), then
+//! overridden by command-line flags, then checked by [`Config::validate`]. Nothing else in the crate
+//! may hard-code a timeout or a limit.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::space::{PatternLimits, TupleLimits};
+
+/// Errors loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}; check the path or pass --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file `{path}` is not valid: {source}; fix the named key (see config/tuplespace.toml for every key)")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// All tunables. Times are in milliseconds so that the TOML file stays plain integers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    // ---- limits (PROTOCOL.md §2, §3) ----
+    /// Largest request frame a client may send (bytes of CBOR after the 4-byte length).
+    pub max_request_bytes: usize,
+    /// Largest response the service will produce; a bigger answer gets `too-large`.
+    pub max_response_bytes: usize,
+    /// Most elements in one tuple.
+    pub max_tuple_arity: usize,
+    /// Most UTF-8 bytes in one tuple element.
+    pub max_element_bytes: usize,
+    /// Most elements in one PUT/POST request (more -> `malformed`).
+    pub max_pairs_per_request: usize,
+    /// Longest regular expression source accepted, in bytes.
+    pub max_pattern_bytes: usize,
+    /// Compiled-size limit handed to the regex engine (bigger -> malformed pattern).
+    pub regex_size_limit: usize,
+    /// Client connections the proxy accepts at once; the next one is refused.
+    pub max_clients: usize,
+    /// Bidirectional streams a client may have open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Requests a client may have outstanding on one stream before the service stops reading it.
+    pub max_outstanding_per_stream: usize,
+
+    // ---- timeouts (ms) ----
+    /// QUIC idle timeout on client connections.
+    pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval sent by our own client (must be below every idle timeout).
+    pub keep_alive_ms: u64,
+    /// QUIC idle timeout on links between proxy and servers and between the two servers.
+    pub node_idle_timeout_ms: u64,
+    /// QUIC keep-alive interval on node links.
+    pub node_keep_alive_ms: u64,
+    /// How long a QUIC connect may take before it is abandoned.
+    pub connect_timeout_ms: u64,
+    /// How long the proxy waits for some replica to answer a request before `unavailable`.
+    pub request_timeout_ms: u64,
+    /// Interval between application heartbeats (server -> proxy, backup <-> primary).
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeats missing for this long = the peer is considered failed.
+    pub heartbeat_timeout_ms: u64,
+    /// How long a primary keeps serving without the proxy before it saves and exits.
+    pub proxy_loss_timeout_ms: u64,
+    /// How long a graceful shutdown (stop backup, save) may take before giving up.
+    pub shutdown_timeout_ms: u64,
+    /// Pause between attempts to (re)start a backup, doubled at each failed attempt.
+    pub backup_retry_backoff_ms: u64,
+    /// Attempts to start a backup before the primary saves and shuts down.
+    pub backup_start_retries: u32,
+    /// How long a new backup may take to start, connect and synchronise.
+    pub backup_sync_timeout_ms: u64,
+
+    // ---- operations ----
+    /// UDP socket receive/send buffer size asked of the kernel (bytes); 0 = OS default.
+    pub udp_buffer_bytes: usize,
+    /// Command run (via `sh -c`) on every operator-visible event; details in TS_EVENT_* vars.
+    pub notify_command: Option<String>,
+    /// Command template to start a backup on another host; `{args}` is replaced by the server
+    /// arguments. Empty = start the backup locally as a child process.
+    pub backup_launch_command: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_request_bytes: 1 << 20,
+            max_response_bytes: 64 << 20,
+            max_tuple_arity: 64,
+            max_element_bytes: 4096,
+            max_pairs_per_request: 100_000,
+            max_pattern_bytes: 8192,
+            regex_size_limit: 1 << 20,
+            max_clients: 1024,
+            max_streams_per_connection: 16,
+            max_outstanding_per_stream: 1024,
+            idle_timeout_ms: 30_000,
+            keep_alive_ms: 5_000,
+            node_idle_timeout_ms: 2_000,
+            node_keep_alive_ms: 100,
+            connect_timeout_ms: 3_000,
+            request_timeout_ms: 10_000,
+            heartbeat_interval_ms: 50,
+            heartbeat_timeout_ms: 300,
+            proxy_loss_timeout_ms: 5_000,
+            shutdown_timeout_ms: 10_000,
+            backup_retry_backoff_ms: 200,
+            backup_start_retries: 5,
+            backup_sync_timeout_ms: 60_000,
+            udp_buffer_bytes: 4 << 20,
+            notify_command: None,
+            backup_launch_command: None,
+        }
+    }
+}
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "config/tuplespace.toml";
+
+impl Config {
+    /// Loads `path`. A missing file at the *default* path gives the defaults (so the binary works
+    /// from any directory); a missing file that the user named is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Loads `path` (see [`Config::load`]), applies `KEY=VALUE` overrides (TOML values), and
+    /// validates the result.
+    pub fn load_with(path: &Path, explicit: bool, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = match std::fs::read_to_string(path) {
+            Ok(t) => toml::from_str(&t).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => toml::Table::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        for o in overrides {
+            let Some((k, v)) = o.split_once('=') else {
+                return Err(ConfigError::Invalid {
+                    key: "--set",
+                    problem: format!("`{o}` is not KEY=VALUE"),
+                });
+            };
+            let one: toml::Table = toml::from_str(&format!("{} = {}", k.trim(), v.trim()))
+                .or_else(|_| toml::from_str(&format!("{} = {:?}", k.trim(), v.trim())))
+                .map_err(|e| ConfigError::Invalid {
+                    key: "--set",
+                    problem: format!("`{o}`: {e}"),
+                })?;
+            table.extend(one);
+        }
+        let cfg: Config = table.try_into().map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuses values that would make the service misbehave, saying which key and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            })
+        }
+        let positive: [(&'static str, u64); 14] = [
+            ("max_request_bytes", self.max_request_bytes as u64),
+            ("max_response_bytes", self.max_response_bytes as u64),
+            ("max_tuple_arity", self.max_tuple_arity as u64),
+            ("max_element_bytes", self.max_element_bytes as u64),
+            ("max_pairs_per_request", self.max_pairs_per_request as u64),
+            ("max_pattern_bytes", self.max_pattern_bytes as u64),
+            ("max_clients", self.max_clients as u64),
+            (
+                "max_streams_per_connection",
+                self.max_streams_per_connection as u64,
+            ),
+            (
+                "max_outstanding_per_stream",
+                self.max_outstanding_per_stream as u64,
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("node_idle_timeout_ms", self.node_idle_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if self.max_request_bytes > u32::MAX as usize {
+            return bad("max_request_bytes", "must fit the 4-byte frame length (< 4 GiB)");
+        }
+        if self.max_response_bytes > u32::MAX as usize {
+            return bad("max_response_bytes", "must fit the 4-byte frame length (< 4 GiB)");
+        }
+        if self.max_response_bytes < self.max_request_bytes {
+            return bad(
+                "max_response_bytes",
+                "must be at least max_request_bytes (a PUT's rejected list echoes the request)",
+            );
+        }
+        if self.keep_alive_ms >= self.idle_timeout_ms {
+            return bad("keep_alive_ms", "must be below idle_timeout_ms");
+        }
+        if self.node_keep_alive_ms >= self.node_idle_timeout_ms {
+            return bad("node_keep_alive_ms", "must be below node_idle_timeout_ms");
+        }
+        if self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return bad(
+                "heartbeat_timeout_ms",
+                "must be at least twice heartbeat_interval_ms, or one late heartbeat fails a replica over",
+            );
+        }
+        if self.proxy_loss_timeout_ms <= self.heartbeat_timeout_ms {
+            return bad("proxy_loss_timeout_ms", "must exceed heartbeat_timeout_ms");
+        }
+        if self.idle_timeout_ms > 600_000 || self.node_idle_timeout_ms > 600_000 {
+            return bad("idle_timeout_ms", "must be at most 600000 (10 minutes)");
+        }
+        Ok(())
+    }
+
+    pub fn tuple_limits(&self) -> TupleLimits {
+        TupleLimits {
+            max_arity: self.max_tuple_arity,
+            max_element_bytes: self.max_element_bytes,
+        }
+    }
+
+    pub fn pattern_limits(&self) -> PatternLimits {
+        PatternLimits {
+            max_pattern_bytes: self.max_pattern_bytes,
+            regex_size_limit: self.regex_size_limit,
+        }
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_millis(self.keep_alive_ms)
+    }
+    pub fn node_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.node_idle_timeout_ms)
+    }
+    pub fn node_keep_alive(&self) -> Duration {
+        Duration::from_millis(self.node_keep_alive_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    pub fn proxy_loss_timeout(&self) -> Duration {
+        Duration::from_millis(self.proxy_loss_timeout_ms)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn shipped_file_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let cfg = Config::load(&path, true).unwrap();
+        cfg.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(
+            toml::to_string(&cfg).unwrap(),
+            toml::to_string(&d).unwrap(),
+            "config/tuplespace.toml must document the defaults"
+        );
+    }
+
+    #[test]
+    fn zero_and_unknown_keys_are_refused() {
+        let cfg: Config = toml::from_str("max_clients = 0").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("max_clients"), "{err}");
+        assert!(toml::from_str::<Config>("max_cleints = 3").is_err());
+    }
+
+    #[test]
+    fn keep_alive_must_be_below_idle() {
+        let cfg: Config = toml::from_str("keep_alive_ms = 40000").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("keep_alive_ms"));
+    }
+}

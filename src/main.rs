@@ -1,0 +1,310 @@
+//! The `tuplespace` binary: parses the command line and calls one library function per
+//! subcommand. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tuplespace::config::{Config, DEFAULT_CONFIG_PATH};
+use tuplespace::net::endpoint::resolve_sap;
+use tuplespace::net::tls::{self, CertRole};
+
+#[derive(Parser)]
+#[command(name = "tuplespace", version, about = "A fault-tolerant tuple space over authenticated QUIC")]
+struct Cli {
+    /// Directory holding ca.pem and ROLE.pem/ROLE.key certificates.
+    #[arg(long, global = true, default_value = "certs")]
+    certs: PathBuf,
+    /// Configuration file (every timeout and limit).
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Override one configuration key, e.g. --set request_timeout_ms=2000 (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy: CLIENT_SAP SERVER_SAP SHUTDOWN_SAP.
+    Proxy {
+        client_sap: String,
+        server_sap: String,
+        shutdown_sap: String,
+        /// Most client connections at once (overrides max_clients).
+        #[arg(long)]
+        max_clients: Option<usize>,
+    },
+    /// Run a server: SHUTDOWN_SAP PROXY_SAP BACKUP_SAP HEARTBEAT_SAP SAVE_FILE PRIMARY_HANDLE INIT_FILE.
+    Server {
+        shutdown_sap: String,
+        proxy_sap: String,
+        backup_sap: String,
+        heartbeat_sap: String,
+        /// File to save the space to on shutdown, or null.
+        save_file: String,
+        /// null when starting as the primary; else the primary's pid or SHUTDOWN_SAP.
+        primary_handle: String,
+        /// File to load the space from, or null.
+        init_file: String,
+    },
+    /// Talk to the service: one command (e.g. `get 'user,.*' '.*'`) or, with none, a shell.
+    Client {
+        /// The proxy's client SAP.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        sap: String,
+        /// The proxy's shutdown SAP (status, shutdown).
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin_sap: String,
+        /// Print responses as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+        /// Certificate used for data operations: client or admin.
+        #[arg(long, default_value = "client")]
+        cert: String,
+        /// The command and its arguments; none = interactive.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Create the cluster CA and client/admin/node certificates, or issue more.
+    Certs {
+        #[command(subcommand)]
+        action: Option<CertsCmd>,
+        /// Output directory (default: --certs).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Extra DNS names or IP addresses for the certificates (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Overwrite an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start proxy and primary on loopback with development certificates; Ctrl-C saves and stops.
+    Up {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        client_sap: String,
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        server_sap: String,
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        shutdown_sap: String,
+        #[arg(long, default_value = "127.0.0.1:7410")]
+        primary_sap: String,
+        #[arg(long, default_value = "127.0.0.1:7411")]
+        backup_sap: String,
+        #[arg(long, default_value = "127.0.0.1:7412")]
+        heartbeat_sap: String,
+        #[arg(long, default_value = "data/space.json")]
+        save_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Issue one more certificate from the CA in --certs.
+    Issue {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+fn init_tracing(process: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    tracing::debug!(process, pid = std::process::id(), "starting");
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("tuplespace: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, String> {
+    let explicit = cli.config != std::path::Path::new(DEFAULT_CONFIG_PATH);
+    let mut overrides = cli.set.clone();
+    if let Cmd::Proxy {
+        max_clients: Some(n), ..
+    } = &cli.cmd
+    {
+        overrides.push(format!("max_clients={n}"));
+    }
+    let cfg = Config::load_with(&cli.config, explicit, &overrides).map_err(|e| e.to_string())?;
+    match cli.cmd {
+        Cmd::Proxy {
+            client_sap,
+            server_sap,
+            shutdown_sap,
+            ..
+        } => {
+            init_tracing("proxy");
+            let sap = |n: usize, name: &str, s: &str| resolve_sap(s).map_err(|e| format!("argument {n} ({name}): {e}"));
+            let saps = tuplespace::proxy::ProxySaps {
+                client: sap(1, "CLIENT_SAP", &client_sap)?,
+                server: sap(2, "SERVER_SAP", &server_sap)?,
+                shutdown: sap(3, "SHUTDOWN_SAP", &shutdown_sap)?,
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let stop = CancellationToken::new();
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    tuplespace::termination_signal().await;
+                    s.cancel();
+                });
+                tuplespace::proxy::run(saps, &cli.certs, cfg, stop).await
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(0)
+        }
+        Cmd::Server {
+            shutdown_sap,
+            proxy_sap,
+            backup_sap,
+            heartbeat_sap,
+            save_file,
+            primary_handle,
+            init_file,
+        } => {
+            init_tracing("server");
+            let args = tuplespace::server::ServerArgs::parse(
+                &shutdown_sap,
+                &proxy_sap,
+                &backup_sap,
+                &heartbeat_sap,
+                &save_file,
+                &primary_handle,
+                &init_file,
+            )
+            .map_err(|e| e.to_string())?;
+            let rt = runtime()?;
+            let exit = rt
+                .block_on(async {
+                    let stop = CancellationToken::new();
+                    let s = stop.clone();
+                    tokio::spawn(async move {
+                        tuplespace::termination_signal().await;
+                        s.cancel();
+                    });
+                    tuplespace::server::run(args, &cli.certs, cfg, stop).await
+                })
+                .map_err(|e| e.to_string())?;
+            tracing::info!(?exit, "server stopped");
+            Ok(match exit {
+                tuplespace::server::Exit::Shutdown => 0,
+                _ => 1,
+            })
+        }
+        Cmd::Client {
+            sap,
+            admin_sap,
+            json,
+            cert,
+            command,
+        } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_tracing("client");
+            }
+            let cert_role = match CertRole::parse(&cert) {
+                Some(r @ (CertRole::Client | CertRole::Admin)) => r,
+                _ => return Err(format!("--cert must be client or admin, not `{cert}`")),
+            };
+            let opts = tuplespace::client::cli::CliOptions {
+                client_sap: sap,
+                shutdown_sap: admin_sap,
+                certs: cli.certs,
+                cert_role,
+                json,
+                config: cfg,
+            };
+            let rt = runtime()?;
+            let code = if command.is_empty() {
+                tuplespace::client::cli::run_interactive(&rt, opts)
+            } else {
+                tuplespace::client::cli::run_once(&rt, opts, &command)
+            };
+            Ok(code as u8)
+        }
+        Cmd::Certs {
+            action,
+            out,
+            san,
+            force,
+        } => {
+            match action {
+                None => {
+                    let dir = out.unwrap_or(cli.certs);
+                    tls::create_cluster(&dir, &san, force).map_err(|e| e.to_string())?;
+                    println!(
+                        "created development CA and client/admin/node certificates in {} (private keys: *.key, keep them private)",
+                        dir.display()
+                    );
+                }
+                Some(CertsCmd::Issue { role, name, out, san }) => {
+                    let role = CertRole::parse(&role).ok_or_else(|| format!("--role must be client, admin or node, not `{role}`"))?;
+                    tls::issue(&cli.certs, role, &name, &san, &out).map_err(|e| e.to_string())?;
+                    println!(
+                        "issued a {} certificate `{name}` into {} ({}.pem, {}.key, ca.pem)",
+                        role.as_str(),
+                        out.display(),
+                        role.as_str(),
+                        role.as_str()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Up {
+            client_sap,
+            server_sap,
+            shutdown_sap,
+            primary_sap,
+            backup_sap,
+            heartbeat_sap,
+            save_file,
+        } => {
+            init_tracing("up");
+            let opts = tuplespace::up::UpOptions {
+                client_sap,
+                server_sap,
+                shutdown_sap,
+                primary_shutdown_sap: primary_sap,
+                backup_sap,
+                heartbeat_sap,
+                save_file,
+                certs: cli.certs,
+                config_path: explicit.then_some(cli.config),
+                overrides: cli.set,
+            };
+            let rt = runtime()?;
+            let code = rt.block_on(tuplespace::up::run(opts, cfg)).map_err(|e| e.to_string())?;
+            Ok(code as u8)
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! quinn endpoints with everything explicit: ALPN, idle timeout, keep-alive, stream limits, UDP
+//! buffers, and a connect timeout (quinn alone retries a dead port until the idle timeout).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use crate::net::tls::{self, Identity, TlsError};
+
+/// Errors opening endpoints or connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("`{0}` is not a SAP: expected IP:PORT, HOST:PORT or [IPv6]:PORT")]
+    BadSap(String),
+    #[error("cannot open UDP socket on {addr}: {source}; is the port in use or the address not local?")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("invalid QUIC configuration: {0}")]
+    Config(String),
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("no answer from {addr} within {timeout:?}; is the service running there?")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+}
+
+/// Resolves a SAP (`IP:PORT`, `HOST:PORT`, `[::1]:PORT`).
+pub fn resolve_sap(sap: &str) -> Result<SocketAddr, NetError> {
+    if let Ok(a) = sap.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !sap.contains(':') {
+        return Err(NetError::BadSap(sap.to_owned()));
+    }
+    sap.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| NetError::BadSap(sap.to_owned()))
+}
+
+/// The host part of a SAP, used as the TLS server name.
+pub fn sap_host(sap: &str) -> String {
+    let host = match sap.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => sap,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+}
+
+/// Timeouts and limits of one kind of link.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkParams {
+    pub idle_timeout: Duration,
+    /// `None`: the peer is expected to send keep-alives (server side of client links).
+    pub keep_alive: Option<Duration>,
+    pub max_bidi_streams: u32,
+    pub udp_buffer_bytes: usize,
+}
+
+fn transport(p: &LinkParams) -> Result<Arc<TransportConfig>, NetError> {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(p.idle_timeout).map_err(|e| NetError::Config(e.to_string()))?,
+    ));
+    t.keep_alive_interval(p.keep_alive);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(p.max_bidi_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Bigger windows so a pipelined client is limited by the service, not by flow control.
+    t.stream_receive_window(VarInt::from_u32(4 << 20));
+    t.receive_window(VarInt::from_u32(16 << 20));
+    t.send_window(16 << 20);
+    Ok(Arc::new(t))
+}
+
+fn udp_socket(addr: SocketAddr, buf: usize) -> Result<std::net::UdpSocket, NetError> {
+    let err = |source| NetError::Bind { addr, source };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(err)?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    if buf > 0 {
+        // The kernel may cap these (net.core.rmem_max): best effort, never fatal.
+        let _ = s.set_recv_buffer_size(buf);
+        let _ = s.set_send_buffer_size(buf);
+    }
+    s.bind(&addr.into()).map_err(err)?;
+    Ok(s.into())
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    buf: usize,
+) -> Result<quinn::Endpoint, NetError> {
+    let sock = udp_socket(addr, buf)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| NetError::Config("no async runtime for quinn".into()))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime)
+        .map_err(|source| NetError::Bind { addr, source })
+}
+
+/// A listening endpoint that demands client certificates and `alpn`. It can also dial out
+/// (with [`client_config`] per connection).
+pub fn server_endpoint(
+    addr: SocketAddr,
+    id: &Identity,
+    alpn: &[u8],
+    p: &LinkParams,
+) -> Result<quinn::Endpoint, NetError> {
+    tls::install_crypto_provider();
+    let crypto = tls::server_config(id, alpn)?;
+    let quic = QuicServerConfig::try_from(crypto).map_err(|e| NetError::Config(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    sc.transport_config(transport(p)?);
+    endpoint(addr, Some(sc), p.udp_buffer_bytes)
+}
+
+/// A client-only endpoint on an ephemeral port of the right address family.
+pub fn client_endpoint(remote: SocketAddr, p: &LinkParams) -> Result<quinn::Endpoint, NetError> {
+    tls::install_crypto_provider();
+    let local: SocketAddr = if remote.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|_| NetError::BadSap("0.0.0.0:0".into()))?
+    } else {
+        "[::]:0".parse().map_err(|_| NetError::BadSap("[::]:0".into()))?
+    };
+    endpoint(local, None, p.udp_buffer_bytes)
+}
+
+/// quinn client configuration for dialing with our identity.
+pub fn client_config(
+    id: &Identity,
+    alpn: &[u8],
+    p: &LinkParams,
+) -> Result<quinn::ClientConfig, NetError> {
+    tls::install_crypto_provider();
+    let crypto = tls::client_config(id, alpn)?;
+    let quic = QuicClientConfig::try_from(crypto).map_err(|e| NetError::Config(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(quic));
+    cc.transport_config(transport(p)?);
+    Ok(cc)
+}
+
+/// Connects with a deadline; `server_name` is checked against the peer's certificate.
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<quinn::Connection, NetError> {
+    let connecting = ep
+        .connect_with(cfg, addr, server_name)
+        .map_err(|e| NetError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(NetError::Connect {
+            addr,
+            reason: describe_connection_error(&e),
+        }),
+        Err(_) => Err(NetError::ConnectTimeout { addr, timeout }),
+    }
+}
+
+/// A readable explanation of why a connection ended, naming our close codes.
+pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = c.error_code.into_inner();
+            let name = crate::wire::client::CloseCode::from_code(code)
+                .map(|c| c.name())
+                .unwrap_or("UNKNOWN");
+            format!(
+                "closed by peer: {name} (0x{code:x}) {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            let s = c.to_string();
+            if s.contains("certificate") || s.contains("alert") {
+                format!("TLS handshake refused: {s}; check that your certificate is from the cluster CA and has the right role")
+            } else {
+                format!("connection closed: {s}")
+            }
+        }
+        quinn::ConnectionError::TimedOut => "timed out (peer silent)".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,99 @@
+//! Framed reading and batched writing on long-lived QUIC streams.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::wire::frame::{self, FrameDecoder, FrameError};
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+}
+
+/// A receive stream cut into frames.
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+impl FramedRecv {
+    pub fn new(recv: quinn::RecvStream, max_frame: usize) -> Self {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::new(max_frame),
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, RecvError> {
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                return Ok(Some(f));
+            }
+            match self.recv.read_chunk(256 * 1024, true).await? {
+                Some(chunk) => self.dec.push(&chunk.bytes),
+                None => {
+                    self.dec.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// A frame already buffered, without waiting: lets a reader drain a batch before acting.
+    pub fn try_next(&mut self) -> Result<Option<Bytes>, RecvError> {
+        Ok(self.dec.next_frame()?)
+    }
+
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}
+
+/// Accumulates frames and writes them in one call, so many frames share a packet.
+pub struct FramedSend {
+    send: quinn::SendStream,
+    buf: Vec<u8>,
+}
+
+impl FramedSend {
+    pub fn new(send: quinn::SendStream) -> Self {
+        FramedSend {
+            send,
+            buf: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    pub fn queue<T: Serialize + ?Sized>(&mut self, item: &T) {
+        frame::encode_into(item, &mut self.buf);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), quinn::WriteError> {
+        if !self.buf.is_empty() {
+            self.send.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn send<T: Serialize + ?Sized>(&mut self, item: &T) -> Result<(), quinn::WriteError> {
+        self.queue(item);
+        self.flush().await
+    }
+
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    pub fn inner(&mut self) -> &mut quinn::SendStream {
+        &mut self.send
+    }
+}

@@ -1,0 +1,917 @@
+//! The proxy: serves clients, relays every request with a connection indicator to the current
+//! primary, relays each answer back, and runs the witness (`ha::witness`) over the links it holds
+//! to both replicas.
+//!
+//! Tasks: one per client stream (reads frames, answers protocol errors itself, forwards data
+//! operations), one per server stream, and one *router* that owns the pending-request table and
+//! the witness. They talk through channels only. The router never blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ciborium::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::ha::witness::{Action, Input, LinkId, Witness};
+use crate::net::endpoint::{self, LinkParams, NetError};
+use crate::net::stream::{FramedRecv, FramedSend, RecvError};
+use crate::net::tls::{self, Identity, SapKind};
+use crate::notify::notify;
+use crate::wire::client::{self, CloseCode, Command, Op, Response, Status};
+use crate::wire::frame::{self, FrameError};
+use crate::wire::node::{ReplicaInfo, Relay, RelayReply, Reply, Role, StreamKind, ToProxy, ToServer};
+use crate::wire::{CLIENT_ALPN, NODE_ALPN};
+
+/// Errors that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{what}: {source}")]
+    Net {
+        what: &'static str,
+        source: NetError,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The three SAPs of SPEC §2.
+#[derive(Clone, Debug)]
+pub struct ProxySaps {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub shutdown: SocketAddr,
+}
+
+type RespTx = mpsc::UnboundedSender<Response>;
+
+enum RouterMsg {
+    Request {
+        cmd: Command,
+        client: u64,
+        id: u64,
+        reply: RespTx,
+    },
+    Admin {
+        op: Op,
+        id: u64,
+        reply: RespTx,
+    },
+    ServerHello {
+        link: LinkId,
+        role: Role,
+        epoch: u64,
+        info: ReplicaInfo,
+        control: mpsc::UnboundedSender<ToServer>,
+        conn: quinn::Connection,
+    },
+    RelayReady {
+        link: LinkId,
+        relay: mpsc::UnboundedSender<Relay>,
+    },
+    Replies {
+        link: LinkId,
+        replies: Vec<RelayReply>,
+    },
+    FromServer {
+        link: LinkId,
+        msg: ToProxy,
+    },
+    LinkDown {
+        link: LinkId,
+    },
+}
+
+struct Pending {
+    cmd: Command,
+    client: u64,
+    id: u64,
+    reply: RespTx,
+    deadline: Instant,
+    /// The link it was last sent to, if any.
+    sent_to: Option<LinkId>,
+}
+
+struct Link {
+    control: mpsc::UnboundedSender<ToServer>,
+    relay: Option<mpsc::UnboundedSender<Relay>>,
+    conn: quinn::Connection,
+    pairs: u64,
+    backup: Option<ReplicaInfo>,
+}
+
+struct Router {
+    cfg: Arc<Config>,
+    witness: Witness,
+    links: HashMap<LinkId, Link>,
+    pending: BTreeMap<u64, Pending>,
+    route: Option<LinkId>,
+    next_rid: u64,
+    clients: Arc<AtomicUsize>,
+    shutdown_waiters: Vec<(u64, RespTx)>,
+    shutdown_deadline: Option<Instant>,
+    stop: CancellationToken,
+}
+
+impl Router {
+    fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Welcome { link, role, epoch } => {
+                    if let Some(l) = self.links.get(&link) {
+                        let _ = l.control.send(ToServer::Welcome { role, epoch });
+                    }
+                }
+                Action::Grant { link, epoch } => {
+                    if let Some(l) = self.links.get(&link) {
+                        let _ = l.control.send(ToServer::Grant { epoch });
+                    }
+                }
+                Action::Fence { link, epoch } => {
+                    if let Some(l) = self.links.remove(&link) {
+                        let _ = l.control.send(ToServer::Fence { epoch });
+                        // Give the fence frame a moment to leave, then drop the connection.
+                        let conn = l.conn.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            conn.close(0u32.into(), b"fenced");
+                        });
+                    }
+                    if self.route == Some(link) {
+                        self.route = None;
+                    }
+                }
+                Action::RouteTo { link, epoch } => {
+                    info!(link, epoch, "routing requests to new primary");
+                    self.route = Some(link);
+                    self.resend_all();
+                }
+                Action::NoPrimary => {
+                    self.route = None;
+                    self.fail_in_flight_writes();
+                }
+                Action::Notify { kind, detail } => {
+                    notify(self.cfg.notify_command.as_deref(), "proxy", kind, &detail);
+                }
+            }
+        }
+    }
+
+    /// Sends every pending request to the current primary (after a failover: re-sends; the new
+    /// primary answers already-applied ones from its dedupe table).
+    fn resend_all(&mut self) {
+        let Some(link) = self.route else { return };
+        let Some(relay) = self.links.get(&link).and_then(|l| l.relay.clone()) else {
+            return;
+        };
+        for (rid, p) in self.pending.iter_mut() {
+            if p.sent_to != Some(link) {
+                p.sent_to = Some(link);
+                let _ = relay.send(Relay::Request {
+                    rid: *rid,
+                    client: Some(p.client),
+                    cmd: p.cmd.clone(),
+                });
+            }
+        }
+    }
+
+    /// The only replica that could have applied these is gone and nobody can tell: `unknown`.
+    /// Reads are safe to retry, so they stay pending.
+    fn fail_in_flight_writes(&mut self) {
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.sent_to.is_some() && p.cmd.is_write())
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in lost {
+            if let Some(p) = self.pending.remove(&rid) {
+                let _ = p.reply.send(Response::error(
+                    Some(p.id),
+                    Status::Unknown,
+                    "the replica handling this request failed and no other replica can tell whether it was applied; re-read to find out",
+                ));
+            }
+        }
+        for p in self.pending.values_mut() {
+            p.sent_to = None;
+        }
+    }
+
+    fn handle(&mut self, msg: RouterMsg) {
+        let now = Instant::now();
+        match msg {
+            RouterMsg::Request {
+                cmd,
+                client,
+                id,
+                reply,
+            } => {
+                let rid = self.next_rid;
+                self.next_rid += 1;
+                let mut p = Pending {
+                    cmd,
+                    client,
+                    id,
+                    reply,
+                    deadline: now + self.cfg.request_timeout(),
+                    sent_to: None,
+                };
+                if let Some(link) = self.route
+                    && let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref())
+                {
+                    p.sent_to = Some(link);
+                    let _ = relay.send(Relay::Request {
+                        rid,
+                        client: Some(client),
+                        cmd: p.cmd.clone(),
+                    });
+                }
+                self.pending.insert(rid, p);
+            }
+            RouterMsg::Admin { op, id, reply } => match op {
+                Op::Status => {
+                    let mut r = Response::ok(Some(id));
+                    r.cluster = Some(self.status());
+                    let _ = reply.send(r);
+                }
+                Op::Shutdown => self.start_shutdown(id, reply),
+                _ => {
+                    let _ = reply.send(Response::error(Some(id), Status::Forbidden, "not an admin operation"));
+                }
+            },
+            RouterMsg::ServerHello {
+                link,
+                role,
+                epoch,
+                info,
+                control,
+                conn,
+            } => {
+                self.links.insert(
+                    link,
+                    Link {
+                        control,
+                        relay: None,
+                        conn,
+                        pairs: 0,
+                        backup: None,
+                    },
+                );
+                let a = self.witness.step(
+                    now,
+                    Input::Hello {
+                        link,
+                        role,
+                        epoch,
+                        info,
+                    },
+                );
+                self.apply(a);
+            }
+            RouterMsg::RelayReady { link, relay } => {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.relay = Some(relay);
+                    if self.route == Some(link) {
+                        self.resend_all();
+                    }
+                }
+            }
+            RouterMsg::Replies { link, replies } => {
+                if self.route != Some(link) {
+                    // A deposed replica's late answers: the request was re-sent to the new one.
+                    return;
+                }
+                for r in replies {
+                    if let Some(p) = self.pending.remove(&r.rid) {
+                        let _ = p.reply.send(to_response(p.id, r.reply));
+                    }
+                }
+            }
+            RouterMsg::FromServer { link, msg } => match msg {
+                ToProxy::Heartbeat {
+                    epoch,
+                    pairs,
+                    backup_synced,
+                    backup,
+                } => {
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.pairs = pairs;
+                        l.backup = backup;
+                        let _ = l.control.send(ToServer::HeartbeatAck { epoch });
+                    }
+                    let a = self.witness.step(
+                        now,
+                        Input::Heartbeat {
+                            link,
+                            epoch,
+                            backup_synced,
+                        },
+                    );
+                    self.apply(a);
+                }
+                ToProxy::PeerLost { epoch } => {
+                    let a = self.witness.step(now, Input::PeerLost { link, epoch });
+                    self.apply(a);
+                }
+                ToProxy::ShutdownDone { saved, pairs } => {
+                    info!(?saved, pairs, "primary saved its space and stopped");
+                    let msg = match saved {
+                        Some(f) => format!("service stopped; {pairs} pairs saved to {f}"),
+                        None => format!("service stopped; {pairs} pairs (no save file configured)"),
+                    };
+                    self.finish_shutdown(Status::Ok, msg);
+                }
+                ToProxy::Hello { .. } => {}
+            },
+            RouterMsg::LinkDown { link } => {
+                self.links.remove(&link);
+                let a = self.witness.step(now, Input::LinkDown { link });
+                self.apply(a);
+                if self.shutdown_deadline.is_some() && self.witness.primary().is_none() {
+                    self.finish_shutdown(Status::Ok, "service stopped (primary closed its link)".into());
+                }
+            }
+        }
+    }
+
+    fn start_shutdown(&mut self, id: u64, reply: RespTx) {
+        self.shutdown_waiters.push((id, reply));
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        match self.witness.primary().and_then(|p| self.links.get(&p)) {
+            Some(l) => {
+                info!("shutdown requested: asking the primary to stop its backup and save");
+                let _ = l.control.send(ToServer::Shutdown);
+                self.shutdown_deadline = Some(Instant::now() + self.cfg.shutdown_timeout());
+            }
+            None => self.finish_shutdown(Status::Ok, "service stopped; no primary was registered, nothing saved".into()),
+        }
+    }
+
+    fn finish_shutdown(&mut self, status: Status, message: String) {
+        for (id, tx) in self.shutdown_waiters.drain(..) {
+            let _ = tx.send(Response {
+                message: Some(message.clone()),
+                ..Response::error(Some(id), status, "")
+            });
+        }
+        self.shutdown_deadline = None;
+        if status == Status::Ok {
+            // Let the answer leave before connections are closed.
+            let stop = self.stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                stop.cancel();
+            });
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let a = self.witness.step(now, Input::Tick);
+        self.apply(a);
+        // Expire requests; the table is in arrival order, so stop at the first live one... except
+        // that re-sends keep order too, so a linear scan of the expired prefix is enough.
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .take_while(|(_, p)| p.deadline <= now)
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in expired {
+            if let Some(p) = self.pending.remove(&rid) {
+                let resp = if p.sent_to.is_some() && p.cmd.is_write() {
+                    Response::error(
+                        Some(p.id),
+                        Status::Unknown,
+                        "the primary did not answer within the request timeout; the write may or may not have been applied: re-read to find out",
+                    )
+                } else {
+                    Response::error(
+                        Some(p.id),
+                        Status::Unavailable,
+                        format!(
+                            "no replica could serve the request within {} ms; it was not applied; retry later",
+                            self.cfg.request_timeout_ms
+                        ),
+                    )
+                };
+                let _ = p.reply.send(resp);
+            }
+        }
+        if let Some(d) = self.shutdown_deadline
+            && now >= d
+        {
+            self.finish_shutdown(
+                Status::Unavailable,
+                "the primary did not confirm its save within shutdown_timeout_ms; the service was not stopped".into(),
+            );
+        }
+        // Dedupe watermark: every rid below the oldest pending one has been answered.
+        if let Some(link) = self.route
+            && let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref())
+        {
+            let wm = self.pending.keys().next().copied().unwrap_or(self.next_rid);
+            let _ = relay.send(Relay::Watermark(wm));
+        }
+    }
+
+    fn status(&self) -> Value {
+        let t = |s: &str| Value::Text(s.to_owned());
+        let replica = |i: &ReplicaInfo| {
+            Value::Map(vec![
+                (t("handle"), t(&i.handle)),
+                (t("sap"), t(&i.sap)),
+                (t("pid"), Value::Integer(i.pid.into())),
+            ])
+        };
+        let primary = self.witness.primary();
+        let primary_v = primary
+            .and_then(|p| self.witness.info(p))
+            .map(replica)
+            .unwrap_or(Value::Null);
+        let backup_info = self
+            .witness
+            .backup()
+            .and_then(|b| self.witness.info(b))
+            .cloned()
+            .or_else(|| primary.and_then(|p| self.links.get(&p)).and_then(|l| l.backup.clone()));
+        let backup_v = backup_info.as_ref().map(replica).unwrap_or(Value::Null);
+        let pairs = primary.and_then(|p| self.links.get(&p)).map(|l| l.pairs).unwrap_or(0);
+        Value::Map(vec![
+            (t("epoch"), Value::Integer(self.witness.epoch().into())),
+            (t("primary"), primary_v),
+            (t("backup"), backup_v),
+            (t("backup_synced"), Value::Bool(self.witness.backup_synced())),
+            (
+                t("clients"),
+                Value::Integer((self.clients.load(Ordering::Relaxed) as u64).into()),
+            ),
+            (t("pairs"), Value::Integer(pairs.into())),
+            (t("pending"), Value::Integer((self.pending.len() as u64).into())),
+        ])
+    }
+}
+
+fn to_response(id: u64, reply: Reply) -> Response {
+    match reply {
+        Reply::Pairs { pairs, message } => Response {
+            pairs: Some(pairs),
+            message,
+            ..Response::ok(Some(id))
+        },
+        Reply::Rejected(r) => Response {
+            rejected: Some(r),
+            ..Response::ok(Some(id))
+        },
+        Reply::TooLarge(m) => Response::error(Some(id), Status::TooLarge, m),
+        Reply::Malformed(m) => Response::error(Some(id), Status::Malformed, m),
+    }
+}
+
+async fn router_loop(mut r: Router, mut rx: mpsc::UnboundedReceiver<RouterMsg>) {
+    let period = Duration::from_millis((r.cfg.heartbeat_interval_ms / 2).clamp(5, 100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 { break; }
+                for m in batch.drain(..) { r.handle(m); }
+            }
+            _ = tick.tick() => r.tick(),
+            _ = r.stop.cancelled() => break,
+        }
+    }
+    // Close every server link with SHUTTING_DOWN so servers do not wait for a lost proxy.
+    for l in r.links.values() {
+        l.conn.close(CloseCode::ShuttingDown.code().into(), b"service is stopping");
+    }
+}
+
+/// Runs the proxy until `stop` is cancelled or a SHUTDOWN completes.
+pub async fn run(saps: ProxySaps, certs: &Path, cfg: Config, stop: CancellationToken) -> Result<(), ProxyError> {
+    let cfg = Arc::new(cfg);
+    let id = Identity::load(certs, "node")?;
+    let client_params = LinkParams {
+        idle_timeout: cfg.idle_timeout(),
+        keep_alive: None,
+        max_bidi_streams: cfg.max_streams_per_connection,
+        udp_buffer_bytes: cfg.udp_buffer_bytes,
+    };
+    let node_params = LinkParams {
+        idle_timeout: cfg.node_idle_timeout(),
+        keep_alive: Some(cfg.node_keep_alive()),
+        max_bidi_streams: 8,
+        udp_buffer_bytes: cfg.udp_buffer_bytes,
+    };
+    let client_ep = endpoint::server_endpoint(saps.client, &id, CLIENT_ALPN, &client_params)
+        .map_err(|source| ProxyError::Net { what: "cannot open CLIENT_SAP", source })?;
+    let server_ep = endpoint::server_endpoint(saps.server, &id, NODE_ALPN, &node_params)
+        .map_err(|source| ProxyError::Net { what: "cannot open SERVER_SAP", source })?;
+    let shutdown_ep = endpoint::server_endpoint(saps.shutdown, &id, CLIENT_ALPN, &client_params)
+        .map_err(|source| ProxyError::Net { what: "cannot open SHUTDOWN_SAP", source })?;
+    let local = |ep: &quinn::Endpoint| ep.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(
+        client_sap = %local(&client_ep),
+        server_sap = %local(&server_ep),
+        shutdown_sap = %local(&shutdown_ep),
+        "proxy listening"
+    );
+
+    let clients = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let router = Router {
+        cfg: cfg.clone(),
+        witness: Witness::new(cfg.heartbeat_timeout()),
+        links: HashMap::new(),
+        pending: BTreeMap::new(),
+        route: None,
+        next_rid: 1,
+        clients: clients.clone(),
+        shutdown_waiters: Vec::new(),
+        shutdown_deadline: None,
+        stop: stop.clone(),
+    };
+    let router_task = tokio::spawn(router_loop(router, rx));
+    let conn_ids = Arc::new(AtomicU64::new(1));
+
+    let t_clients = tokio::spawn(accept_clients(
+        client_ep.clone(),
+        SapKind::Client,
+        tx.clone(),
+        cfg.clone(),
+        clients.clone(),
+        conn_ids.clone(),
+        stop.clone(),
+    ));
+    let t_admin = tokio::spawn(accept_clients(
+        shutdown_ep.clone(),
+        SapKind::Shutdown,
+        tx.clone(),
+        cfg.clone(),
+        Arc::new(AtomicUsize::new(0)),
+        conn_ids.clone(),
+        stop.clone(),
+    ));
+    let t_servers = tokio::spawn(accept_servers(server_ep.clone(), tx.clone(), cfg.clone(), stop.clone()));
+    drop(tx);
+
+    stop.cancelled().await;
+    info!("proxy stopping: closing every connection with SHUTTING_DOWN");
+    let code = CloseCode::ShuttingDown.code().into();
+    for ep in [&client_ep, &shutdown_ep, &server_ep] {
+        ep.close(code, b"service is stopping");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = router_task.await;
+        let _ = t_clients.await;
+        let _ = t_admin.await;
+        let _ = t_servers.await;
+        client_ep.wait_idle().await;
+        shutdown_ep.wait_idle().await;
+        server_ep.wait_idle().await;
+    })
+    .await;
+    info!("proxy stopped");
+    Ok(())
+}
+
+async fn accept_clients(
+    ep: quinn::Endpoint,
+    sap: SapKind,
+    router: mpsc::UnboundedSender<RouterMsg>,
+    cfg: Arc<Config>,
+    clients: Arc<AtomicUsize>,
+    conn_ids: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => match i { Some(i) => i, None => break },
+            _ = stop.cancelled() => break,
+        };
+        let router = router.clone();
+        let cfg = cfg.clone();
+        let clients = clients.clone();
+        let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(cfg.connect_timeout(), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!("client handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("client handshake timed out");
+                    return;
+                }
+            };
+            if !tls::peer_allowed(&conn, sap) {
+                warn!(remote = %conn.remote_address(), ?sap, "refusing peer: certificate role not allowed on this SAP");
+                conn.close(CloseCode::Forbidden.code().into(), b"forbidden: certificate role not allowed on this SAP");
+                return;
+            }
+            if sap == SapKind::Client {
+                let n = clients.fetch_add(1, Ordering::SeqCst);
+                if n >= cfg.max_clients {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    warn!(remote = %conn.remote_address(), limit = cfg.max_clients, "service refused: too many clients");
+                    conn.close(
+                        CloseCode::ServiceRefused.code().into(),
+                        format!("service refused: too many clients (limit {})", cfg.max_clients).as_bytes(),
+                    );
+                    return;
+                }
+            }
+            debug!(conn_id, remote = %conn.remote_address(), ?sap, "client connected");
+            serve_client_conn(conn.clone(), conn_id, sap, router, cfg, stop).await;
+            if sap == SapKind::Client {
+                clients.fetch_sub(1, Ordering::SeqCst);
+            }
+            debug!(conn_id, "client disconnected");
+        });
+    }
+}
+
+async fn serve_client_conn(
+    conn: quinn::Connection,
+    conn_id: u64,
+    sap: SapKind,
+    router: mpsc::UnboundedSender<RouterMsg>,
+    cfg: Arc<Config>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => break },
+            _ = stop.cancelled() => break,
+        };
+        tokio::spawn(client_stream(
+            conn.clone(),
+            send,
+            recv,
+            conn_id,
+            sap,
+            router.clone(),
+            cfg.clone(),
+        ));
+    }
+}
+
+/// Decides what to do with one request frame: an immediate answer, or a message for the router.
+fn classify(body: &[u8], conn_id: u64, sap: SapKind, cfg: &Config, tx: &RespTx) -> Result<RouterMsg, Response> {
+    let v = frame::decode_value(body).map_err(|e| Response::error(None, Status::Malformed, format!("request is not one CBOR item: {e}")))?;
+    let req = client::parse_request(v).map_err(|m| m.response())?;
+    let id = req.id;
+    match (&req.op, sap) {
+        (Op::Other(name), _) => Err(Response::error(
+            Some(id),
+            Status::NotImplemented,
+            format!("operator {name} is not implemented"),
+        )),
+        (op, SapKind::Client) if op.is_admin() => Err(Response::error(
+            Some(id),
+            Status::Forbidden,
+            "SHUTDOWN and STATUS are only allowed on the shutdown SAP with an admin certificate",
+        )),
+        (op, SapKind::Shutdown) if op.is_data() => Err(Response::error(
+            Some(id),
+            Status::Forbidden,
+            "GET, PUT, POST and DELETE are not allowed on the shutdown SAP; use the client SAP",
+        )),
+        (op, _) if op.is_admin() => Ok(RouterMsg::Admin {
+            op: req.op.clone(),
+            id,
+            reply: tx.clone(),
+        }),
+        _ => {
+            let cmd = client::command_of(req, cfg.max_pairs_per_request).map_err(|m| m.response())?;
+            Ok(RouterMsg::Request {
+                cmd,
+                client: conn_id,
+                id,
+                reply: tx.clone(),
+            })
+        }
+    }
+}
+
+async fn client_stream(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    conn_id: u64,
+    sap: SapKind,
+    router: mpsc::UnboundedSender<RouterMsg>,
+    cfg: Arc<Config>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
+    let mut out = FramedSend::new(send);
+    let max_out = cfg.max_outstanding_per_stream;
+    let mut outstanding = 0usize;
+    let mut reading = true;
+    loop {
+        if !reading && outstanding == 0 {
+            let _ = out.flush().await;
+            out.finish();
+            return;
+        }
+        tokio::select! {
+            biased;
+            Some(resp) = rx.recv() => {
+                outstanding -= 1;
+                out.queue(&resp.to_value());
+                while let Ok(r) = rx.try_recv() {
+                    outstanding -= 1;
+                    out.queue(&r.to_value());
+                }
+                if out.flush().await.is_err() { return; }
+            }
+            f = input.next(), if reading && outstanding < max_out => {
+                let mut next = f;
+                loop {
+                    match next {
+                        Ok(Some(body)) => {
+                            match classify(&body, conn_id, sap, &cfg, &tx) {
+                                Ok(msg) => {
+                                    outstanding += 1;
+                                    if router.send(msg).is_err() { return; }
+                                }
+                                Err(resp) => out.queue(&resp.to_value()),
+                            }
+                        }
+                        Ok(None) => { reading = false; break; }
+                        Err(RecvError::Frame(e @ (FrameError::Empty | FrameError::TooLarge { .. }))) => {
+                            warn!(conn_id, "closing client connection: {e}");
+                            conn.close(CloseCode::FrameTooLarge.code().into(), format!("frame too large: {e}").as_bytes());
+                            return;
+                        }
+                        Err(e) => { debug!(conn_id, "client stream ended: {e}"); return; }
+                    }
+                    if outstanding >= max_out { break; }
+                    // Drain what is already buffered so answers go out in one write.
+                    next = match input.try_next() {
+                        Ok(Some(b)) => Ok(Some(b)),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
+                }
+                if out.flush().await.is_err() { return; }
+            }
+        }
+    }
+}
+
+async fn accept_servers(
+    ep: quinn::Endpoint,
+    router: mpsc::UnboundedSender<RouterMsg>,
+    cfg: Arc<Config>,
+    stop: CancellationToken,
+) {
+    let link_ids = AtomicU64::new(1);
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => match i { Some(i) => i, None => break },
+            _ = stop.cancelled() => break,
+        };
+        let link = link_ids.fetch_add(1, Ordering::Relaxed);
+        let router = router.clone();
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let conn = match tokio::time::timeout(cfg.connect_timeout(), incoming).await {
+                Ok(Ok(c)) => c,
+                _ => return,
+            };
+            if !tls::peer_allowed(&conn, SapKind::Node) {
+                warn!(remote = %conn.remote_address(), "refusing server link: certificate is not a node certificate");
+                conn.close(CloseCode::Forbidden.code().into(), b"forbidden: node certificate required");
+                return;
+            }
+            serve_server_conn(conn, link, router, cfg, stop).await;
+        });
+    }
+}
+
+async fn serve_server_conn(
+    conn: quinn::Connection,
+    link: LinkId,
+    router: mpsc::UnboundedSender<RouterMsg>,
+    cfg: Arc<Config>,
+    stop: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let max = cfg.max_response_bytes + 4096;
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s { Ok(s) => s, Err(e) => { debug!(link, "server link closed: {e}"); break } },
+            _ = stop.cancelled() => break,
+        };
+        let mut input = FramedRecv::new(recv, max);
+        let first = match tokio::time::timeout(cfg.connect_timeout(), input.next()).await {
+            Ok(Ok(Some(b))) => b,
+            _ => continue,
+        };
+        match frame::decode::<StreamKind>(&first) {
+            Ok(StreamKind::Control) => {
+                let hello = match tokio::time::timeout(cfg.connect_timeout(), input.next()).await {
+                    Ok(Ok(Some(b))) => frame::decode::<ToProxy>(&b),
+                    _ => continue,
+                };
+                let Ok(ToProxy::Hello { role, epoch, info, .. }) = hello else {
+                    warn!(link, "server link: expected hello on control stream");
+                    continue;
+                };
+                let (ctx, mut crx) = mpsc::unbounded_channel::<ToServer>();
+                let _ = router.send(RouterMsg::ServerHello {
+                    link,
+                    role,
+                    epoch,
+                    info,
+                    control: ctx,
+                    conn: conn.clone(),
+                });
+                let mut out = FramedSend::new(send);
+                tasks.spawn(async move {
+                    while let Some(m) = crx.recv().await {
+                        out.queue(&m);
+                        while let Ok(m) = crx.try_recv() {
+                            out.queue(&m);
+                        }
+                        if out.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let router = router.clone();
+                tasks.spawn(async move {
+                    while let Ok(Some(b)) = input.next().await {
+                        match frame::decode::<ToProxy>(&b) {
+                            Ok(msg) => {
+                                let _ = router.send(RouterMsg::FromServer { link, msg });
+                            }
+                            Err(e) => warn!(link, "bad control frame from server: {e}"),
+                        }
+                    }
+                });
+            }
+            Ok(StreamKind::Relay { .. }) => {
+                let (rtx, mut rrx) = mpsc::unbounded_channel::<Relay>();
+                let _ = router.send(RouterMsg::RelayReady { link, relay: rtx });
+                let mut out = FramedSend::new(send);
+                tasks.spawn(async move {
+                    while let Some(m) = rrx.recv().await {
+                        out.queue(&m);
+                        while out.queued() < 256 * 1024 {
+                            match rrx.try_recv() {
+                                Ok(m) => out.queue(&m),
+                                Err(_) => break,
+                            }
+                        }
+                        if out.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let router = router.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let first = match input.next().await {
+                            Ok(Some(b)) => b,
+                            _ => break,
+                        };
+                        let mut replies = Vec::with_capacity(16);
+                        let mut b = Some(first);
+                        while let Some(body) = b {
+                            match frame::decode::<RelayReply>(&body) {
+                                Ok(r) => replies.push(r),
+                                Err(e) => warn!(link, "bad relay frame from server: {e}"),
+                            }
+                            b = input.try_next().ok().flatten();
+                        }
+                        if router.send(RouterMsg::Replies { link, replies }).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(link, "server opened a stream of unknown kind: {e}"),
+        }
+    }
+    // The stream tasks end by themselves: their streams fail once the connection is gone.
+    tasks.detach_all();
+    let _ = router.send(RouterMsg::LinkDown { link });
+}

@@ -1,0 +1,147 @@
+//! Internal messages between proxy and servers and between primary and backup (ALPN
+//! `tuplespace-node/1`). Same framing as the client protocol; CBOR via serde.
+//!
+//! Streams: each server holds one connection to the proxy with a *control* stream (hello,
+//! heartbeats, grants, shutdown) and a *relay* stream (client requests and replies), so a burst of
+//! requests never delays a heartbeat. Primary -> backup: a *replication* stream and a separate
+//! *heartbeat* stream.
+
+use ciborium::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::space::{Change, Pair};
+use crate::wire::client::Command;
+
+/// What a server believes it is when it says hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+/// Description of a replica as the proxy reports it in STATUS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// SPEC §2 handle: pid when local, SHUTDOWN_SAP when remote.
+    pub handle: String,
+    /// The SAP this replica serves on in its current role.
+    pub sap: String,
+    pub pid: u32,
+}
+
+/// First frame on any stream a server opens to the proxy: says what the stream is for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StreamKind {
+    Control,
+    Relay { epoch: u64 },
+}
+
+/// Server -> proxy on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToProxy {
+    Hello {
+        role: Role,
+        epoch: u64,
+        info: ReplicaInfo,
+        /// A backup that already holds a full copy (true for a primary).
+        synced: bool,
+    },
+    Heartbeat {
+        epoch: u64,
+        pairs: u64,
+        /// Backup currently attached and synchronised (primary only).
+        backup_synced: bool,
+        backup: Option<ReplicaInfo>,
+    },
+    /// A backup that lost its primary asks to be promoted; a primary that lost its backup asks to
+    /// go on alone. The proxy decides (it is the witness).
+    PeerLost { epoch: u64 },
+    /// Answer to `Shutdown`.
+    ShutdownDone {
+        saved: Option<String>,
+        pairs: u64,
+    },
+}
+
+/// Proxy -> server on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToServer {
+    Welcome { role: Role, epoch: u64 },
+    HeartbeatAck { epoch: u64 },
+    /// The witness grants promotion (to a backup) or solo service (to a primary) at `epoch`.
+    Grant { epoch: u64 },
+    /// You are deposed: stop serving at once.
+    Fence { epoch: u64 },
+    /// Stop the backup, save, answer `ShutdownDone`, exit.
+    Shutdown,
+}
+
+/// Proxy -> server on the relay stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Relay {
+    /// `client` is the connection indicator; a request without one is refused.
+    Request {
+        rid: u64,
+        client: Option<u64>,
+        cmd: Command,
+    },
+    /// Every request with rid < this has been answered to its client: dedupe entries below it
+    /// may be dropped.
+    Watermark(u64),
+}
+
+/// What a replica answers to a relayed request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    Pairs {
+        pairs: Vec<Pair>,
+        message: Option<String>,
+    },
+    Rejected(Vec<Value>),
+    TooLarge(String),
+    Malformed(String),
+}
+
+/// Server -> proxy on the relay stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayReply {
+    pub rid: u64,
+    pub reply: Reply,
+}
+
+/// Primary -> backup on the replication stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Repl {
+    Hello {
+        epoch: u64,
+        primary: ReplicaInfo,
+    },
+    /// Part of the initial copy, ascending by key.
+    Snapshot { pairs: Vec<(String, String)> },
+    /// End of the initial copy: the space as of update `seq`.
+    SnapshotDone { seq: u64 },
+    /// One applied update with the reply given, so a new primary can answer a re-sent request.
+    Update {
+        seq: u64,
+        rid: u64,
+        change: Change,
+        reply: Reply,
+    },
+    Watermark(u64),
+}
+
+/// Backup -> primary on the replication stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ReplAck {
+    Synced { seq: u64 },
+    Ack { seq: u64 },
+}
+
+/// Either direction on the primary<->backup heartbeat stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Beat {
+    Ping { epoch: u64, n: u64 },
+    Pong { epoch: u64, n: u64 },
+    /// An authenticated, epoch-fenced terminate (remote deposed primary).
+    Terminate { epoch: u64 },
+}
