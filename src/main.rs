@@ -203,6 +203,14 @@ fn run(cli: Cli) -> Result<u8, String> {
                 &init_file,
             )
             .map_err(|e| e.to_string())?;
+            let mut args = args;
+            args.passthrough = vec!["--certs".into(), cli.certs.display().to_string()];
+            if explicit {
+                args.passthrough.extend(["--config".into(), cli.config.display().to_string()]);
+            }
+            for s in &overrides {
+                args.passthrough.extend(["--set".into(), s.clone()]);
+            }
             let rt = runtime()?;
             let exit = rt
                 .block_on(async {

@@ -111,9 +111,10 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
             shutdown_service(&o, &cfg).await;
             0
         }
-        s = proxy.wait() => { error!("the proxy exited ({s:?}); stopping the server"); 1 }
-        s = server.wait() => { error!("the server exited ({s:?}); stopping the proxy"); 1 }
+        s = proxy.wait() => { error!("the proxy exited ({s:?}); stopping"); 1 }
     };
+    // The first server may be gone after a failover: the current primary is whoever the proxy
+    // routes to, and the SHUTDOWN above stopped it. Reap the first one if it is still there.
     for (name, child) in [("proxy", &mut proxy), ("server", &mut server)] {
         stop_child(name, child, &cfg).await;
     }

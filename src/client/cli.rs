@@ -143,6 +143,14 @@ impl Session {
         }
     }
 
+    /// Closes the connections with NO_ERROR and waits (briefly) for the close to be sent.
+    pub async fn close(&mut self) {
+        for c in [self.data.take(), self.admin.take()].into_iter().flatten() {
+            c.close();
+            c.wait_closed(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn json(&self) -> bool {
         self.opts.json
     }
@@ -229,7 +237,10 @@ fn print_err(session: &Session, e: &str) {
 pub fn run_once(rt: &tokio::runtime::Runtime, opts: CliOptions, words: &[String]) -> i32 {
     let line = shlex::try_join(words.iter().map(|s| s.as_str())).unwrap_or_default();
     let mut session = Session::new(opts);
-    match rt.block_on(session.exec(&line)) {
+    let r = rt.block_on(session.exec(&line));
+    // Close politely so the proxy frees our client slot now, not at its idle timeout.
+    rt.block_on(session.close());
+    match r {
         Ok(o) => {
             print(&session, &o);
             match o {
@@ -283,5 +294,6 @@ pub fn run_interactive(rt: &tokio::runtime::Runtime, opts: CliOptions) -> i32 {
     if let Some(h) = &history {
         let _ = rl.save_history(h);
     }
+    rt.block_on(session.close());
     0
 }

@@ -133,4 +133,9 @@ impl Client {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
+
+    /// Waits until the close has been sent (bounded), so the peer learns of it at once.
+    pub async fn wait_closed(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self._ep.wait_idle()).await;
+    }
 }

@@ -253,7 +253,7 @@ impl Witness {
                 if let Some(b) = stale_backup {
                     self.drop_backup(b, "backup replaced by a new one", out);
                 }
-                if self.primary.is_none() || self.backup.is_some() || epoch < self.epoch {
+                if self.primary.is_none() || self.backup.is_some() || (epoch != 0 && epoch < self.epoch) {
                     out.push(Action::Fence {
                         link,
                         epoch: self.epoch,

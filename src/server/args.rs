@@ -20,6 +20,8 @@ pub struct ServerArgs {
     /// None when starting as the primary; else the primary's pid (local) or SHUTDOWN_SAP (remote).
     pub primary_handle: Option<String>,
     pub init_file: Option<PathBuf>,
+    /// Global flags (--certs, --config, --set) handed on to a backup started by this server.
+    pub passthrough: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,7 @@ impl ServerArgs {
             save_file: super::null_path(save_file),
             primary_handle,
             init_file: super::null_path(init_file),
+            passthrough: Vec::new(),
         })
     }
 }

@@ -41,10 +41,14 @@ pub enum StoreMsg {
     },
     /// Replace the whole space (backup: initial copy).
     Load { pairs: Vec<(String, String)>, reset: bool },
+    /// End of an initial copy: the copy reflects the primary's update `seq`.
+    Synced { seq: u64, dedupe: Vec<(u64, Reply)> },
     /// A copy of the space and the seq it reflects (for resync and saving).
     Snapshot(oneshot::Sender<(Space, u64, Vec<(u64, Reply)>)>),
     /// Save to the save file; answers the number of pairs saved.
     Save(oneshot::Sender<Result<u64, String>>),
+    /// A promoted backup takes over the save file.
+    SetSaveFile(Option<PathBuf>),
     Stop,
 }
 
@@ -189,6 +193,10 @@ impl Store {
                     self.space.insert_raw(k, v);
                 }
             }
+            StoreMsg::Synced { seq, dedupe } => {
+                self.seq = seq;
+                self.dedupe = dedupe.into_iter().collect();
+            }
             StoreMsg::Snapshot(tx) => {
                 let d = self.dedupe.iter().map(|(k, v)| (*k, v.clone())).collect();
                 let _ = tx.send((self.space.clone(), self.seq, d));
@@ -202,6 +210,7 @@ impl Store {
                 };
                 let _ = tx.send(r);
             }
+            StoreMsg::SetSaveFile(f) => self.save_file = f,
             StoreMsg::Stop => return false,
         }
         true

@@ -118,7 +118,7 @@ impl Serialize for TextTuple<'_> {
 /// Reads a snapshot, checking every tuple against `limits` and rejecting
 /// duplicate keys. Pairs may appear in any order.
 pub fn load_snapshot(path: &Path, limits: &TupleLimits) -> Result<Space, SnapshotError> {
-    let file = File::open(path).map_err(|source| SnapshotError::Read {
+    let bytes = std::fs::read(path).map_err(|source| SnapshotError::Read {
         path: path.to_owned(),
         source,
     })?;
@@ -129,7 +129,7 @@ pub fn load_snapshot(path: &Path, limits: &TupleLimits) -> Result<Space, Snapsho
         failure: None,
     };
     // Stream from the file: a large snapshot is never held as one buffer.
-    let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(1 << 16, file));
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
     let result = DocSeed(&mut state)
         .deserialize(&mut de)
         .and_then(|()| de.end());

@@ -118,8 +118,10 @@ pub enum Repl {
     },
     /// Part of the initial copy, ascending by key.
     Snapshot { pairs: Vec<(String, String)> },
-    /// End of the initial copy: the space as of update `seq`.
-    SnapshotDone { seq: u64 },
+    /// End of the initial copy: the space as of update `seq`, with the dedupe table.
+    SnapshotDone { seq: u64, dedupe: Vec<(u64, Reply)> },
+    /// The primary is shutting down the service: stop without saving.
+    Stop,
     /// One applied update with the reply given, so a new primary can answer a re-sent request.
     Update {
         seq: u64,

@@ -1,0 +1,469 @@
+//! Stream tasks of a replica: the proxy link (control + relay), replication (primary -> backup,
+//! snapshot then updates), and heartbeats (backup -> primary pings). Each task ends when its
+//! stream or channel ends; each reports to the replica's event loop through `Event`s.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::store::StoreMsg;
+use crate::config::Config;
+use crate::net::endpoint;
+use crate::net::stream::{FramedRecv, FramedSend};
+use crate::net::tls::{self, SapKind};
+use crate::space::Space;
+use crate::wire::frame;
+use crate::wire::node::{Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer};
+
+/// Everything the stream tasks tell the replica's event loop.
+#[derive(Debug)]
+pub enum Event {
+    Control(ToServer),
+    ProxyDown,
+    /// Primary side.
+    BackupAck(u64),
+    BackupSynced(u64),
+    BackupDown(String),
+    Ping,
+    /// Backup side.
+    Pong,
+    PrimaryStop,
+    ReplicationUp,
+    ReplicationDown,
+    Terminate(u64),
+    BackupConnected(BackupLink),
+    BackupStartFailed(String),
+}
+
+/// Primary side: a connected backup.
+pub struct BackupLink {
+    pub conn: quinn::Connection,
+    pub tx: mpsc::UnboundedSender<Repl>,
+    pub snap_tx: mpsc::UnboundedSender<(Space, u64, Vec<(u64, Reply)>)>,
+}
+
+impl std::fmt::Debug for BackupLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupLink").finish_non_exhaustive()
+    }
+}
+
+pub type Events = mpsc::UnboundedSender<Event>;
+
+/// Handles to a live proxy link.
+pub struct ProxyLink {
+    pub control: mpsc::UnboundedSender<ToProxy>,
+    pub relay_out: mpsc::UnboundedSender<RelayReply>,
+    pub conn: quinn::Connection,
+}
+
+pub enum ConnectOutcome {
+    Fenced(u64),
+    Failed(String),
+}
+
+/// Registers with the proxy; returns the link and the epoch/role granted.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_proxy(
+    ep: &quinn::Endpoint,
+    client_cfg: &quinn::ClientConfig,
+    proxy_sap: std::net::SocketAddr,
+    proxy_sap_text: &str,
+    cfg: &Arc<Config>,
+    role: Role,
+    epoch: u64,
+    synced: bool,
+    info: &ReplicaInfo,
+    store: &std::sync::mpsc::Sender<StoreMsg>,
+    events: &Events,
+) -> Result<(ProxyLink, u64), ConnectOutcome> {
+    let fail = |e: String| ConnectOutcome::Failed(e);
+    let conn = endpoint::connect(ep, client_cfg.clone(), proxy_sap, &endpoint::sap_host(proxy_sap_text), cfg.connect_timeout())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+    let mut out = FramedSend::new(send);
+    let mut input = FramedRecv::new(recv, cfg.max_response_bytes + 4096);
+    out.queue(&StreamKind::Control);
+    out.queue(&ToProxy::Hello {
+        role,
+        epoch,
+        info: info.clone(),
+        synced,
+    });
+    out.flush().await.map_err(|e| fail(e.to_string()))?;
+    let welcome = tokio::time::timeout(cfg.connect_timeout(), input.next())
+        .await
+        .map_err(|_| fail("no welcome from the proxy".into()))?
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("proxy closed the control stream".into()))?;
+    let epoch = match frame::decode::<ToServer>(&welcome) {
+        Ok(ToServer::Welcome { epoch, .. }) => epoch,
+        Ok(ToServer::Fence { epoch }) => return Err(ConnectOutcome::Fenced(epoch)),
+        other => return Err(fail(format!("unexpected answer to hello: {other:?}"))),
+    };
+    // The relay stream is opened by both roles, so a promoted backup needs no new stream.
+    let (rsend, rrecv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+    let mut rout = FramedSend::new(rsend);
+    rout.send(&StreamKind::Relay { epoch }).await.map_err(|e| fail(e.to_string()))?;
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ToProxy>();
+    let (rel_tx, mut rel_rx) = mpsc::unbounded_channel::<RelayReply>();
+
+    tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            out.queue(&m);
+            while let Ok(m) = ctl_rx.try_recv() {
+                out.queue(&m);
+            }
+            if out.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let ev = events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(b)) = input.next().await {
+            match frame::decode::<ToServer>(&b) {
+                Ok(m) => {
+                    if ev.send(Event::Control(m)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!("bad control frame from the proxy: {e}"),
+            }
+        }
+        let _ = ev.send(Event::ProxyDown);
+    });
+    tokio::spawn(async move {
+        while let Some(r) = rel_rx.recv().await {
+            rout.queue(&r);
+            while rout.queued() < 256 * 1024 {
+                match rel_rx.try_recv() {
+                    Ok(r) => rout.queue(&r),
+                    Err(_) => break,
+                }
+            }
+            if rout.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let store = store.clone();
+    let max = cfg.max_request_bytes * 2 + 4096;
+    tokio::spawn(async move {
+        let mut input = FramedRecv::new(rrecv, max);
+        loop {
+            let first = match input.next().await {
+                Ok(Some(b)) => b,
+                _ => break,
+            };
+            let mut reqs = Vec::with_capacity(16);
+            let mut b = Some(first);
+            while let Some(body) = b {
+                match frame::decode::<Relay>(&body) {
+                    Ok(Relay::Request { rid, client, cmd }) => reqs.push((rid, client, cmd)),
+                    Ok(Relay::Watermark(w)) => {
+                        if !reqs.is_empty() {
+                            let _ = store.send(StoreMsg::Requests(std::mem::take(&mut reqs)));
+                        }
+                        let _ = store.send(StoreMsg::Watermark(w));
+                    }
+                    Err(e) => warn!("bad relay frame from the proxy: {e}"),
+                }
+                b = input.try_next().ok().flatten();
+            }
+            if !reqs.is_empty() && store.send(StoreMsg::Requests(reqs)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((
+        ProxyLink {
+            control: ctl_tx,
+            relay_out: rel_tx,
+            conn,
+        },
+        epoch,
+    ))
+}
+
+/// Pairs per snapshot message: big enough to batch, small enough not to stall the writer.
+const SNAPSHOT_CHUNK: usize = 4096;
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Primary side: connects to the backup's BACKUP_SAP and runs the replication stream. The writer
+/// first sends the snapshot, then every update from `updates` newer than the snapshot.
+#[allow(clippy::too_many_arguments)]
+pub async fn connect_backup(
+    ep: &quinn::Endpoint,
+    client_cfg: &quinn::ClientConfig,
+    backup_sap: std::net::SocketAddr,
+    backup_sap_text: &str,
+    cfg: &Arc<Config>,
+    epoch: u64,
+    info: &ReplicaInfo,
+    events: &Events,
+) -> Result<(quinn::Connection, mpsc::UnboundedSender<Repl>, mpsc::UnboundedSender<(Space, u64, Vec<(u64, Reply)>)>), String> {
+    // Short attempts: the backup process is starting and binds within milliseconds; a long
+    // attempt would sit in QUIC's 1 s initial retransmission timer.
+    let attempt = cfg.connect_timeout().min(std::time::Duration::from_millis(250));
+    let conn = endpoint::connect(ep, client_cfg.clone(), backup_sap, &endpoint::sap_host(backup_sap_text), attempt)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut out = FramedSend::new(send);
+    out.send(&Repl::Hello {
+        epoch,
+        primary: info.clone(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Repl>();
+    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(Space, u64, Vec<(u64, Reply)>)>();
+    let ev = events.clone();
+    tokio::spawn(async move {
+        let Some((space, snap_seq, dedupe)) = snap_rx.recv().await else { return };
+        let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
+        let mut bytes = 0;
+        for (k, v) in space.iter() {
+            bytes += k.len() + v.len();
+            chunk.push((k.clone(), v.clone()));
+            if chunk.len() == SNAPSHOT_CHUNK || bytes > SNAPSHOT_CHUNK_BYTES {
+                bytes = 0;
+                out.queue(&Repl::Snapshot {
+                    pairs: std::mem::take(&mut chunk),
+                });
+                if out.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+        out.queue(&Repl::Snapshot { pairs: chunk });
+        out.queue(&Repl::SnapshotDone { seq: snap_seq, dedupe });
+        if out.flush().await.is_err() {
+            return;
+        }
+        drop(space);
+        while let Some(m) = rx.recv().await {
+            let fresh = |m: &Repl| !matches!(m, Repl::Update { seq, .. } if *seq <= snap_seq);
+            if fresh(&m) {
+                out.queue(&m);
+            }
+            while out.queued() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(m) if fresh(&m) => out.queue(&m),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            if out.flush().await.is_err() {
+                break;
+            }
+        }
+        out.finish();
+    });
+    let max = cfg.max_request_bytes * 4 + 4096;
+    tokio::spawn(async move {
+        let mut input = FramedRecv::new(recv, max);
+        let why = loop {
+            match input.next().await {
+                Ok(Some(b)) => {
+                    let mut last = None;
+                    let mut body = Some(b);
+                    while let Some(b) = body {
+                        match frame::decode::<ReplAck>(&b) {
+                            Ok(ReplAck::Ack { seq }) => last = Some(seq),
+                            Ok(ReplAck::Synced { seq }) => {
+                                let _ = ev.send(Event::BackupSynced(seq));
+                            }
+                            Err(e) => warn!("bad ack frame from the backup: {e}"),
+                        }
+                        body = input.try_next().ok().flatten();
+                    }
+                    if let Some(s) = last {
+                        let _ = ev.send(Event::BackupAck(s));
+                    }
+                }
+                Ok(None) => break "backup ended the replication stream".to_string(),
+                Err(e) => break format!("replication stream failed: {e}"),
+            }
+        };
+        let _ = ev.send(Event::BackupDown(why));
+    });
+    Ok((conn, tx, snap_tx))
+}
+
+/// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
+/// arrives. Ends when the endpoint is closed.
+pub async fn serve_replication(ep: quinn::Endpoint, cfg: Arc<Config>, store: std::sync::mpsc::Sender<StoreMsg>, min_epoch: u64, events: Events) {
+    while let Some(incoming) = ep.accept().await {
+        let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else { continue };
+        if !tls::peer_allowed(&conn, SapKind::Node) {
+            conn.close(2u32.into(), b"forbidden: node certificate required");
+            continue;
+        }
+        let Ok((send, recv)) = conn.accept_bi().await else { continue };
+        let mut out = FramedSend::new(send);
+        let mut input = FramedRecv::new(recv, 2 * cfg.max_response_bytes + 2 * cfg.max_request_bytes + SNAPSHOT_CHUNK_BYTES * 2);
+        match input.next().await {
+            Ok(Some(b)) => match frame::decode::<Repl>(&b) {
+                Ok(Repl::Hello { epoch, primary }) if epoch >= min_epoch => {
+                    debug!(epoch, primary = %primary.handle, "replication from the primary");
+                }
+                other => {
+                    warn!("refusing replication stream: {other:?}");
+                    conn.close(2u32.into(), b"stale epoch");
+                    continue;
+                }
+            },
+            _ => continue,
+        }
+        let _ = events.send(Event::ReplicationUp);
+        let mut first_chunk = true;
+        'stream: loop {
+            let b = match input.next().await {
+                Ok(Some(b)) => b,
+                _ => break,
+            };
+            let mut last = None;
+            let mut body = Some(b);
+            while let Some(b) = body {
+                match frame::decode::<Repl>(&b) {
+                    Ok(Repl::Snapshot { pairs }) => {
+                        let _ = store.send(StoreMsg::Load {
+                            pairs,
+                            reset: first_chunk,
+                        });
+                        first_chunk = false;
+                    }
+                    Ok(Repl::SnapshotDone { seq, dedupe }) => {
+                        if first_chunk {
+                            let _ = store.send(StoreMsg::Load { pairs: vec![], reset: true });
+                        }
+                        let _ = store.send(StoreMsg::Synced { seq, dedupe });
+                        out.queue(&ReplAck::Synced { seq });
+                    }
+                    Ok(Repl::Update { seq, rid, change, reply }) => {
+                        let _ = store.send(StoreMsg::Apply { seq, rid, change, reply });
+                        last = Some(seq);
+                    }
+                    Ok(Repl::Watermark(w)) => {
+                        let _ = store.send(StoreMsg::Watermark(w));
+                    }
+                    Ok(Repl::Stop) => {
+                        let _ = events.send(Event::PrimaryStop);
+                        break 'stream;
+                    }
+                    Ok(Repl::Hello { .. }) => {}
+                    Err(e) => warn!("bad replication frame: {e}"),
+                }
+                body = input.try_next().ok().flatten();
+            }
+            if let Some(seq) = last {
+                // Acknowledged once in this process's memory, in order: the backup holds it.
+                out.queue(&ReplAck::Ack { seq });
+            }
+            if out.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = events.send(Event::ReplicationDown);
+    }
+}
+
+/// Backup side: pings the primary's HEARTBEAT_SAP; each pong is an event. Reconnects until
+/// `stop` is dropped.
+pub async fn ping_primary(
+    ep: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    sap: std::net::SocketAddr,
+    sap_text: String,
+    cfg: Arc<Config>,
+    events: Events,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut n = 0u64;
+    let host = endpoint::sap_host(&sap_text);
+    while !stop.is_cancelled() {
+        let conn = tokio::select! {
+            c = endpoint::connect(&ep, client_cfg.clone(), sap, &host, cfg.connect_timeout()) => c,
+            _ = stop.cancelled() => return,
+        };
+        let Ok(conn) = conn else {
+            tokio::time::sleep(cfg.heartbeat_interval()).await;
+            continue;
+        };
+        let Ok((send, recv)) = conn.open_bi().await else { continue };
+        let mut out = FramedSend::new(send);
+        let mut input = FramedRecv::new(recv, 64 * 1024);
+        let mut tick = tokio::time::interval(cfg.heartbeat_interval());
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    n += 1;
+                    if out.send(&Beat::Ping { epoch: 0, n }).await.is_err() { break; }
+                }
+                f = input.next() => match f {
+                    Ok(Some(b)) => if let Ok(Beat::Pong { .. }) = frame::decode::<Beat>(&b) {
+                        let _ = events.send(Event::Pong);
+                    },
+                    _ => break,
+                },
+                _ = stop.cancelled() => { conn.close(0u32.into(), b"done"); return; }
+            }
+        }
+        tokio::time::sleep(cfg.heartbeat_interval()).await;
+    }
+}
+
+/// Primary side: answers pings on HEARTBEAT_SAP (each ping is an event), and accepts an
+/// epoch-fenced `Terminate` on SHUTDOWN_SAP. Ends when the endpoint is closed.
+pub async fn serve_beats(ep: quinn::Endpoint, cfg: Arc<Config>, events: Events) {
+    while let Some(incoming) = ep.accept().await {
+        let events = events.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else { return };
+            if !tls::peer_allowed(&conn, SapKind::Node) {
+                conn.close(2u32.into(), b"forbidden: node certificate required");
+                return;
+            }
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let mut out = FramedSend::new(send);
+                    let mut input = FramedRecv::new(recv, 64 * 1024);
+                    while let Ok(Some(b)) = input.next().await {
+                        match frame::decode::<Beat>(&b) {
+                            Ok(Beat::Ping { epoch, n }) => {
+                                let _ = events.send(Event::Ping);
+                                if out.send(&Beat::Pong { epoch, n }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(Beat::Terminate { epoch }) => {
+                                let _ = events.send(Event::Terminate(epoch));
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Sends an authenticated, epoch-fenced terminate to a (remote) deposed primary's SHUTDOWN_SAP.
+pub async fn terminate_remote(ep: &quinn::Endpoint, client_cfg: &quinn::ClientConfig, sap_text: &str, epoch: u64, cfg: &Config) -> Result<(), String> {
+    let sap = endpoint::resolve_sap(sap_text).map_err(|e| e.to_string())?;
+    let conn = endpoint::connect(ep, client_cfg.clone(), sap, &endpoint::sap_host(sap_text), cfg.connect_timeout())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut out = FramedSend::new(send);
+    out.send(&Beat::Terminate { epoch }).await.map_err(|e| e.to_string())?;
+    out.finish();
+    let _ = tokio::time::timeout(cfg.connect_timeout(), conn.closed()).await;
+    Ok(())
+}
