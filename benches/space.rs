@@ -44,6 +44,9 @@ fn bench_space(c: &mut Criterion) {
         b.iter(|| black_box(space.get(black_box(&prefix), &any)))
     });
 
+    c.bench_function("compile_pattern_literal", |b| {
+        b.iter(|| black_box(pat(black_box("user,500000"))))
+    });
     c.bench_function("compile_pattern_prefix", |b| {
         b.iter(|| black_box(pat(black_box(r"user,12345\d"))))
     });

@@ -19,7 +19,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file `{path}` is not valid: {source}; fix the named key (see config/tuplespace.toml for every key)")]
+    #[error(
+        "config file `{path}` is not valid: {source}; fix the named key (see config/tuplespace.toml for every key)"
+    )]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
@@ -153,7 +155,11 @@ impl Config {
 
     /// Loads `path` (see [`Config::load`]), applies `KEY=VALUE` overrides (TOML values), and
     /// validates the result.
-    pub fn load_with(path: &Path, explicit: bool, overrides: &[String]) -> Result<Config, ConfigError> {
+    pub fn load_with(
+        path: &Path,
+        explicit: bool,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = match std::fs::read_to_string(path) {
             Ok(t) => toml::from_str(&t).map_err(|e| ConfigError::Parse {
                 path: path.to_owned(),
@@ -226,10 +232,16 @@ impl Config {
             }
         }
         if self.max_request_bytes > u32::MAX as usize {
-            return bad("max_request_bytes", "must fit the 4-byte frame length (< 4 GiB)");
+            return bad(
+                "max_request_bytes",
+                "must fit the 4-byte frame length (< 4 GiB)",
+            );
         }
         if self.max_response_bytes > u32::MAX as usize {
-            return bad("max_response_bytes", "must fit the 4-byte frame length (< 4 GiB)");
+            return bad(
+                "max_response_bytes",
+                "must fit the 4-byte frame length (< 4 GiB)",
+            );
         }
         if self.max_response_bytes < self.max_request_bytes {
             return bad(
@@ -340,6 +352,11 @@ mod tests {
     #[test]
     fn keep_alive_must_be_below_idle() {
         let cfg: Config = toml::from_str("keep_alive_ms = 40000").unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("keep_alive_ms"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("keep_alive_ms")
+        );
     }
 }

@@ -11,7 +11,11 @@ use tuplespace::net::endpoint::resolve_sap;
 use tuplespace::net::tls::{self, CertRole};
 
 #[derive(Parser)]
-#[command(name = "tuplespace", version, about = "A fault-tolerant tuple space over authenticated QUIC")]
+#[command(
+    name = "tuplespace",
+    version,
+    about = "A fault-tolerant tuple space over authenticated QUIC"
+)]
 struct Cli {
     /// Directory holding ca.pem and ROLE.pem/ROLE.key certificates.
     #[arg(long, global = true, default_value = "certs")]
@@ -150,7 +154,8 @@ fn run(cli: Cli) -> Result<u8, String> {
     let explicit = cli.config != std::path::Path::new(DEFAULT_CONFIG_PATH);
     let mut overrides = cli.set.clone();
     if let Cmd::Proxy {
-        max_clients: Some(n), ..
+        max_clients: Some(n),
+        ..
     } = &cli.cmd
     {
         overrides.push(format!("max_clients={n}"));
@@ -164,7 +169,9 @@ fn run(cli: Cli) -> Result<u8, String> {
             ..
         } => {
             init_tracing("proxy");
-            let sap = |n: usize, name: &str, s: &str| resolve_sap(s).map_err(|e| format!("argument {n} ({name}): {e}"));
+            let sap = |n: usize, name: &str, s: &str| {
+                resolve_sap(s).map_err(|e| format!("argument {n} ({name}): {e}"))
+            };
             let saps = tuplespace::proxy::ProxySaps {
                 client: sap(1, "CLIENT_SAP", &client_sap)?,
                 server: sap(2, "SERVER_SAP", &server_sap)?,
@@ -206,7 +213,8 @@ fn run(cli: Cli) -> Result<u8, String> {
             let mut args = args;
             args.passthrough = vec!["--certs".into(), cli.certs.display().to_string()];
             if explicit {
-                args.passthrough.extend(["--config".into(), cli.config.display().to_string()]);
+                args.passthrough
+                    .extend(["--config".into(), cli.config.display().to_string()]);
             }
             for s in &overrides {
                 args.passthrough.extend(["--set".into(), s.clone()]);
@@ -274,8 +282,15 @@ fn run(cli: Cli) -> Result<u8, String> {
                         dir.display()
                     );
                 }
-                Some(CertsCmd::Issue { role, name, out, san }) => {
-                    let role = CertRole::parse(&role).ok_or_else(|| format!("--role must be client, admin or node, not `{role}`"))?;
+                Some(CertsCmd::Issue {
+                    role,
+                    name,
+                    out,
+                    san,
+                }) => {
+                    let role = CertRole::parse(&role).ok_or_else(|| {
+                        format!("--role must be client, admin or node, not `{role}`")
+                    })?;
                     tls::issue(&cli.certs, role, &name, &san, &out).map_err(|e| e.to_string())?;
                     println!(
                         "issued a {} certificate `{name}` into {} ({}.pem, {}.key, ca.pem)",
@@ -311,7 +326,9 @@ fn run(cli: Cli) -> Result<u8, String> {
                 overrides: cli.set,
             };
             let rt = runtime()?;
-            let code = rt.block_on(tuplespace::up::run(opts, cfg)).map_err(|e| e.to_string())?;
+            let code = rt
+                .block_on(tuplespace::up::run(opts, cfg))
+                .map_err(|e| e.to_string())?;
             Ok(code as u8)
         }
     }

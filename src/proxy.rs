@@ -26,7 +26,9 @@ use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::client::{self, CloseCode, Command, Op, Response, Status};
 use crate::wire::frame::{self, FrameError};
-use crate::wire::node::{ReplicaInfo, Relay, RelayReply, Reply, Role, StreamKind, ToProxy, ToServer};
+use crate::wire::node::{
+    Relay, RelayReply, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
+};
 use crate::wire::{CLIENT_ALPN, NODE_ALPN};
 
 /// Errors that stop the proxy from starting.
@@ -244,7 +246,11 @@ impl Router {
                 }
                 Op::Shutdown => self.start_shutdown(id, reply),
                 _ => {
-                    let _ = reply.send(Response::error(Some(id), Status::Forbidden, "not an admin operation"));
+                    let _ = reply.send(Response::error(
+                        Some(id),
+                        Status::Forbidden,
+                        "not an admin operation",
+                    ));
                 }
             },
             RouterMsg::ServerHello {
@@ -298,10 +304,12 @@ impl Router {
             RouterMsg::FromServer { link, msg } => match msg {
                 ToProxy::Heartbeat {
                     epoch,
+                    info,
                     pairs,
                     backup_synced,
                     backup,
                 } => {
+                    self.witness.update_info(link, info);
                     if let Some(l) = self.links.get_mut(&link) {
                         l.pairs = pairs;
                         l.backup = backup;
@@ -336,7 +344,10 @@ impl Router {
                 let a = self.witness.step(now, Input::LinkDown { link });
                 self.apply(a);
                 if self.shutdown_deadline.is_some() && self.witness.primary().is_none() {
-                    self.finish_shutdown(Status::Ok, "service stopped (primary closed its link)".into());
+                    self.finish_shutdown(
+                        Status::Ok,
+                        "service stopped (primary closed its link)".into(),
+                    );
                 }
             }
         }
@@ -353,7 +364,10 @@ impl Router {
                 let _ = l.control.send(ToServer::Shutdown);
                 self.shutdown_deadline = Some(Instant::now() + self.cfg.shutdown_timeout());
             }
-            None => self.finish_shutdown(Status::Ok, "service stopped; no primary was registered, nothing saved".into()),
+            None => self.finish_shutdown(
+                Status::Ok,
+                "service stopped; no primary was registered, nothing saved".into(),
+            ),
         }
     }
 
@@ -444,20 +458,33 @@ impl Router {
             .backup()
             .and_then(|b| self.witness.info(b))
             .cloned()
-            .or_else(|| primary.and_then(|p| self.links.get(&p)).and_then(|l| l.backup.clone()));
+            .or_else(|| {
+                primary
+                    .and_then(|p| self.links.get(&p))
+                    .and_then(|l| l.backup.clone())
+            });
         let backup_v = backup_info.as_ref().map(replica).unwrap_or(Value::Null);
-        let pairs = primary.and_then(|p| self.links.get(&p)).map(|l| l.pairs).unwrap_or(0);
+        let pairs = primary
+            .and_then(|p| self.links.get(&p))
+            .map(|l| l.pairs)
+            .unwrap_or(0);
         Value::Map(vec![
             (t("epoch"), Value::Integer(self.witness.epoch().into())),
             (t("primary"), primary_v),
             (t("backup"), backup_v),
-            (t("backup_synced"), Value::Bool(self.witness.backup_synced())),
+            (
+                t("backup_synced"),
+                Value::Bool(self.witness.backup_synced()),
+            ),
             (
                 t("clients"),
                 Value::Integer((self.clients.load(Ordering::Relaxed) as u64).into()),
             ),
             (t("pairs"), Value::Integer(pairs.into())),
-            (t("pending"), Value::Integer((self.pending.len() as u64).into())),
+            (
+                t("pending"),
+                Value::Integer((self.pending.len() as u64).into()),
+            ),
         ])
     }
 }
@@ -495,12 +522,20 @@ async fn router_loop(mut r: Router, mut rx: mpsc::UnboundedReceiver<RouterMsg>) 
     }
     // Close every server link with SHUTTING_DOWN so servers do not wait for a lost proxy.
     for l in r.links.values() {
-        l.conn.close(CloseCode::ShuttingDown.code().into(), b"service is stopping");
+        l.conn.close(
+            CloseCode::ShuttingDown.code().into(),
+            b"service is stopping",
+        );
     }
 }
 
 /// Runs the proxy until `stop` is cancelled or a SHUTDOWN completes.
-pub async fn run(saps: ProxySaps, certs: &Path, cfg: Config, stop: CancellationToken) -> Result<(), ProxyError> {
+pub async fn run(
+    saps: ProxySaps,
+    certs: &Path,
+    cfg: Config,
+    stop: CancellationToken,
+) -> Result<(), ProxyError> {
     let cfg = Arc::new(cfg);
     let id = Identity::load(certs, "node")?;
     let client_params = LinkParams {
@@ -516,11 +551,22 @@ pub async fn run(saps: ProxySaps, certs: &Path, cfg: Config, stop: CancellationT
         udp_buffer_bytes: cfg.udp_buffer_bytes,
     };
     let client_ep = endpoint::server_endpoint(saps.client, &id, CLIENT_ALPN, &client_params)
-        .map_err(|source| ProxyError::Net { what: "cannot open CLIENT_SAP", source })?;
-    let server_ep = endpoint::server_endpoint(saps.server, &id, NODE_ALPN, &node_params)
-        .map_err(|source| ProxyError::Net { what: "cannot open SERVER_SAP", source })?;
+        .map_err(|source| ProxyError::Net {
+            what: "cannot open CLIENT_SAP",
+            source,
+        })?;
+    let server_ep =
+        endpoint::server_endpoint(saps.server, &id, NODE_ALPN, &node_params).map_err(|source| {
+            ProxyError::Net {
+                what: "cannot open SERVER_SAP",
+                source,
+            }
+        })?;
     let shutdown_ep = endpoint::server_endpoint(saps.shutdown, &id, CLIENT_ALPN, &client_params)
-        .map_err(|source| ProxyError::Net { what: "cannot open SHUTDOWN_SAP", source })?;
+        .map_err(|source| ProxyError::Net {
+            what: "cannot open SHUTDOWN_SAP",
+            source,
+        })?;
     let local = |ep: &quinn::Endpoint| ep.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(
         client_sap = %local(&client_ep),
@@ -564,7 +610,12 @@ pub async fn run(saps: ProxySaps, certs: &Path, cfg: Config, stop: CancellationT
         conn_ids.clone(),
         stop.clone(),
     ));
-    let t_servers = tokio::spawn(accept_servers(server_ep.clone(), tx.clone(), cfg.clone(), stop.clone()));
+    let t_servers = tokio::spawn(accept_servers(
+        server_ep.clone(),
+        tx.clone(),
+        cfg.clone(),
+        stop.clone(),
+    ));
     drop(tx);
 
     stop.cancelled().await;
@@ -620,7 +671,10 @@ async fn accept_clients(
             };
             if !tls::peer_allowed(&conn, sap) {
                 warn!(remote = %conn.remote_address(), ?sap, "refusing peer: certificate role not allowed on this SAP");
-                conn.close(CloseCode::Forbidden.code().into(), b"forbidden: certificate role not allowed on this SAP");
+                conn.close(
+                    CloseCode::Forbidden.code().into(),
+                    b"forbidden: certificate role not allowed on this SAP",
+                );
                 return;
             }
             if sap == SapKind::Client {
@@ -630,7 +684,11 @@ async fn accept_clients(
                     warn!(remote = %conn.remote_address(), limit = cfg.max_clients, "service refused: too many clients");
                     conn.close(
                         CloseCode::ServiceRefused.code().into(),
-                        format!("service refused: too many clients (limit {})", cfg.max_clients).as_bytes(),
+                        format!(
+                            "service refused: too many clients (limit {})",
+                            cfg.max_clients
+                        )
+                        .as_bytes(),
                     );
                     return;
                 }
@@ -671,33 +729,46 @@ async fn serve_client_conn(
 }
 
 /// Decides what to do with one request frame: an immediate answer, or a message for the router.
-fn classify(body: &[u8], conn_id: u64, sap: SapKind, cfg: &Config, tx: &RespTx) -> Result<RouterMsg, Response> {
-    let v = frame::decode_value(body).map_err(|e| Response::error(None, Status::Malformed, format!("request is not one CBOR item: {e}")))?;
-    let req = client::parse_request(v).map_err(|m| m.response())?;
+fn classify(
+    body: &[u8],
+    conn_id: u64,
+    sap: SapKind,
+    cfg: &Config,
+    tx: &RespTx,
+) -> Result<RouterMsg, Box<Response>> {
+    let v = frame::decode_value(body).map_err(|e| {
+        Box::new(Response::error(
+            None,
+            Status::Malformed,
+            format!("request is not one CBOR item: {e}"),
+        ))
+    })?;
+    let req = client::parse_request(v).map_err(|m| Box::new(m.response()))?;
     let id = req.id;
     match (&req.op, sap) {
-        (Op::Other(name), _) => Err(Response::error(
+        (Op::Other(name), _) => Err(Box::new(Response::error(
             Some(id),
             Status::NotImplemented,
             format!("operator {name} is not implemented"),
-        )),
-        (op, SapKind::Client) if op.is_admin() => Err(Response::error(
+        ))),
+        (op, SapKind::Client) if op.is_admin() => Err(Box::new(Response::error(
             Some(id),
             Status::Forbidden,
             "SHUTDOWN and STATUS are only allowed on the shutdown SAP with an admin certificate",
-        )),
-        (op, SapKind::Shutdown) if op.is_data() => Err(Response::error(
+        ))),
+        (op, SapKind::Shutdown) if op.is_data() => Err(Box::new(Response::error(
             Some(id),
             Status::Forbidden,
             "GET, PUT, POST and DELETE are not allowed on the shutdown SAP; use the client SAP",
-        )),
+        ))),
         (op, _) if op.is_admin() => Ok(RouterMsg::Admin {
             op: req.op.clone(),
             id,
             reply: tx.clone(),
         }),
         _ => {
-            let cmd = client::command_of(req, cfg.max_pairs_per_request).map_err(|m| m.response())?;
+            let cmd = client::command_of(req, cfg.max_pairs_per_request)
+                .map_err(|m| Box::new(m.response()))?;
             Ok(RouterMsg::Request {
                 cmd,
                 client: conn_id,
@@ -798,7 +869,10 @@ async fn accept_servers(
             };
             if !tls::peer_allowed(&conn, SapKind::Node) {
                 warn!(remote = %conn.remote_address(), "refusing server link: certificate is not a node certificate");
-                conn.close(CloseCode::Forbidden.code().into(), b"forbidden: node certificate required");
+                conn.close(
+                    CloseCode::Forbidden.code().into(),
+                    b"forbidden: node certificate required",
+                );
                 return;
             }
             serve_server_conn(conn, link, router, cfg, stop).await;
@@ -831,7 +905,10 @@ async fn serve_server_conn(
                     Ok(Ok(Some(b))) => frame::decode::<ToProxy>(&b),
                     _ => continue,
                 };
-                let Ok(ToProxy::Hello { role, epoch, info, .. }) = hello else {
+                let Ok(ToProxy::Hello {
+                    role, epoch, info, ..
+                }) = hello
+                else {
                     warn!(link, "server link: expected hello on control stream");
                     continue;
                 };

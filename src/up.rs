@@ -32,9 +32,15 @@ pub enum UpError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot start `{what}`: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("cannot create `{path}`: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn exe() -> PathBuf {
@@ -80,7 +86,11 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
     };
 
     let mut proxy = Command::new(exe());
-    proxy.arg("proxy").arg(&o.client_sap).arg(&o.server_sap).arg(&o.shutdown_sap);
+    proxy
+        .arg("proxy")
+        .arg(&o.client_sap)
+        .arg(&o.server_sap)
+        .arg(&o.shutdown_sap);
     common_flags(&mut proxy, &o);
     let mut proxy = spawn(proxy, "proxy")?;
 
@@ -98,10 +108,24 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
     let mut server = spawn(server, "server")?;
 
     println!("tuplespace is up.");
-    println!("  clients connect to   {} (ALPN tuplespace/1, certificates in {})", o.client_sap, o.certs.display());
+    println!(
+        "  clients connect to   {} (ALPN tuplespace/1, certificates in {})",
+        o.client_sap,
+        o.certs.display()
+    );
     println!("  admin (shutdown) at  {}", o.shutdown_sap);
-    println!("  data saved to        {}{}", o.save_file.display(), if init != "null" { " (loaded at start)" } else { "" });
-    println!("try:  tuplespace client put user,1=alice   then   tuplespace client get 'user,.*' '.*'");
+    println!(
+        "  data saved to        {}{}",
+        o.save_file.display(),
+        if init != "null" {
+            " (loaded at start)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "try:  tuplespace client put user,1=alice   then   tuplespace client get 'user,.*' '.*'"
+    );
     println!("      tuplespace client        (interactive; `help` lists commands)");
     println!("Ctrl-C saves and stops everything.");
 
@@ -125,7 +149,10 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
 async fn shutdown_service(o: &UpOptions, cfg: &Config) {
     match crate::client::Client::connect(&o.shutdown_sap, &o.certs, CertRole::Admin, cfg).await {
         Ok(mut c) => match c.request("SHUTDOWN", None).await {
-            Ok(r) => info!("shutdown: {}", r.message.unwrap_or_else(|| r.status.as_str().into())),
+            Ok(r) => info!(
+                "shutdown: {}",
+                r.message.unwrap_or_else(|| r.status.as_str().into())
+            ),
             Err(e) => warn!("shutdown request failed: {e}"),
         },
         Err(e) => warn!("cannot reach the shutdown SAP: {e}"),
@@ -142,7 +169,10 @@ async fn stop_child(name: &str, child: &mut Child, cfg: &Config) {
     }
     // Ask politely (SIGTERM: the process saves and stops), then force.
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     if tokio::time::timeout(wait, child.wait()).await.is_err() {
         warn!("{name} did not stop; killing it");

@@ -122,6 +122,7 @@ fn value_pattern() -> impl Strategy<Value = String> {
         3 => Just(".*".to_owned()),
         1 => value_text(),
         1 => Just(r"x.*|\d".to_owned()),
+        1 => Just("(?s).*".to_owned()),
     ]
 }
 

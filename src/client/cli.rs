@@ -62,7 +62,13 @@ impl Session {
 
     async fn data(&mut self) -> Result<&mut Client, ClientError> {
         if self.data.is_none() {
-            let c = Client::connect(&self.opts.client_sap, &self.opts.certs, self.opts.cert_role, &self.opts.config).await?;
+            let c = Client::connect(
+                &self.opts.client_sap,
+                &self.opts.certs,
+                self.opts.cert_role,
+                &self.opts.config,
+            )
+            .await?;
             self.data = Some(c);
         }
         self.data.as_mut().ok_or(ClientError::EndOfStream)
@@ -70,7 +76,13 @@ impl Session {
 
     async fn admin(&mut self) -> Result<&mut Client, ClientError> {
         if self.admin.is_none() {
-            let c = Client::connect(&self.opts.shutdown_sap, &self.opts.certs, CertRole::Admin, &self.opts.config).await?;
+            let c = Client::connect(
+                &self.opts.shutdown_sap,
+                &self.opts.certs,
+                CertRole::Admin,
+                &self.opts.config,
+            )
+            .await?;
             self.admin = Some(c);
         }
         self.admin.as_mut().ok_or(ClientError::EndOfStream)
@@ -99,9 +111,14 @@ impl Session {
                 if let Err(e) = self.data().await {
                     return Err(self.explain(e));
                 }
-                return Ok(Outcome::Text(format!("connected to {}", self.opts.client_sap)));
+                return Ok(Outcome::Text(format!(
+                    "connected to {}",
+                    self.opts.client_sap
+                )));
             }
-            Line::Request { op, args } => self.on_data(|c| Box::pin(c.request_owned(op, args))).await,
+            Line::Request { op, args } => {
+                self.on_data(|c| Box::pin(c.request_owned(op, args))).await
+            }
             Line::Raw(v) => self.on_data(|c| Box::pin(c.raw_value(v))).await,
             Line::RawBytes(b) => self.on_data(|c| Box::pin(c.raw_frame(b))).await,
             Line::Status => match self.admin().await {
@@ -126,7 +143,11 @@ impl Session {
 
     async fn on_data<F>(&mut self, f: F) -> Result<Response, ClientError>
     where
-        F: for<'a> FnOnce(&'a mut Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, ClientError>> + 'a>>,
+        F: for<'a> FnOnce(
+            &'a mut Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Response, ClientError>> + 'a>,
+        >,
     {
         let c = self.data().await?;
         f(c).await
@@ -137,7 +158,9 @@ impl Session {
         if s.contains("SERVICE_REFUSED") {
             format!("{s}\nthe proxy has reached its client limit; try again later")
         } else if s.contains("FORBIDDEN") {
-            format!("{s}\nyour certificate's role is not allowed there (data needs client/admin, status/shutdown need admin)")
+            format!(
+                "{s}\nyour certificate's role is not allowed there (data needs client/admin, status/shutdown need admin)"
+            )
         } else {
             s
         }
@@ -157,7 +180,11 @@ impl Session {
 }
 
 impl Client {
-    async fn request_owned(&mut self, op: String, args: Option<Value>) -> Result<Response, ClientError> {
+    async fn request_owned(
+        &mut self,
+        op: String,
+        args: Option<Value>,
+    ) -> Result<Response, ClientError> {
         self.request(&op, args).await
     }
     async fn raw_value(&mut self, v: Value) -> Result<Response, ClientError> {
@@ -192,7 +219,11 @@ pub fn render(r: &Response) -> String {
         s.push_str(&format!(": {m}"));
     }
     if let Some(pairs) = &r.pairs {
-        s.push_str(&format!("\n{} pair{}", pairs.len(), if pairs.len() == 1 { "" } else { "s" }));
+        s.push_str(&format!(
+            "\n{} pair{}",
+            pairs.len(),
+            if pairs.len() == 1 { "" } else { "s" }
+        ));
         for p in pairs {
             s.push_str(&format!("\n  {} => {}", p.key, p.value));
         }

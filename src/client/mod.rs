@@ -46,7 +46,12 @@ pub struct Client {
 
 impl Client {
     /// Connects to `sap` with the certificate `role` from `certs`.
-    pub async fn connect(sap: &str, certs: &Path, role: CertRole, cfg: &Config) -> Result<Client, ClientError> {
+    pub async fn connect(
+        sap: &str,
+        certs: &Path,
+        role: CertRole,
+        cfg: &Config,
+    ) -> Result<Client, ClientError> {
         let addr: SocketAddr = endpoint::resolve_sap(sap)?;
         let id = Identity::load(certs, role.as_str())?;
         let params = LinkParams {
@@ -57,7 +62,14 @@ impl Client {
         };
         let ep = endpoint::client_endpoint(addr, &params)?;
         let ccfg = endpoint::client_config(&id, CLIENT_ALPN, &params)?;
-        let conn = endpoint::connect(&ep, ccfg, addr, &endpoint::sap_host(sap), cfg.connect_timeout()).await?;
+        let conn = endpoint::connect(
+            &ep,
+            ccfg,
+            addr,
+            &endpoint::sap_host(sap),
+            cfg.connect_timeout(),
+        )
+        .await?;
         let (send, recv) = conn
             .open_bi()
             .await
@@ -78,7 +90,11 @@ impl Client {
     }
 
     /// Sends one request and waits for its answer.
-    pub async fn request(&mut self, op: &str, args: Option<Value>) -> Result<Response, ClientError> {
+    pub async fn request(
+        &mut self,
+        op: &str,
+        args: Option<Value>,
+    ) -> Result<Response, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         self.send_value(&request_value(id, op, args)).await?;
@@ -102,7 +118,9 @@ impl Client {
 
     async fn flush(&mut self) -> Result<(), ClientError> {
         self.send.flush().await.map_err(|e| match e {
-            quinn::WriteError::ConnectionLost(c) => ClientError::Closed(endpoint::describe_connection_error(&c)),
+            quinn::WriteError::ConnectionLost(c) => {
+                ClientError::Closed(endpoint::describe_connection_error(&c))
+            }
             other => ClientError::Closed(other.to_string()),
         })
     }

@@ -18,7 +18,10 @@ use ciborium::Value;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Line {
     /// A request built from the arguments: operator and args.
-    Request { op: String, args: Option<Value> },
+    Request {
+        op: String,
+        args: Option<Value>,
+    },
     /// A request sent exactly as given (its own id).
     Raw(Value),
     /// Bytes to send as one frame body.
@@ -45,7 +48,12 @@ fn tuple(text: &str) -> Value {
 /// One PUT/POST element: `KEY=VALUE` or JSON.
 pub fn element(s: &str) -> Result<Value, String> {
     let t = s.trim_start();
-    if t.starts_with('[') || t.starts_with('{') || t.starts_with('"') || t == "null" || t.parse::<f64>().is_ok() {
+    if t.starts_with('[')
+        || t.starts_with('{')
+        || t.starts_with('"')
+        || t == "null"
+        || t.parse::<f64>().is_ok()
+    {
         return json_to_cbor(s);
     }
     match s.split_once('=') {
@@ -72,15 +80,24 @@ pub fn parse(line: &str) -> Result<Line, String> {
     Ok(match cmd.to_ascii_lowercase().as_str() {
         "get" | "delete" | "del" => {
             need(2, &format!("{cmd} KEYEXP VALEXP"))?;
-            let op = if cmd.eq_ignore_ascii_case("get") { "GET" } else { "DELETE" };
+            let op = if cmd.eq_ignore_ascii_case("get") {
+                "GET"
+            } else {
+                "DELETE"
+            };
             Line::Request {
                 op: op.into(),
-                args: Some(Value::Array(vec![Value::Text(rest[0].clone()), Value::Text(rest[1].clone())])),
+                args: Some(Value::Array(vec![
+                    Value::Text(rest[0].clone()),
+                    Value::Text(rest[1].clone()),
+                ])),
             }
         }
         "put" | "post" => Line::Request {
             op: cmd.to_ascii_uppercase(),
-            args: Some(Value::Array(rest.iter().map(|s| element(s)).collect::<Result<_, _>>()?)),
+            args: Some(Value::Array(
+                rest.iter().map(|s| element(s)).collect::<Result<_, _>>()?,
+            )),
         },
         "op" => {
             if rest.is_empty() || rest.len() > 2 {
@@ -116,7 +133,13 @@ mod tests {
     #[test]
     fn pairs_and_json_elements() {
         let l = parse(r#"put user,1=alice '"junk"' '[["a"],["b"]]'"#).unwrap();
-        let Line::Request { op, args: Some(Value::Array(a)) } = l else { panic!() };
+        let Line::Request {
+            op,
+            args: Some(Value::Array(a)),
+        } = l
+        else {
+            panic!()
+        };
         assert_eq!(op, "PUT");
         assert_eq!(a.len(), 3);
         assert_eq!(a[1], Value::Text("junk".into()));
@@ -126,7 +149,10 @@ mod tests {
     #[test]
     fn get_needs_two_patterns() {
         assert!(parse("get a").is_err());
-        assert!(matches!(parse("GET 'user,\\d+' '.*'").unwrap(), Line::Request { .. }));
+        assert!(matches!(
+            parse("GET 'user,\\d+' '.*'").unwrap(),
+            Line::Request { .. }
+        ));
         assert_eq!(parse("   ").unwrap(), Line::Empty);
     }
 }

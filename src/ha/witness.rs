@@ -28,15 +28,24 @@ pub enum Input {
         backup_synced: bool,
     },
     /// The replica at `link` lost its peer (a primary its backup; a backup its primary).
-    PeerLost { link: LinkId, epoch: u64 },
+    PeerLost {
+        link: LinkId,
+        epoch: u64,
+    },
     /// The connection to `link` closed.
-    LinkDown { link: LinkId },
+    LinkDown {
+        link: LinkId,
+    },
     Tick,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    Welcome { link: LinkId, role: Role, epoch: u64 },
+    Welcome {
+        link: LinkId,
+        role: Role,
+        epoch: u64,
+    },
     /// Promotion (to a backup) or permission to acknowledge alone (to a primary), at `epoch`.
     Grant { link: LinkId, epoch: u64 },
     /// Deposed or refused: the replica must stop; the proxy drops the link.
@@ -98,6 +107,13 @@ impl Witness {
         self.members.get(&link).map(|m| &m.info)
     }
 
+    /// Records what a member says about itself now (its SAP changes when it is promoted).
+    pub fn update_info(&mut self, link: LinkId, info: ReplicaInfo) {
+        if let Some(m) = self.members.get_mut(&link) {
+            m.info = info;
+        }
+    }
+
     /// Feeds one input observed at `now`; returns what the proxy must do, in order.
     pub fn step(&mut self, now: Instant, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
@@ -138,7 +154,8 @@ impl Witness {
                 }
             }
             Input::PeerLost { link, epoch } => {
-                if epoch < self.epoch && Some(link) != self.backup {
+                // The current primary may repeat an old report (it missed our grant): re-grant.
+                if epoch < self.epoch && Some(link) != self.backup && Some(link) != self.primary {
                     return out;
                 }
                 if Some(link) == self.primary {
@@ -156,13 +173,13 @@ impl Witness {
                         }
                     }
                 } else if Some(link) == self.backup {
-                    // The backup lost its primary. If we still hear the primary, the backup is
-                    // the one cut off: replace it. Otherwise the heartbeat lapse (Tick) decides.
-                    if let Some(p) = self.primary
-                        && self.heard_recently(p, now)
-                    {
-                        self.drop_backup(link, "backup lost the primary, primary still serving", &mut out);
-                    }
+                    // The backup lost its primary. It may simply notice a dead primary before we
+                    // do, so nothing is decided here: if the primary is dead its heartbeats lapse
+                    // (Tick promotes); if it is alive, it loses the backup too and says so.
+                    out.push(Action::Notify {
+                        kind: "backup-suspects-primary",
+                        detail: "backup reports it lost the primary; waiting for the heartbeat window to decide".into(),
+                    });
                 }
             }
             Input::LinkDown { link } => {
@@ -245,7 +262,10 @@ impl Witness {
                 });
                 out.push(Action::Notify {
                     kind: "primary-registered",
-                    detail: format!("primary {} at {} (epoch {})", info.handle, info.sap, self.epoch),
+                    detail: format!(
+                        "primary {} at {} (epoch {})",
+                        info.handle, info.sap, self.epoch
+                    ),
                 });
             }
             Role::Backup => {
@@ -253,7 +273,10 @@ impl Witness {
                 if let Some(b) = stale_backup {
                     self.drop_backup(b, "backup replaced by a new one", out);
                 }
-                if self.primary.is_none() || self.backup.is_some() || (epoch != 0 && epoch < self.epoch) {
+                if self.primary.is_none()
+                    || self.backup.is_some()
+                    || (epoch != 0 && epoch < self.epoch)
+                {
                     out.push(Action::Fence {
                         link,
                         epoch: self.epoch,
@@ -276,7 +299,10 @@ impl Witness {
                 });
                 out.push(Action::Notify {
                     kind: "backup-registered",
-                    detail: format!("backup {} at {} (epoch {})", info.handle, info.sap, self.epoch),
+                    detail: format!(
+                        "backup {} at {} (epoch {})",
+                        info.handle, info.sap, self.epoch
+                    ),
                 });
             }
         }
@@ -303,7 +329,10 @@ impl Witness {
         }
         out.push(Action::Notify {
             kind: "backup-lost",
-            detail: format!("{why}: backup {handle} dropped; primary goes on alone at epoch {}", self.epoch),
+            detail: format!(
+                "{why}: backup {handle} dropped; primary goes on alone at epoch {}",
+                self.epoch
+            ),
         });
     }
 
@@ -336,7 +365,10 @@ impl Witness {
                     kind: "failover",
                     detail: format!(
                         "{why}: primary {handle} failed; backup {} promoted at epoch {}",
-                        self.members.get(&b).map(|m| m.info.handle.as_str()).unwrap_or(""),
+                        self.members
+                            .get(&b)
+                            .map(|m| m.info.handle.as_str())
+                            .unwrap_or(""),
                         self.epoch
                     ),
                 });
@@ -428,7 +460,12 @@ mod tests {
     fn first_primary_is_welcomed_at_epoch_1() {
         let mut f = Fx::new();
         let a = f.at(0, hello(1, Role::Primary, 0));
-        assert!(has(&a, |x| *x == Action::Welcome { link: 1, role: Role::Primary, epoch: 1 }));
+        assert!(has(&a, |x| *x
+            == Action::Welcome {
+                link: 1,
+                role: Role::Primary,
+                epoch: 1
+            }));
         assert!(has(&a, |x| *x == Action::RouteTo { link: 1, epoch: 1 }));
         assert_eq!(f.w.primary(), Some(1));
     }
@@ -485,7 +522,13 @@ mod tests {
         // Primary's heartbeats stop reaching the proxy; backup reports the primary lost.
         f.at(150, hb(2, 1, false));
         let a = f.at(160, Input::PeerLost { link: 2, epoch: 1 });
-        assert!(a.is_empty(), "the witness waits for the lapse before promoting: {a:?}");
+        assert!(
+            !has(&a, |x| matches!(
+                x,
+                Action::Grant { .. } | Action::Fence { .. }
+            )),
+            "the witness waits for the lapse before promoting: {a:?}"
+        );
         let a = f.at(320, Input::Tick);
         assert!(has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }));
         // Old primary comes back over a new connection claiming primary at epoch 1.
@@ -493,7 +536,10 @@ mod tests {
         assert!(has(&a, |x| matches!(x, Action::Fence { link: 3, .. })));
         // Old heartbeat on the old link is ignored.
         let a = f.at(510, hb(1, 1, true));
-        assert!(!has(&a, |x| matches!(x, Action::Grant { .. } | Action::RouteTo { .. })));
+        assert!(!has(&a, |x| matches!(
+            x,
+            Action::Grant { .. } | Action::RouteTo { .. }
+        )));
         assert_eq!(f.w.primary(), Some(2));
     }
 
@@ -506,21 +552,44 @@ mod tests {
         assert_eq!(f.w.backup(), None);
         // The backup's own complaint, arriving later at an old epoch, changes nothing.
         let a = f.at(60, Input::PeerLost { link: 2, epoch: 1 });
-        assert!(a.is_empty());
+        assert!(!has(&a, |x| matches!(
+            x,
+            Action::Grant { .. } | Action::Fence { .. } | Action::RouteTo { .. }
+        )));
         assert_eq!(f.w.primary(), Some(1));
         // A fresh backup joins at the new epoch.
         let a = f.at(70, hello(4, Role::Backup, 2));
-        assert!(has(&a, |x| *x == Action::Welcome { link: 4, role: Role::Backup, epoch: 2 }));
+        assert!(has(&a, |x| *x
+            == Action::Welcome {
+                link: 4,
+                role: Role::Backup,
+                epoch: 2
+            }));
     }
 
     #[test]
     fn backup_reports_peer_lost_first_while_primary_alive() {
+        // The backup may notice a dead primary before the proxy does: its report alone must not
+        // drop it (that would leave no one to promote).
         let mut f = Fx::pair();
         f.at(40, hb(1, 1, true));
-        let a = f.at(50, Input::PeerLost { link: 2, epoch: 1 });
+        f.at(200, hb(2, 1, false));
+        let a = f.at(250, Input::PeerLost { link: 2, epoch: 1 });
+        assert!(!has(&a, |x| matches!(
+            x,
+            Action::Fence { .. } | Action::Grant { .. }
+        )));
+        let a = f.at(350, Input::Tick);
+        assert!(
+            has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }),
+            "{a:?}"
+        );
+        // If instead the primary is alive, its own report decides: the backup is replaced.
+        let mut f = Fx::pair();
+        f.at(40, Input::PeerLost { link: 2, epoch: 1 });
+        let a = f.at(50, Input::PeerLost { link: 1, epoch: 1 });
         assert!(has(&a, |x| matches!(x, Action::Fence { link: 2, .. })));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
-        assert_eq!(f.w.primary(), Some(1));
     }
 
     #[test]

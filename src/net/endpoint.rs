@@ -15,7 +15,9 @@ use crate::net::tls::{self, Identity, TlsError};
 pub enum NetError {
     #[error("`{0}` is not a SAP: expected IP:PORT, HOST:PORT or [IPv6]:PORT")]
     BadSap(String),
-    #[error("cannot open UDP socket on {addr}: {source}; is the port in use or the address not local?")]
+    #[error(
+        "cannot open UDP socket on {addr}: {source}; is the port in use or the address not local?"
+    )]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -50,7 +52,9 @@ pub fn sap_host(sap: &str) -> String {
         Some((h, _)) => h,
         None => sap,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// Timeouts and limits of one kind of link.
@@ -131,9 +135,13 @@ pub fn server_endpoint(
 pub fn client_endpoint(remote: SocketAddr, p: &LinkParams) -> Result<quinn::Endpoint, NetError> {
     tls::install_crypto_provider();
     let local: SocketAddr = if remote.is_ipv4() {
-        "0.0.0.0:0".parse().map_err(|_| NetError::BadSap("0.0.0.0:0".into()))?
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| NetError::BadSap("0.0.0.0:0".into()))?
     } else {
-        "[::]:0".parse().map_err(|_| NetError::BadSap("[::]:0".into()))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| NetError::BadSap("[::]:0".into()))?
     };
     endpoint(local, None, p.udp_buffer_bytes)
 }
@@ -192,7 +200,9 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
         quinn::ConnectionError::ConnectionClosed(c) => {
             let s = c.to_string();
             if s.contains("certificate") || s.contains("alert") {
-                format!("TLS handshake refused: {s}; check that your certificate is from the cluster CA and has the right role")
+                format!(
+                    "TLS handshake refused: {s}; check that your certificate is from the cluster CA and has the right role"
+                )
             } else {
                 format!("connection closed: {s}")
             }

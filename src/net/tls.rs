@@ -19,7 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// Errors creating or loading certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read `{path}`: {source}; run `tuplespace certs --out {dir}` to create certificates")]
+    #[error(
+        "cannot read `{path}`: {source}; run `tuplespace certs --out {dir}` to create certificates"
+    )]
     Read {
         path: PathBuf,
         dir: String,
@@ -38,7 +40,9 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(String),
-    #[error("`{0}` already exists; pass --force to overwrite the cluster CA (every certificate it issued becomes useless)")]
+    #[error(
+        "`{0}` already exists; pass --force to overwrite the cluster CA (every certificate it issued becomes useless)"
+    )]
     Exists(PathBuf),
 }
 
@@ -119,9 +123,9 @@ pub fn roles_of(cert: &CertificateDer<'_>) -> Vec<CertRole> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => u
-                .strip_prefix(ROLE_URI_PREFIX)
-                .and_then(CertRole::parse),
+            x509_parser::extensions::GeneralName::URI(u) => {
+                u.strip_prefix(ROLE_URI_PREFIX).and_then(CertRole::parse)
+            }
             _ => None,
         })
         .collect()
@@ -213,9 +217,10 @@ impl Identity {
 
 /// rustls server configuration: TLS 1.3, client certificate from the cluster CA required.
 pub fn server_config(id: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -235,12 +240,21 @@ pub fn client_config(id: &Identity, alpn: &[u8]) -> Result<rustls::ClientConfig,
     Ok(cfg)
 }
 
-fn leaf_params(role: CertRole, name: &str, extra_sans: &[String]) -> Result<CertificateParams, TlsError> {
+fn leaf_params(
+    role: CertRole,
+    name: &str,
+    extra_sans: &[String],
+) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("tuplespace {} {name}", role.as_str()));
+    dn.push(
+        DnType::CommonName,
+        format!("tuplespace {} {name}", role.as_str()),
+    );
     params.distinguished_name = dn;
-    params.subject_alt_names.push(SanType::URI(role.uri().try_into()?));
+    params
+        .subject_alt_names
+        .push(SanType::URI(role.uri().try_into()?));
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     for s in extra_sans {
         if !names.contains(s) {
@@ -250,7 +264,9 @@ fn leaf_params(role: CertRole, name: &str, extra_sans: &[String]) -> Result<Cert
     for n in names {
         match n.parse::<IpAddr>() {
             Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
-            Err(_) => params.subject_alt_names.push(SanType::DnsName(n.try_into()?)),
+            Err(_) => params
+                .subject_alt_names
+                .push(SanType::DnsName(n.try_into()?)),
         }
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -369,7 +385,14 @@ mod tests {
             Err(TlsError::Exists(_))
         ));
         let out = dir.path().join("host2");
-        issue(dir.path(), CertRole::Node, "host2", &["10.0.0.2".into()], &out).unwrap();
+        issue(
+            dir.path(),
+            CertRole::Node,
+            "host2",
+            &["10.0.0.2".into()],
+            &out,
+        )
+        .unwrap();
         let id = Identity::load(&out, "node").unwrap();
         assert_eq!(roles_of(&id.chain[0]), vec![CertRole::Node]);
         install_crypto_provider();

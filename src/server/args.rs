@@ -47,7 +47,9 @@ impl ServerArgs {
         primary_handle: &str,
         init_file: &str,
     ) -> Result<ServerArgs, ArgsError> {
-        let sap = |pos, name, s: &str| resolve_sap(s).map_err(|source| ArgsError::Sap { pos, name, source });
+        let sap = |pos, name, s: &str| {
+            resolve_sap(s).map_err(|source| ArgsError::Sap { pos, name, source })
+        };
         let primary_handle = (primary_handle != "null").then(|| primary_handle.to_owned());
         if primary_handle.is_some() && init_file != "null" {
             return Err(ArgsError::BackupWithInit(init_file.to_owned()));

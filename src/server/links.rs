@@ -7,14 +7,15 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::store::StoreMsg;
+use super::store::{SpaceCopy, StoreMsg};
 use crate::config::Config;
 use crate::net::endpoint;
 use crate::net::stream::{FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
-use crate::space::Space;
 use crate::wire::frame;
-use crate::wire::node::{Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer};
+use crate::wire::node::{
+    Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Role, StreamKind, ToProxy, ToServer,
+};
 
 /// Everything the stream tasks tell the replica's event loop.
 #[derive(Debug)]
@@ -40,7 +41,7 @@ pub enum Event {
 pub struct BackupLink {
     pub conn: quinn::Connection,
     pub tx: mpsc::UnboundedSender<Repl>,
-    pub snap_tx: mpsc::UnboundedSender<(Space, u64, Vec<(u64, Reply)>)>,
+    pub snap_tx: mpsc::UnboundedSender<SpaceCopy>,
 }
 
 impl std::fmt::Debug for BackupLink {
@@ -79,9 +80,15 @@ pub async fn connect_proxy(
     events: &Events,
 ) -> Result<(ProxyLink, u64), ConnectOutcome> {
     let fail = |e: String| ConnectOutcome::Failed(e);
-    let conn = endpoint::connect(ep, client_cfg.clone(), proxy_sap, &endpoint::sap_host(proxy_sap_text), cfg.connect_timeout())
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let conn = endpoint::connect(
+        ep,
+        client_cfg.clone(),
+        proxy_sap,
+        &endpoint::sap_host(proxy_sap_text),
+        cfg.connect_timeout(),
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
     let mut out = FramedSend::new(send);
     let mut input = FramedRecv::new(recv, cfg.max_response_bytes + 4096);
@@ -106,7 +113,9 @@ pub async fn connect_proxy(
     // The relay stream is opened by both roles, so a promoted backup needs no new stream.
     let (rsend, rrecv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
     let mut rout = FramedSend::new(rsend);
-    rout.send(&StreamKind::Relay { epoch }).await.map_err(|e| fail(e.to_string()))?;
+    rout.send(&StreamKind::Relay { epoch })
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ToProxy>();
     let (rel_tx, mut rel_rx) = mpsc::unbounded_channel::<RelayReply>();
 
@@ -204,13 +213,28 @@ pub async fn connect_backup(
     epoch: u64,
     info: &ReplicaInfo,
     events: &Events,
-) -> Result<(quinn::Connection, mpsc::UnboundedSender<Repl>, mpsc::UnboundedSender<(Space, u64, Vec<(u64, Reply)>)>), String> {
+) -> Result<
+    (
+        quinn::Connection,
+        mpsc::UnboundedSender<Repl>,
+        mpsc::UnboundedSender<SpaceCopy>,
+    ),
+    String,
+> {
     // Short attempts: the backup process is starting and binds within milliseconds; a long
     // attempt would sit in QUIC's 1 s initial retransmission timer.
-    let attempt = cfg.connect_timeout().min(std::time::Duration::from_millis(250));
-    let conn = endpoint::connect(ep, client_cfg.clone(), backup_sap, &endpoint::sap_host(backup_sap_text), attempt)
-        .await
-        .map_err(|e| e.to_string())?;
+    let attempt = cfg
+        .connect_timeout()
+        .min(std::time::Duration::from_millis(250));
+    let conn = endpoint::connect(
+        ep,
+        client_cfg.clone(),
+        backup_sap,
+        &endpoint::sap_host(backup_sap_text),
+        attempt,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut out = FramedSend::new(send);
     out.send(&Repl::Hello {
@@ -220,10 +244,12 @@ pub async fn connect_backup(
     .await
     .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Repl>();
-    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<(Space, u64, Vec<(u64, Reply)>)>();
+    let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<SpaceCopy>();
     let ev = events.clone();
     tokio::spawn(async move {
-        let Some((space, snap_seq, dedupe)) = snap_rx.recv().await else { return };
+        let Some((space, snap_seq, dedupe)) = snap_rx.recv().await else {
+            return;
+        };
         let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
         let mut bytes = 0;
         for (k, v) in space.iter() {
@@ -240,7 +266,10 @@ pub async fn connect_backup(
             }
         }
         out.queue(&Repl::Snapshot { pairs: chunk });
-        out.queue(&Repl::SnapshotDone { seq: snap_seq, dedupe });
+        out.queue(&Repl::SnapshotDone {
+            seq: snap_seq,
+            dedupe,
+        });
         if out.flush().await.is_err() {
             return;
         }
@@ -296,16 +325,29 @@ pub async fn connect_backup(
 
 /// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
 /// arrives. Ends when the endpoint is closed.
-pub async fn serve_replication(ep: quinn::Endpoint, cfg: Arc<Config>, store: std::sync::mpsc::Sender<StoreMsg>, min_epoch: u64, events: Events) {
+pub async fn serve_replication(
+    ep: quinn::Endpoint,
+    cfg: Arc<Config>,
+    store: std::sync::mpsc::Sender<StoreMsg>,
+    min_epoch: u64,
+    events: Events,
+) {
     while let Some(incoming) = ep.accept().await {
-        let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else { continue };
+        let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else {
+            continue;
+        };
         if !tls::peer_allowed(&conn, SapKind::Node) {
             conn.close(2u32.into(), b"forbidden: node certificate required");
             continue;
         }
-        let Ok((send, recv)) = conn.accept_bi().await else { continue };
+        let Ok((send, recv)) = conn.accept_bi().await else {
+            continue;
+        };
         let mut out = FramedSend::new(send);
-        let mut input = FramedRecv::new(recv, 2 * cfg.max_response_bytes + 2 * cfg.max_request_bytes + SNAPSHOT_CHUNK_BYTES * 2);
+        let mut input = FramedRecv::new(
+            recv,
+            2 * cfg.max_response_bytes + 2 * cfg.max_request_bytes + SNAPSHOT_CHUNK_BYTES * 2,
+        );
         match input.next().await {
             Ok(Some(b)) => match frame::decode::<Repl>(&b) {
                 Ok(Repl::Hello { epoch, primary }) if epoch >= min_epoch => {
@@ -339,13 +381,26 @@ pub async fn serve_replication(ep: quinn::Endpoint, cfg: Arc<Config>, store: std
                     }
                     Ok(Repl::SnapshotDone { seq, dedupe }) => {
                         if first_chunk {
-                            let _ = store.send(StoreMsg::Load { pairs: vec![], reset: true });
+                            let _ = store.send(StoreMsg::Load {
+                                pairs: vec![],
+                                reset: true,
+                            });
                         }
                         let _ = store.send(StoreMsg::Synced { seq, dedupe });
                         out.queue(&ReplAck::Synced { seq });
                     }
-                    Ok(Repl::Update { seq, rid, change, reply }) => {
-                        let _ = store.send(StoreMsg::Apply { seq, rid, change, reply });
+                    Ok(Repl::Update {
+                        seq,
+                        rid,
+                        change,
+                        reply,
+                    }) => {
+                        let _ = store.send(StoreMsg::Apply {
+                            seq,
+                            rid,
+                            change,
+                            reply,
+                        });
                         last = Some(seq);
                     }
                     Ok(Repl::Watermark(w)) => {
@@ -394,7 +449,9 @@ pub async fn ping_primary(
             tokio::time::sleep(cfg.heartbeat_interval()).await;
             continue;
         };
-        let Ok((send, recv)) = conn.open_bi().await else { continue };
+        let Ok((send, recv)) = conn.open_bi().await else {
+            continue;
+        };
         let mut out = FramedSend::new(send);
         let mut input = FramedRecv::new(recv, 64 * 1024);
         let mut tick = tokio::time::interval(cfg.heartbeat_interval());
@@ -424,7 +481,9 @@ pub async fn serve_beats(ep: quinn::Endpoint, cfg: Arc<Config>, events: Events) 
         let events = events.clone();
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else { return };
+            let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else {
+                return;
+            };
             if !tls::peer_allowed(&conn, SapKind::Node) {
                 conn.close(2u32.into(), b"forbidden: node certificate required");
                 return;
@@ -455,14 +514,28 @@ pub async fn serve_beats(ep: quinn::Endpoint, cfg: Arc<Config>, events: Events) 
 }
 
 /// Sends an authenticated, epoch-fenced terminate to a (remote) deposed primary's SHUTDOWN_SAP.
-pub async fn terminate_remote(ep: &quinn::Endpoint, client_cfg: &quinn::ClientConfig, sap_text: &str, epoch: u64, cfg: &Config) -> Result<(), String> {
+pub async fn terminate_remote(
+    ep: &quinn::Endpoint,
+    client_cfg: &quinn::ClientConfig,
+    sap_text: &str,
+    epoch: u64,
+    cfg: &Config,
+) -> Result<(), String> {
     let sap = endpoint::resolve_sap(sap_text).map_err(|e| e.to_string())?;
-    let conn = endpoint::connect(ep, client_cfg.clone(), sap, &endpoint::sap_host(sap_text), cfg.connect_timeout())
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = endpoint::connect(
+        ep,
+        client_cfg.clone(),
+        sap,
+        &endpoint::sap_host(sap_text),
+        cfg.connect_timeout(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let (send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut out = FramedSend::new(send);
-    out.send(&Beat::Terminate { epoch }).await.map_err(|e| e.to_string())?;
+    out.send(&Beat::Terminate { epoch })
+        .await
+        .map_err(|e| e.to_string())?;
     out.finish();
     let _ = tokio::time::timeout(cfg.connect_timeout(), conn.closed()).await;
     Ok(())

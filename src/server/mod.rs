@@ -102,10 +102,17 @@ struct BackupState {
     synced: bool,
     acked: u64,
     last_ping: Instant,
+    /// Last time an acknowledgement arrived or the backup was fully caught up.
+    last_ack: Instant,
     since: Instant,
 }
 
-fn bind(id: &Identity, params: &LinkParams, sap: std::net::SocketAddr, what: &str) -> Result<quinn::Endpoint, ServerError> {
+fn bind(
+    id: &Identity,
+    params: &LinkParams,
+    sap: std::net::SocketAddr,
+    what: &str,
+) -> Result<quinn::Endpoint, ServerError> {
     endpoint::server_endpoint(sap, id, NODE_ALPN, params).map_err(|source| ServerError::Net {
         what: format!("cannot open {what}"),
         source,
@@ -113,19 +120,33 @@ fn bind(id: &Identity, params: &LinkParams, sap: std::net::SocketAddr, what: &st
 }
 
 /// Binds `sap`, retrying while a previous owner (a killed primary, a promoted backup) lets go.
-async fn bind_retry(id: &Identity, params: &LinkParams, sap: std::net::SocketAddr, what: &str, wait: Duration) -> Result<quinn::Endpoint, ServerError> {
+async fn bind_retry(
+    id: &Identity,
+    params: &LinkParams,
+    sap: std::net::SocketAddr,
+    what: &str,
+    wait: Duration,
+) -> Result<quinn::Endpoint, ServerError> {
     let deadline = Instant::now() + wait;
     loop {
         match bind(id, params, sap, what) {
             Ok(ep) => return Ok(ep),
             Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                debug!("{e}; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
         }
     }
 }
 
 /// Runs a server until it is shut down, fenced, or loses the proxy.
-pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: CancellationToken) -> Result<Exit, ServerError> {
+pub async fn run(
+    args: ServerArgs,
+    certs: &Path,
+    cfg: Config,
+    stop: CancellationToken,
+) -> Result<Exit, ServerError> {
     let cfg = Arc::new(cfg);
     let id = Identity::load(certs, "node")?;
     let params = LinkParams {
@@ -134,7 +155,11 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
         max_bidi_streams: 8,
         udp_buffer_bytes: cfg.udp_buffer_bytes,
     };
-    let role = if args.primary_handle.is_none() { Role::Primary } else { Role::Backup };
+    let role = if args.primary_handle.is_none() {
+        Role::Primary
+    } else {
+        Role::Backup
+    };
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
 
     // SAPs belong to roles (SPEC §2).
@@ -145,11 +170,21 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
             (Some(c), Some(h), None)
         }
         Role::Backup => {
-            let b = bind_retry(&id, &params, args.backup_sap, "BACKUP_SAP", cfg.connect_timeout()).await?;
+            let b = bind_retry(
+                &id,
+                &params,
+                args.backup_sap,
+                "BACKUP_SAP",
+                cfg.connect_timeout(),
+            )
+            .await?;
             (None, None, Some(b))
         }
     };
-    for ep in [&control_ep, &heartbeat_ep, &backup_ep].into_iter().flatten() {
+    for ep in [&control_ep, &heartbeat_ep, &backup_ep]
+        .into_iter()
+        .flatten()
+    {
         info!(sap = %ep.local_addr().map(|a| a.to_string()).unwrap_or_default(), ?role, "server listening");
     }
     let space = match &args.init_file {
@@ -162,17 +197,25 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
     };
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<StoreOut>();
     let stats = StoreStats::default();
-    let save_file = if role == Role::Primary { args.save_file.clone() } else { None };
-    let (store_tx, store_thread) = store::spawn(space, cfg.clone(), save_file, out_tx, stats.clone()).map_err(ServerError::Thread)?;
+    let save_file = if role == Role::Primary {
+        args.save_file.clone()
+    } else {
+        None
+    };
+    let (store_tx, store_thread) =
+        store::spawn(space, cfg.clone(), save_file, out_tx, stats.clone())
+            .map_err(ServerError::Thread)?;
 
-    let client_cfg = endpoint::client_config(&id, NODE_ALPN, &params).map_err(|source| ServerError::Net {
-        what: "client configuration".into(),
-        source,
-    })?;
-    let dial_ep = endpoint::client_endpoint(args.proxy_sap, &params).map_err(|source| ServerError::Net {
-        what: "cannot open a socket to reach the proxy".into(),
-        source,
-    })?;
+    let client_cfg =
+        endpoint::client_config(&id, NODE_ALPN, &params).map_err(|source| ServerError::Net {
+            what: "client configuration".into(),
+            source,
+        })?;
+    let dial_ep =
+        endpoint::client_endpoint(args.proxy_sap, &params).map_err(|source| ServerError::Net {
+            what: "cannot open a socket to reach the proxy".into(),
+            source,
+        })?;
     let info = ReplicaInfo {
         handle: std::process::id().to_string(),
         sap: match role {
@@ -224,7 +267,10 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
             match r.connect_proxy().await {
                 Ok(()) => {}
                 Err(ConnectOutcome::Fenced(e)) => {
-                    r.notify("fenced", &format!("the proxy refused this server (epoch {e})"));
+                    r.notify(
+                        "fenced",
+                        &format!("the proxy refused this server (epoch {e})"),
+                    );
                     break Exit::Fenced;
                 }
                 Err(ConnectOutcome::Failed(msg)) => {
@@ -238,7 +284,10 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
         {
             r.notify(
                 "proxy-lost",
-                &format!("no proxy at {} for {} ms: stopping", r.args.proxy_sap_text, cfg.proxy_loss_timeout_ms),
+                &format!(
+                    "no proxy at {} for {} ms: stopping",
+                    r.args.proxy_sap_text, cfg.proxy_loss_timeout_ms
+                ),
             );
             break Exit::ProxyLost;
         }
@@ -257,14 +306,22 @@ pub async fn run(args: ServerArgs, certs: &Path, cfg: Config, stop: Cancellation
             _ = stop.cancelled() => break Exit::Shutdown,
         }
     };
-    if r.role == Role::Primary && matches!(exit, Exit::Shutdown | Exit::ProxyLost | Exit::BackupRetriesExhausted) {
+    if r.role == Role::Primary
+        && matches!(
+            exit,
+            Exit::Shutdown | Exit::ProxyLost | Exit::BackupRetriesExhausted
+        )
+    {
         r.stop_backup().await;
         r.save().await;
     }
     r.ping_stop.cancel();
     let _ = store_tx.send(StoreMsg::Stop);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    for ep in [&r.control_ep, &r.heartbeat_ep, &r.backup_ep].into_iter().flatten() {
+    for ep in [&r.control_ep, &r.heartbeat_ep, &r.backup_ep]
+        .into_iter()
+        .flatten()
+    {
         ep.close(0u32.into(), b"stopping");
     }
     if let Some(p) = &r.proxy {
@@ -282,10 +339,20 @@ impl Replica {
 
     fn start_listeners(&mut self) {
         for ep in [&self.control_ep, &self.heartbeat_ep].into_iter().flatten() {
-            tokio::spawn(links::serve_beats(ep.clone(), self.cfg.clone(), self.events.clone()));
+            tokio::spawn(links::serve_beats(
+                ep.clone(),
+                self.cfg.clone(),
+                self.events.clone(),
+            ));
         }
         if let Some(ep) = &self.backup_ep {
-            tokio::spawn(links::serve_replication(ep.clone(), self.cfg.clone(), self.store.clone(), 0, self.events.clone()));
+            tokio::spawn(links::serve_replication(
+                ep.clone(),
+                self.cfg.clone(),
+                self.store.clone(),
+                0,
+                self.events.clone(),
+            ));
             tokio::spawn(links::ping_primary(
                 self.dial_ep.clone(),
                 self.client_cfg.clone(),
@@ -314,7 +381,11 @@ impl Replica {
         )
         .await?;
         info!(epoch, role = ?self.role, "registered with the proxy");
-        if self.role == Role::Primary && self.epoch == 0 && self.next_backup_at.is_none() && self.backup.is_none() {
+        if self.role == Role::Primary
+            && self.epoch == 0
+            && self.next_backup_at.is_none()
+            && self.backup.is_none()
+        {
             // First registration of a primary: now start its backup.
             self.next_backup_at = Some(Instant::now());
         }
@@ -326,7 +397,12 @@ impl Replica {
 
     fn on_store(&mut self, o: StoreOut) {
         match o {
-            StoreOut::Write { seq, rid, change, reply } => {
+            StoreOut::Write {
+                seq,
+                rid,
+                change,
+                reply,
+            } => {
                 self.latest_seq = seq;
                 if let Some(b) = &self.backup {
                     let _ = b.link.tx.send(Repl::Update {
@@ -363,7 +439,9 @@ impl Replica {
     }
 
     fn backup_promotable(&self) -> bool {
-        self.backup.as_ref().is_some_and(|b| b.synced && b.acked >= self.solo_hw)
+        self.backup
+            .as_ref()
+            .is_some_and(|b| b.synced && b.acked >= self.solo_hw)
     }
 
     async fn on_tick(&mut self) -> Option<Exit> {
@@ -371,6 +449,7 @@ impl Replica {
         if let Some(p) = &self.proxy {
             let _ = p.control.send(ToProxy::Heartbeat {
                 epoch: self.epoch,
+                info: self.info.clone(),
                 pairs: self.stats.pairs.load(Ordering::Relaxed),
                 backup_synced: self.role == Role::Primary && self.backup_promotable(),
                 backup: None,
@@ -378,14 +457,29 @@ impl Replica {
         }
         match self.role {
             Role::Primary => {
+                let latest = self.latest_seq;
+                if let Some(b) = &mut self.backup
+                    && b.acked >= latest
+                {
+                    b.last_ack = now;
+                }
                 if let Some(b) = &self.backup
                     && now.duration_since(b.last_ping) > self.cfg.heartbeat_timeout()
                 {
                     self.lose_backup("backup heartbeats lapsed");
                 }
                 if let Some(b) = &self.backup
+                    && b.synced
+                    && b.acked < self.latest_seq
+                    && now.duration_since(b.last_ack) > self.cfg.heartbeat_timeout()
+                {
+                    // Pings flow but updates are not acknowledged: the replication direction is cut.
+                    self.lose_backup("backup stopped acknowledging updates");
+                }
+                if let Some(b) = &self.backup
                     && !b.synced
-                    && now.duration_since(b.since) > Duration::from_millis(self.cfg.backup_sync_timeout_ms)
+                    && now.duration_since(b.since)
+                        > Duration::from_millis(self.cfg.backup_sync_timeout_ms)
                 {
                     self.lose_backup("backup did not synchronise within backup_sync_timeout_ms");
                 }
@@ -406,7 +500,9 @@ impl Replica {
                 }
             }
             Role::Backup => {
-                if now.duration_since(self.last_pong) > self.cfg.heartbeat_timeout() && !self.peer_lost_sent {
+                if now.duration_since(self.last_pong) > self.cfg.heartbeat_timeout()
+                    && !self.peer_lost_sent
+                {
                     self.peer_lost_sent = true;
                     self.notify("primary-unreachable", "no heartbeat answer from the primary; asking the proxy (witness) to decide");
                     if let Some(p) = &self.proxy {
@@ -427,7 +523,14 @@ impl Replica {
                 let pairs = self.stats.pairs.load(Ordering::Relaxed);
                 if let Some(l) = &self.proxy {
                     let _ = l.control.send(ToProxy::ShutdownDone {
-                        saved: if saved { self.args.save_file.as_ref().map(|p| p.display().to_string()) } else { None },
+                        saved: if saved {
+                            self.args
+                                .save_file
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                        } else {
+                            None
+                        },
                         pairs,
                     });
                     // Wait (bounded) for the proxy to read the answer and close the link.
@@ -438,7 +541,10 @@ impl Replica {
                 return Some(Exit::Shutdown);
             }
             Event::Control(ToServer::Fence { epoch }) => {
-                self.notify("fenced", &format!("deposed by the proxy at epoch {epoch}: stopping without serving"));
+                self.notify(
+                    "fenced",
+                    &format!("deposed by the proxy at epoch {epoch}: stopping without serving"),
+                );
                 self.kill_backup_child();
                 return Some(Exit::Fenced);
             }
@@ -469,7 +575,10 @@ impl Replica {
             }
             Event::Terminate(epoch) => {
                 if epoch > self.epoch {
-                    self.notify("terminated", &format!("terminated by the primary of epoch {epoch}"));
+                    self.notify(
+                        "terminated",
+                        &format!("terminated by the primary of epoch {epoch}"),
+                    );
                     self.kill_backup_child();
                     return Some(Exit::Fenced);
                 }
@@ -491,6 +600,7 @@ impl Replica {
                     synced: false,
                     acked: 0,
                     last_ping: now,
+                    last_ack: now,
                     since: now,
                 });
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -517,12 +627,18 @@ impl Replica {
                     // From now on every write waits for the backup's acknowledgement.
                     self.solo = false;
                     self.backup_attempts = 0;
-                    self.notify("backup-synced", &format!("backup holds the space as of update {seq}; replication is synchronous"));
+                    self.notify(
+                        "backup-synced",
+                        &format!(
+                            "backup holds the space as of update {seq}; replication is synchronous"
+                        ),
+                    );
                 }
             }
             Event::BackupAck(seq) => {
                 if let Some(b) = &mut self.backup {
                     b.acked = b.acked.max(seq);
+                    b.last_ack = Instant::now();
                     if b.synced && !self.solo && !self.awaiting_grant {
                         self.committed = self.committed.max(b.acked);
                         self.try_release();
@@ -571,7 +687,10 @@ impl Replica {
             // Writes now wait for the witness: only it may let this primary go on alone.
             self.awaiting_grant = true;
         }
-        self.notify("backup-lost", &format!("{why}; asking the witness to go on alone, then starting a new backup"));
+        self.notify(
+            "backup-lost",
+            &format!("{why}; asking the witness to go on alone, then starting a new backup"),
+        );
         if let Some(p) = &self.proxy {
             let _ = p.control.send(ToProxy::PeerLost { epoch: self.epoch });
         }
@@ -579,7 +698,10 @@ impl Replica {
     }
 
     fn schedule_backup(&mut self) {
-        let backoff = self.cfg.backup_retry_backoff_ms.saturating_mul(1 << self.backup_attempts.min(10));
+        let backoff = self
+            .cfg
+            .backup_retry_backoff_ms
+            .saturating_mul(1 << self.backup_attempts.min(10));
         self.next_backup_at = Some(Instant::now() + Duration::from_millis(backoff));
     }
 
@@ -602,7 +724,10 @@ impl Replica {
             a.proxy_sap_text.clone(),
             a.backup_sap_text.clone(),
             a.heartbeat_sap_text.clone(),
-            a.save_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "null".into()),
+            a.save_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "null".into()),
         ];
         let handle = match &self.cfg.backup_launch_command {
             // Remote backups know the primary by its SHUTDOWN_SAP.
@@ -623,28 +748,60 @@ impl Replica {
                     Ok(c) => {
                         self.notify(
                             "backup-start",
-                            &format!("starting backup (attempt {}) as pid {}", self.backup_attempts, c.id().unwrap_or(0)),
+                            &format!(
+                                "starting backup (attempt {}) as pid {}",
+                                self.backup_attempts,
+                                c.id().unwrap_or(0)
+                            ),
                         );
                         self.backup_child = Some(c);
                     }
                     Err(e) => {
-                        let _ = self.events.send(Event::BackupStartFailed(format!("cannot start a backup process: {e}")));
+                        let _ = self.events.send(Event::BackupStartFailed(format!(
+                            "cannot start a backup process: {e}"
+                        )));
                         self.backup_connecting = true;
                         return;
                     }
                 }
             }
             Some(t) if t.trim().is_empty() => {
-                self.notify("backup-wait", &format!("waiting for an operator-started backup at {}", a.backup_sap_text));
+                self.notify(
+                    "backup-wait",
+                    &format!(
+                        "waiting for an operator-started backup at {}",
+                        a.backup_sap_text
+                    ),
+                );
             }
             Some(t) => {
-                let quoted: Vec<String> = argv.iter().map(|s| shlex::try_quote(s).map(|c| c.into_owned()).unwrap_or_default()).collect();
+                let quoted: Vec<String> = argv
+                    .iter()
+                    .map(|s| {
+                        shlex::try_quote(s)
+                            .map(|c| c.into_owned())
+                            .unwrap_or_default()
+                    })
+                    .collect();
                 let line = t.replace("{args}", &quoted.join(" "));
-                self.notify("backup-start", &format!("launching backup (attempt {}): {line}", self.backup_attempts));
-                match tokio::process::Command::new("sh").arg("-c").arg(&line).stdin(std::process::Stdio::null()).spawn() {
+                self.notify(
+                    "backup-start",
+                    &format!(
+                        "launching backup (attempt {}): {line}",
+                        self.backup_attempts
+                    ),
+                );
+                match tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&line)
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                {
                     Ok(c) => self.backup_child = Some(c),
                     Err(e) => {
-                        let _ = self.events.send(Event::BackupStartFailed(format!("cannot run the launch command: {e}")));
+                        let _ = self.events.send(Event::BackupStartFailed(format!(
+                            "cannot run the launch command: {e}"
+                        )));
                         self.backup_connecting = true;
                         return;
                     }
@@ -663,13 +820,18 @@ impl Replica {
         tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_millis(cfg.backup_sync_timeout_ms);
             loop {
-                match links::connect_backup(&ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, &events).await {
+                match links::connect_backup(&ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, &events)
+                    .await
+                {
                     Ok((conn, tx, snap_tx)) => {
-                        let _ = events.send(Event::BackupConnected(BackupLink { conn, tx, snap_tx }));
+                        let _ =
+                            events.send(Event::BackupConnected(BackupLink { conn, tx, snap_tx }));
                         return;
                     }
                     Err(e) if Instant::now() >= deadline => {
-                        let _ = events.send(Event::BackupStartFailed(format!("backup at {sap_text} unreachable: {e}")));
+                        let _ = events.send(Event::BackupStartFailed(format!(
+                            "backup at {sap_text} unreachable: {e}"
+                        )));
                         return;
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -684,10 +846,12 @@ impl Replica {
             let _ = b.link.tx.send(Repl::Stop);
             let _ = tokio::time::timeout(Duration::from_secs(2), b.link.conn.closed()).await;
         }
-        if let Some(mut c) = self.backup_child.take() {
-            if tokio::time::timeout(Duration::from_secs(3), c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
+        if let Some(mut c) = self.backup_child.take()
+            && tokio::time::timeout(Duration::from_secs(3), c.wait())
+                .await
+                .is_err()
+        {
+            let _ = c.kill().await;
         }
     }
 
@@ -702,7 +866,10 @@ impl Replica {
         let handle = self.args.primary_handle.clone().unwrap_or_default();
         match handle.parse::<i32>() {
             Ok(pid) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             Err(_) => {
                 let ep = self.dial_ep.clone();
@@ -710,7 +877,8 @@ impl Replica {
                 let cfg = self.cfg.clone();
                 let target = handle.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = links::terminate_remote(&ep, &ccfg, &target, epoch, &cfg).await {
+                    if let Err(e) = links::terminate_remote(&ep, &ccfg, &target, epoch, &cfg).await
+                    {
                         warn!("could not send terminate to the old primary at {target}: {e}");
                     }
                 });
@@ -718,14 +886,35 @@ impl Replica {
         }
         if let Some(ep) = self.backup_ep.take() {
             ep.close(0u32.into(), b"promoted");
+            // Let go of BACKUP_SAP now, not after the closed connections drain, so the new
+            // backup can bind it at once.
+            if let Ok(sock) = std::net::UdpSocket::bind((self.args.backup_sap.ip(), 0)) {
+                let _ = ep.rebind(sock);
+            }
         }
         // Take the primary's SAPs (freed once the old primary is gone).
         let wait = Duration::from_secs(3);
-        match bind_retry(&self.id, &self.params, self.args.shutdown_sap, "SHUTDOWN_SAP", wait).await {
+        match bind_retry(
+            &self.id,
+            &self.params,
+            self.args.shutdown_sap,
+            "SHUTDOWN_SAP",
+            wait,
+        )
+        .await
+        {
             Ok(ep) => self.control_ep = Some(ep),
             Err(e) => error!("{e}"),
         }
-        match bind_retry(&self.id, &self.params, self.args.heartbeat_sap, "HEARTBEAT_SAP", wait).await {
+        match bind_retry(
+            &self.id,
+            &self.params,
+            self.args.heartbeat_sap,
+            "HEARTBEAT_SAP",
+            wait,
+        )
+        .await
+        {
             Ok(ep) => self.heartbeat_ep = Some(ep),
             Err(e) => error!("{e}"),
         }
@@ -734,17 +923,24 @@ impl Replica {
         self.info.sap = self.args.shutdown_sap_text.clone();
         self.go_solo();
         // The new primary saves to SAVE_FILE from now on.
-        let _ = self.store.send(StoreMsg::SetSaveFile(self.args.save_file.clone()));
+        let _ = self
+            .store
+            .send(StoreMsg::SetSaveFile(self.args.save_file.clone()));
         self.notify(
             "promoted",
-            &format!("backup promoted to primary at epoch {epoch} in {} ms; old primary {handle} fenced", t0.elapsed().as_millis()),
+            &format!(
+                "backup promoted to primary at epoch {epoch} in {} ms; old primary {handle} fenced",
+                t0.elapsed().as_millis()
+            ),
         );
         self.backup_attempts = 0;
         self.next_backup_at = Some(Instant::now());
     }
 
     async fn save(&self) -> bool {
-        let Some(path) = &self.args.save_file else { return false };
+        let Some(path) = &self.args.save_file else {
+            return false;
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.store.send(StoreMsg::Save(tx)).is_err() {
             return false;

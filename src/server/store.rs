@@ -26,6 +26,9 @@ const PATTERN_CACHE: usize = 4096;
 /// Dedupe entries kept at most, whatever the watermark says (bounds memory).
 const MAX_DEDUPE: usize = 1_000_000;
 
+/// A copy of the space, the update it reflects, and the dedupe table (for a new backup).
+pub type SpaceCopy = (Space, u64, Vec<(u64, Reply)>);
+
 /// Work for the store thread.
 pub enum StoreMsg {
     /// Relayed requests, in order.
@@ -40,11 +43,17 @@ pub enum StoreMsg {
         reply: Reply,
     },
     /// Replace the whole space (backup: initial copy).
-    Load { pairs: Vec<(String, String)>, reset: bool },
+    Load {
+        pairs: Vec<(String, String)>,
+        reset: bool,
+    },
     /// End of an initial copy: the copy reflects the primary's update `seq`.
-    Synced { seq: u64, dedupe: Vec<(u64, Reply)> },
+    Synced {
+        seq: u64,
+        dedupe: Vec<(u64, Reply)>,
+    },
     /// A copy of the space and the seq it reflects (for resync and saving).
-    Snapshot(oneshot::Sender<(Space, u64, Vec<(u64, Reply)>)>),
+    Snapshot(oneshot::Sender<SpaceCopy>),
     /// Save to the save file; answers the number of pairs saved.
     Save(oneshot::Sender<Result<u64, String>>),
     /// A promoted backup takes over the save file.
@@ -95,7 +104,10 @@ pub fn spawn(
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
     stats: StoreStats,
-) -> std::io::Result<(std::sync::mpsc::Sender<StoreMsg>, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(
+    std::sync::mpsc::Sender<StoreMsg>,
+    std::thread::JoinHandle<()>,
+)> {
     let (tx, rx) = std::sync::mpsc::channel();
     stats.pairs.store(space.len() as u64, Ordering::Relaxed);
     let mut store = Store {
@@ -238,7 +250,10 @@ impl Store {
         if let Some(r) = self.dedupe.get(&rid) {
             self.emit(StoreOut::Dedup {
                 after_seq: self.seq,
-                reply: RelayReply { rid, reply: r.clone() },
+                reply: RelayReply {
+                    rid,
+                    reply: r.clone(),
+                },
             });
             return;
         }
@@ -252,7 +267,10 @@ impl Store {
                             after_seq: self.seq,
                             reply: RelayReply {
                                 rid,
-                                reply: Reply::Pairs { pairs: vec![], message: Some(m) },
+                                reply: Reply::Pairs {
+                                    pairs: vec![],
+                                    message: Some(m),
+                                },
                             },
                         });
                     }
@@ -264,7 +282,10 @@ impl Store {
                     let max = self.cfg.max_response_bytes;
                     self.rt.spawn_blocking(move || {
                         let pairs = snap.get(&kp, &vp);
-                        let reply = too_large_reply(&pairs, max).unwrap_or(Reply::Pairs { pairs, message: None });
+                        let reply = too_large_reply(&pairs, max).unwrap_or(Reply::Pairs {
+                            pairs,
+                            message: None,
+                        });
                         let _ = out.send(StoreOut::Read {
                             after_seq,
                             reply: RelayReply { rid, reply },
@@ -273,7 +294,10 @@ impl Store {
                     return;
                 }
                 let pairs = self.space.get(&kp, &vp);
-                let reply = self.too_large(&pairs).unwrap_or(Reply::Pairs { pairs, message: None });
+                let reply = self.too_large(&pairs).unwrap_or(Reply::Pairs {
+                    pairs,
+                    message: None,
+                });
                 self.emit(StoreOut::Read {
                     after_seq,
                     reply: RelayReply { rid, reply },
@@ -287,7 +311,10 @@ impl Store {
                             after_seq: self.seq,
                             reply: RelayReply {
                                 rid,
-                                reply: Reply::Pairs { pairs: vec![], message: Some(m) },
+                                reply: Reply::Pairs {
+                                    pairs: vec![],
+                                    message: Some(m),
+                                },
                             },
                         });
                     }
@@ -301,22 +328,38 @@ impl Store {
                 }
                 let change = Change::Remove(matching.iter().map(|p| p.key.clone()).collect());
                 self.space.apply(&change);
-                self.write(rid, change, Reply::Pairs { pairs: matching, message: None });
+                self.write(
+                    rid,
+                    change,
+                    Reply::Pairs {
+                        pairs: matching,
+                        message: None,
+                    },
+                );
             }
             Command::Put(elems) | Command::Post(elems) if elems.is_empty() => {
                 self.emit(StoreOut::Read {
                     after_seq: self.seq,
-                    reply: RelayReply { rid, reply: Reply::Rejected(vec![]) },
+                    reply: RelayReply {
+                        rid,
+                        reply: Reply::Rejected(vec![]),
+                    },
                 });
             }
             Command::Put(elems) => {
-                let cands = elems.iter().map(|v| space::pair_from_value(v, &limits)).collect();
+                let cands = elems
+                    .iter()
+                    .map(|v| space::pair_from_value(v, &limits))
+                    .collect();
                 let (change, rejected) = self.space.put(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
                 self.write(rid, change, reply);
             }
             Command::Post(elems) => {
-                let cands = elems.iter().map(|v| space::pair_from_value(v, &limits)).collect();
+                let cands = elems
+                    .iter()
+                    .map(|v| space::pair_from_value(v, &limits))
+                    .collect();
                 let (change, rejected) = self.space.post(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
                 self.write(rid, change, reply);

@@ -3,14 +3,15 @@
 //!
 //! Pure logic. Must never do I/O, panic on client input, or hand out a hint
 //! that excludes a key the regex would match (the store trusts the hint to
-//! narrow its search, and always re-checks candidates with the regex).
+//! narrow its search, and always re-checks candidates with the pattern).
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use regex::{Regex, RegexBuilder};
 use regex_syntax::ParserBuilder;
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
-use regex_syntax::hir::{Hir, Look};
+use regex_syntax::hir::{Hir, HirKind, Look};
 
 /// Resource bounds for compiling client-supplied patterns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +68,22 @@ pub enum PatternError {
 #[derive(Clone, Debug)]
 pub struct Pattern {
     source: String,
-    regex: Regex,
+    matcher: Matcher,
     hint: IndexHint,
+}
+
+/// Building a `Regex` costs tens of microseconds, far more than an indexed
+/// GET, so the most common shapes (an exact key, "any value") skip it.
+#[derive(Clone, Debug)]
+enum Matcher {
+    /// The pattern is this literal text (no metacharacters, flags or
+    /// assertions): full match is string equality.
+    Literal(String),
+    /// `.*`: any text without a `\n`.
+    AnyLine,
+    /// `(?s).*`: any text.
+    Anything,
+    Regex(Regex),
 }
 
 impl Pattern {
@@ -94,15 +109,15 @@ impl Pattern {
         let hir = parse(&translated).map_err(invalid)?;
         let anchored = format!(r"\A(?:{translated})\z");
         // The wrapper could still change meaning if the pattern ends inside a
-        // `(?x)` comment, which would swallow `)\z`. Refuse rather than guess.
-        let expected = Hir::concat(vec![
-            Hir::look(Look::Start),
-            hir.clone(),
-            Hir::look(Look::End),
-        ]);
-        match parse(&anchored) {
-            Ok(h) if h == expected => {}
-            _ => {
+        // `(?x)` comment, which would swallow `)\z`. Comments need `#`, so
+        // only then pay for a second parse to prove the wrapper is faithful.
+        if translated.contains('#') {
+            let expected = Hir::concat(vec![
+                Hir::look(Look::Start),
+                hir.clone(),
+                Hir::look(Look::End),
+            ]);
+            if parse(&anchored).ok() != Some(expected) {
                 return Err(invalid(
                     "it cannot be anchored for a full match (does it end inside a `(?x)` \
                      comment? add a newline at the end)"
@@ -110,22 +125,32 @@ impl Pattern {
                 ));
             }
         }
-        let regex = RegexBuilder::new(&anchored)
-            .size_limit(limits.regex_size_limit)
-            .dfa_size_limit(limits.regex_size_limit)
-            .build()
-            .map_err(|e| invalid(regex_reason(&e)))?;
         let hint = hint_for(&hir, limits);
+        let matcher = match fast_matcher(&hir) {
+            Some(m) => m,
+            None => Matcher::Regex(
+                RegexBuilder::new(&anchored)
+                    .size_limit(limits.regex_size_limit)
+                    .dfa_size_limit(limits.regex_size_limit)
+                    .build()
+                    .map_err(|e| invalid(regex_reason(&e)))?,
+            ),
+        };
         Ok(Pattern {
             source: src.to_owned(),
-            regex,
+            matcher,
             hint,
         })
     }
 
     /// True if the whole of `text` matches.
     pub fn is_match(&self, text: &str) -> bool {
-        self.regex.is_match(text)
+        match &self.matcher {
+            Matcher::Literal(lit) => text == lit,
+            Matcher::AnyLine => !text.contains('\n'),
+            Matcher::Anything => true,
+            Matcher::Regex(re) => re.is_match(text),
+        }
     }
 
     pub fn hint(&self) -> &IndexHint {
@@ -146,6 +171,27 @@ fn parse(pattern: &str) -> Result<Hir, String> {
         .build()
         .parse(pattern)
         .map_err(|e| syntax_reason(&e))
+}
+
+/// Recognises patterns that need no regex, by HIR (so `user\,1` and
+/// `user,1` are the same literal) rather than by source text.
+fn fast_matcher(hir: &Hir) -> Option<Matcher> {
+    static ANY_LINE: LazyLock<Option<Hir>> = LazyLock::new(|| parse(".*").ok());
+    static ANYTHING: LazyLock<Option<Hir>> = LazyLock::new(|| parse("(?s).*").ok());
+    match hir.kind() {
+        HirKind::Empty => return Some(Matcher::Literal(String::new())),
+        HirKind::Literal(lit) => {
+            return String::from_utf8(lit.0.to_vec()).ok().map(Matcher::Literal);
+        }
+        _ => {}
+    }
+    if ANY_LINE.as_ref() == Some(hir) {
+        Some(Matcher::AnyLine)
+    } else if ANYTHING.as_ref() == Some(hir) {
+        Some(Matcher::Anything)
+    } else {
+        None
+    }
 }
 
 /// Python's `\Z` (end of text) is Rust's `\z`; Rust rejects `\Z`. Only a real
@@ -314,6 +360,10 @@ mod tests {
         // A trailing verbose comment would swallow the anchor.
         assert!(err("(?x)a#c").contains("anchored"));
         assert!(p("(?x)a #c\n").is_match("a"));
+        // `#` outside verbose mode, or in a class, is an ordinary character.
+        assert!(p("a#").is_match("a#"));
+        assert!(p("[#]a|b#").is_match("#a"));
+        assert!(p(r"(?x)[\#]a").is_match("#a"));
     }
 
     #[test]
@@ -370,6 +420,25 @@ mod tests {
         });
         assert_eq!(p(r"ab\Z").hint(), &exact("ab"));
         assert_eq!(p("").hint(), &exact(""));
+    }
+
+    #[test]
+    fn fast_matchers_agree_with_regex() {
+        assert!(matches!(p("user,1").matcher, Matcher::Literal(_)));
+        assert!(matches!(p(r"user\,1").matcher, Matcher::Literal(_)));
+        assert!(matches!(p(".*").matcher, Matcher::AnyLine));
+        assert!(matches!(p("(?s).*").matcher, Matcher::Anything));
+        assert!(matches!(p(".*?").matcher, Matcher::Regex(_)));
+        assert!(matches!(p(r"ab\Z").matcher, Matcher::Regex(_)));
+        assert!(matches!(p("(?i)ab").matcher, Matcher::Regex(_)));
+        let texts = ["", "a", "user,1", "user,10", "a\nb", "\n", "日本"];
+        for src in ["user,1", r"user\,1", "", ".*", "(?s).*", "日本"] {
+            let fast = p(src);
+            let slow = Regex::new(&format!(r"\A(?:{src})\z")).unwrap();
+            for t in texts {
+                assert_eq!(fast.is_match(t), slow.is_match(t), "{src:?} on {t:?}");
+            }
+        }
     }
 
     #[test]

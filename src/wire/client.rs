@@ -237,7 +237,9 @@ pub fn command_of(req: Request, max_pairs: usize) -> Result<Command, Malformed> 
             }
             _ => Err(Malformed {
                 id,
-                message: format!("{name} args must be an array of two text strings [keyexp, valexp]"),
+                message: format!(
+                    "{name} args must be an array of two text strings [keyexp, valexp]"
+                ),
             }),
         }
     };
@@ -263,7 +265,9 @@ pub fn command_of(req: Request, max_pairs: usize) -> Result<Command, Malformed> 
     };
     match req.op {
         Op::Get => patterns(req.args, "GET").map(|(key, value)| Command::Get { key, value }),
-        Op::Delete => patterns(req.args, "DELETE").map(|(key, value)| Command::Delete { key, value }),
+        Op::Delete => {
+            patterns(req.args, "DELETE").map(|(key, value)| Command::Delete { key, value })
+        }
         Op::Put => list(req.args, "PUT").map(Command::Put),
         Op::Post => list(req.args, "POST").map(Command::Post),
         Op::Shutdown | Op::Status | Op::Other(_) => Err(Malformed {
@@ -310,7 +314,10 @@ impl Response {
     pub fn to_value(&self) -> Value {
         let mut m = Vec::with_capacity(4);
         let t = |s: &str| Value::Text(s.to_owned());
-        m.push((t("id"), self.id.map_or(Value::Null, |i| Value::Integer(i.into()))));
+        m.push((
+            t("id"),
+            self.id.map_or(Value::Null, |i| Value::Integer(i.into())),
+        ));
         m.push((t("status"), t(self.status.as_str())));
         if let Some(pairs) = &self.pairs {
             m.push((

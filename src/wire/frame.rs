@@ -151,7 +151,10 @@ mod tests {
         assert_eq!(d.next_frame(), Err(FrameError::Empty));
         let mut d = FrameDecoder::new(10);
         d.push(&[0, 0, 0, 11]);
-        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 11, max: 10 }));
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooLarge { len: 11, max: 10 })
+        );
         let mut d = FrameDecoder::new(10);
         d.push(&[0, 0]);
         assert_eq!(d.next_frame(), Ok(None));
@@ -163,7 +166,10 @@ mod tests {
         let mut body = encode(&1u8)[4..].to_vec();
         body.push(0);
         assert_eq!(decode_value(&body), Err(CborError::TrailingBytes(1)));
-        assert!(matches!(decode_value(&[0xff, 0xff]), Err(CborError::Invalid(_))));
+        assert!(matches!(
+            decode_value(&[0xff, 0xff]),
+            Err(CborError::Invalid(_))
+        ));
         // A huge declared array length in a tiny body must not allocate it.
         assert!(decode_value(&[0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
     }

@@ -48,6 +48,8 @@ pub enum ToProxy {
     },
     Heartbeat {
         epoch: u64,
+        /// The sender as it is now (a promoted backup serves on the primary's SAPs).
+        info: ReplicaInfo,
         pairs: u64,
         /// Backup currently attached and synchronised (primary only).
         backup_synced: bool,
@@ -57,21 +59,27 @@ pub enum ToProxy {
     /// go on alone. The proxy decides (it is the witness).
     PeerLost { epoch: u64 },
     /// Answer to `Shutdown`.
-    ShutdownDone {
-        saved: Option<String>,
-        pairs: u64,
-    },
+    ShutdownDone { saved: Option<String>, pairs: u64 },
 }
 
 /// Proxy -> server on the control stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToServer {
-    Welcome { role: Role, epoch: u64 },
-    HeartbeatAck { epoch: u64 },
+    Welcome {
+        role: Role,
+        epoch: u64,
+    },
+    HeartbeatAck {
+        epoch: u64,
+    },
     /// The witness grants promotion (to a backup) or solo service (to a primary) at `epoch`.
-    Grant { epoch: u64 },
+    Grant {
+        epoch: u64,
+    },
     /// You are deposed: stop serving at once.
-    Fence { epoch: u64 },
+    Fence {
+        epoch: u64,
+    },
     /// Stop the backup, save, answer `ShutdownDone`, exit.
     Shutdown,
 }
@@ -117,9 +125,14 @@ pub enum Repl {
         primary: ReplicaInfo,
     },
     /// Part of the initial copy, ascending by key.
-    Snapshot { pairs: Vec<(String, String)> },
+    Snapshot {
+        pairs: Vec<(String, String)>,
+    },
     /// End of the initial copy: the space as of update `seq`, with the dedupe table.
-    SnapshotDone { seq: u64, dedupe: Vec<(u64, Reply)> },
+    SnapshotDone {
+        seq: u64,
+        dedupe: Vec<(u64, Reply)>,
+    },
     /// The primary is shutting down the service: stop without saving.
     Stop,
     /// One applied update with the reply given, so a new primary can answer a re-sent request.
@@ -142,8 +155,16 @@ pub enum ReplAck {
 /// Either direction on the primary<->backup heartbeat stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Beat {
-    Ping { epoch: u64, n: u64 },
-    Pong { epoch: u64, n: u64 },
+    Ping {
+        epoch: u64,
+        n: u64,
+    },
+    Pong {
+        epoch: u64,
+        n: u64,
+    },
     /// An authenticated, epoch-fenced terminate (remote deposed primary).
-    Terminate { epoch: u64 },
+    Terminate {
+        epoch: u64,
+    },
 }

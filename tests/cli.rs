@@ -1,0 +1,242 @@
+//! The one-shot `tuplespace client` against a real cluster: `--json` output parsed, exit codes,
+//! readable errors.
+//!
+//! Run: `CARGO_TARGET_DIR=/work/target-tests cargo test --test cli -- --test-threads=2`
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value as Json, json};
+
+/// What one CLI run gave.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    /// The single JSON line printed on stdout.
+    fn json(&self) -> Json {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no output: {self:?}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Runs `tuplespace client --sap .. --admin-sap .. --certs .. EXTRA...` in a blocking task.
+async fn client(
+    client_sap: &str,
+    admin_sap: &str,
+    certs: &std::path::Path,
+    cwd: &std::path::Path,
+    extra: &[&str],
+) -> Run {
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        "--sap".into(),
+        client_sap.into(),
+        "--admin-sap".into(),
+        admin_sap.into(),
+        "--certs".into(),
+        certs.display().to_string(),
+        "--set".into(),
+        "connect_timeout_ms=2000".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let cwd = cwd.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        let (status, stdout, stderr) = run_to_end(&args, &cwd, Duration::from_secs(30));
+        Run {
+            code: status.and_then(|s| s.code()),
+            stdout,
+            stderr,
+            took: t0.elapsed(),
+        }
+    })
+    .await
+    .expect("CLI task")
+}
+
+async fn cli(cl: &Cluster, extra: &[&str]) -> Run {
+    client(
+        &cl.client_sap,
+        &cl.shutdown_sap,
+        &cl.certs,
+        cl.dir.path(),
+        extra,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_put_then_get_as_json() {
+    let cl = Cluster::start().await;
+    let r = cli(
+        &cl,
+        &["--json", "put", "user,1=alice", "user,2=bob", "\"junk\""],
+    )
+    .await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json();
+    assert_eq!(j["status"], "ok", "{r:?}");
+    assert_eq!(j["rejected"], json!(["junk"]), "{r:?}");
+    assert!(j["id"].is_u64(), "{r:?}");
+
+    let r = cli(&cl, &["--json", "get", "user,.*", ".*"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json();
+    assert_eq!(j["status"], "ok", "{r:?}");
+    assert_eq!(
+        j["pairs"],
+        json!([[["user", "1"], ["alice"]], [["user", "2"], ["bob"]]]),
+        "{r:?}"
+    );
+
+    let r = cli(&cl, &["--json", "get", r"user,\d+", "a.*"]).await;
+    assert_eq!(
+        r.json()["pairs"],
+        json!([[["user", "1"], ["alice"]]]),
+        "{r:?}"
+    );
+
+    // The same data is visible to a library client: the CLI really wrote it.
+    let mut c = cl.client().await;
+    let resp = c.request("GET", pats(".*", "bob")).await.unwrap();
+    assert_eq!(pairs_of(&resp), owned(&[("user,2", "bob")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_as_json_describes_the_cluster() {
+    let cl = Cluster::start().await;
+    let r = cli(&cl, &["--json", "status"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let j = r.json();
+    assert_eq!(j["status"], "ok", "{r:?}");
+    let c = &j["cluster"];
+    assert!(c["epoch"].is_u64(), "{r:?}");
+    assert_eq!(c["primary"]["pid"], json!(cl.server_pid()), "{r:?}");
+    assert_eq!(c["primary"]["sap"], json!(cl.primary_sap), "{r:?}");
+    assert!(c["primary"]["handle"].is_string(), "{r:?}");
+    assert!(
+        c.get("backup").is_some(),
+        "backup must be present (maybe null): {r:?}"
+    );
+    assert!(c["clients"].is_u64(), "{r:?}");
+    assert!(c["pairs"].is_u64(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_statuses_exit_1_and_are_shown() {
+    let cl = Cluster::start().await;
+    let r = cli(&cl, &["--json", "op", "FROB", "[]"]).await;
+    assert_eq!(r.code, Some(1), "{r:?}");
+    let j = r.json();
+    assert_eq!(j["status"], "not-implemented", "{r:?}");
+    assert!(
+        j["message"].as_str().unwrap_or("").contains("FROB"),
+        "{r:?}"
+    );
+
+    let r = cli(&cl, &["--json", "raw", r#"{"id":5,"op":"put","args":"x"}"#]).await;
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!(r.json()["status"], "malformed", "{r:?}");
+    assert_eq!(r.json()["id"], 5, "{r:?}");
+
+    let r = cli(&cl, &["--json", "rawhex", "ffff"]).await;
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!(r.json()["status"], "malformed", "{r:?}");
+    assert_eq!(r.json()["id"], Json::Null, "{r:?}");
+
+    // STATUS on the client SAP is forbidden (the CLI sends data ops there).
+    let r = cli(&cl, &["--json", "op", "STATUS"]).await;
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!(r.json()["status"], "forbidden", "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readable_output_without_json() {
+    let cl = Cluster::start().await;
+    let r = cli(&cl, &["put", "user,1=alice", "a-b=x"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.starts_with("ok"), "{r:?}");
+    assert!(r.stdout.contains("1 rejected"), "{r:?}");
+    let r = cli(&cl, &["get", "user,.*", ".*"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("user,1 => alice"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_listening_is_a_readable_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    tuplespace::net::tls::create_cluster(&certs, &[], false).unwrap();
+    let sap = free_sap();
+    let admin = free_sap();
+    let extra = ["--set", "connect_timeout_ms=1000", "get", "a", "b"];
+    let r = client(&sap, &admin, &certs, dir.path(), &extra).await;
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("error"), "{r:?}");
+    assert!(
+        r.stderr.contains(&sap),
+        "the error must name the SAP: {r:?}"
+    );
+    assert!(
+        r.took < Duration::from_secs(10),
+        "the connect timeout (1 s) must bound the wait: {r:?}"
+    );
+
+    let extra = ["--json", "--set", "connect_timeout_ms=1000", "status"];
+    let r = client(&sap, &admin, &certs, dir.path(), &extra).await;
+    assert_eq!(r.code, Some(2), "{r:?}");
+    let err = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        err.contains(&admin),
+        "status goes to the admin SAP and names it: {r:?}"
+    );
+
+    // Missing certificates: a readable error naming the file.
+    let nowhere = dir.path().join("no-certs");
+    let r = client(&sap, &admin, &nowhere, dir.path(), &["get", "a", "b"]).await;
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("client.pem"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_is_not_a_client_choice() {
+    let cl = Cluster::start().await;
+    let r = cli(&cl, &["--cert", "node", "get", "a", "b"]).await;
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("--cert"), "{r:?}");
+    // An admin certificate may do what a client may.
+    let r = cli(&cl, &["--json", "--cert", "admin", "put", "a=b"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.json()["rejected"], json!([]), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_from_the_cli_stops_the_service() {
+    let mut cl = Cluster::start().await;
+    let r = cli(&cl, &["--json", "put", "k=v"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&cl, &["--json", "shutdown"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(r.json()["status"], "ok", "{r:?}");
+    let ps = wait_exit_async(cl.proxy.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    let ss = wait_exit_async(cl.server.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    assert!(
+        ps.is_some() && ss.is_some(),
+        "processes still running: {ps:?} {ss:?}\n{}",
+        cl.logs()
+    );
+    let saved = std::fs::read_to_string(&cl.save_file).unwrap_or_default();
+    assert!(saved.contains(r#"[["k"],["v"]]"#), "save file: {saved}");
+}

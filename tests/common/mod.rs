@@ -1,0 +1,805 @@
+//! Test harness: real `tuplespace` processes on free loopback ports, clients from the library, and
+//! raw QUIC access for protocol-violation tests.
+//!
+//! Every wait is a condition polled against a deadline (`wait_until`), never a fixed sleep. Child
+//! processes run in their own process group (so that a backup a server starts is in it too) and
+//! the whole group is killed with SIGKILL when the `Cluster` is dropped; their stderr goes to files
+//! in the cluster's temporary directory and is printed when a test fails.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ciborium::Value;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tuplespace::client::Client;
+use tuplespace::config::Config;
+use tuplespace::net::endpoint::{self, LinkParams, NetError};
+use tuplespace::net::stream::{FramedRecv, RecvError};
+use tuplespace::net::tls::{self, CertRole, Identity};
+use tuplespace::wire::client::{Response, Status, request_value};
+use tuplespace::wire::frame;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tuplespace");
+
+/// The client ALPN of PROTOCOL §1.
+pub const ALPN: &[u8] = b"tuplespace/1";
+
+/// Longest a cluster may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a process may take to exit when it is expected to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest we wait for one answer on a raw stream.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------
+// Ports, waiting, configs
+// ---------------------------------------------------------------------------------------------
+
+/// A free loopback UDP port: bound by the OS, read, released. Never the same twice in one test
+/// binary (tests run in parallel threads).
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+        let port = sock.local_addr().expect("local address").port();
+        drop(sock);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// `127.0.0.1:PORT` on a free port.
+pub fn free_sap() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Client configuration for tests: short connect timeout, bounded waits for answers.
+pub fn client_cfg() -> Config {
+    Config {
+        connect_timeout_ms: 2_000,
+        request_timeout_ms: 5_000,
+        ..Config::default()
+    }
+}
+
+/// Waits (bounded) for a child to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Same as [`wait_exit`], without blocking the async runtime's thread.
+pub async fn wait_exit_async(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `sig` to one process we started.
+pub fn signal(pid: u32, sig: Signal) {
+    kill(Pid::from_raw(pid as i32), sig)
+        .unwrap_or_else(|e| panic!("cannot send {sig:?} to {pid}: {e}"));
+}
+
+/// True while process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name: `PID (comm) S ...`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Starts `tuplespace ARGS` with stderr (and stdout) to `log`, in its own process group, in
+/// directory `cwd` (so no stray config file applies).
+pub fn spawn_logged(args: &[String], cwd: &Path, log: &Path) -> Child {
+    let err = std::fs::File::create(log).expect("create log file");
+    let out = err.try_clone().expect("clone log file");
+    Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"))
+}
+
+/// Runs `tuplespace ARGS` to completion (bounded by `timeout`; killed after), in `cwd`.
+pub fn run_to_end(
+    args: &[String],
+    cwd: &Path,
+    timeout: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status = wait_exit(&mut child, timeout);
+    if status.is_none() {
+        let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+    (
+        status,
+        out_t.join().unwrap_or_default(),
+        err_t.join().unwrap_or_default(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// CBOR helpers
+// ---------------------------------------------------------------------------------------------
+
+pub fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+/// A tuple as CBOR: an array of text strings.
+pub fn tuple(elems: &[&str]) -> Value {
+    Value::Array(elems.iter().map(|e| text(e)).collect())
+}
+
+/// A pair as CBOR.
+pub fn pair(k: &[&str], v: &[&str]) -> Value {
+    Value::Array(vec![tuple(k), tuple(v)])
+}
+
+/// A pair given as text forms (`user,1` = `alice`).
+pub fn tpair(k: &str, v: &str) -> Value {
+    let k: Vec<&str> = k.split(',').collect();
+    let v: Vec<&str> = v.split(',').collect();
+    pair(&k, &v)
+}
+
+/// `[keyexp, valexp]`.
+pub fn pats(k: &str, v: &str) -> Option<Value> {
+    Some(Value::Array(vec![text(k), text(v)]))
+}
+
+/// A request map with an explicit id.
+pub fn req(id: u64, op: &str, args: Option<Value>) -> Value {
+    request_value(id, op, args)
+}
+
+/// A map with text keys.
+pub fn map(entries: &[(&str, Value)]) -> Value {
+    Value::Map(entries.iter().map(|(k, v)| (text(k), v.clone())).collect())
+}
+
+/// The value under text key `key` of a CBOR map.
+pub fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| matches!(k, Value::Text(t) if t == key))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+pub fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+pub fn as_text(v: &Value) -> Option<&str> {
+    match v {
+        Value::Text(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// CBOR bytes of one item (no frame).
+pub fn cbor(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("encode CBOR");
+    out
+}
+
+/// One frame: 4-byte big-endian length, then `body`.
+pub fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The pairs of an `ok` GET/DELETE answer, as text forms, panicking with the answer otherwise.
+pub fn pairs_of(r: &Response) -> Vec<(String, String)> {
+    assert_eq!(r.status, Status::Ok, "expected ok, got {r:?}");
+    r.pairs
+        .as_ref()
+        .unwrap_or_else(|| panic!("ok answer to GET/DELETE without `pairs`: {r:?}"))
+        .iter()
+        .map(|p| (p.key.clone(), p.value.clone()))
+        .collect()
+}
+
+/// The `rejected` list of an `ok` PUT/POST answer.
+pub fn rejected_of(r: &Response) -> Vec<Value> {
+    assert_eq!(r.status, Status::Ok, "expected ok, got {r:?}");
+    r.rejected
+        .clone()
+        .unwrap_or_else(|| panic!("ok answer to PUT/POST without `rejected`: {r:?}"))
+}
+
+pub fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw QUIC
+// ---------------------------------------------------------------------------------------------
+
+/// A QUIC connection opened with any certificate and ALPN.
+pub struct RawConn {
+    pub ep: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+/// Connects to `sap` presenting `certs/NAME.pem` (trusting `certs/ca.pem`) and offering `alpn`.
+pub async fn raw_connect(
+    sap: &str,
+    certs: &Path,
+    name: &str,
+    alpn: &[u8],
+) -> Result<RawConn, NetError> {
+    let addr = endpoint::resolve_sap(sap)?;
+    let id = Identity::load(certs, name)?;
+    let params = LinkParams {
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: Some(Duration::from_secs(5)),
+        max_bidi_streams: 0,
+        udp_buffer_bytes: 0,
+    };
+    let ep = endpoint::client_endpoint(addr, &params)?;
+    let cfg = endpoint::client_config(&id, alpn, &params)?;
+    let conn = endpoint::connect(
+        &ep,
+        cfg,
+        addr,
+        &endpoint::sap_host(sap),
+        Duration::from_secs(5),
+    )
+    .await?;
+    Ok(RawConn { ep, conn })
+}
+
+/// Connects to `sap` presenting no certificate at all (trusting `certs/ca.pem`).
+pub async fn raw_connect_without_certificate(sap: &str, certs: &Path) -> Result<RawConn, String> {
+    use std::sync::Arc;
+    tls::install_crypto_provider();
+    let addr = endpoint::resolve_sap(sap).map_err(|e| e.to_string())?;
+    // Any identity from the directory, only for its trust roots.
+    let id = Identity::load(certs, "client").map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(id.roots.clone())
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let params = LinkParams {
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: Some(Duration::from_secs(5)),
+        max_bidi_streams: 0,
+        udp_buffer_bytes: 0,
+    };
+    let ep = endpoint::client_endpoint(addr, &params).map_err(|e| e.to_string())?;
+    let conn = endpoint::connect(
+        &ep,
+        cfg,
+        addr,
+        &endpoint::sap_host(sap),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(RawConn { ep, conn })
+}
+
+/// How a connection ended: the application close code and reason, or another description.
+#[derive(Debug)]
+pub enum Ended {
+    App {
+        code: u64,
+        reason: String,
+    },
+    Other(String),
+    /// Still open after the wait.
+    Open,
+}
+
+impl Ended {
+    pub fn code(&self) -> Option<u64> {
+        match self {
+            Ended::App { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Waits (bounded) for `conn` to close and says how.
+pub async fn ended(conn: &quinn::Connection, wait: Duration) -> Ended {
+    match tokio::time::timeout(wait, conn.closed()).await {
+        Err(_) => Ended::Open,
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Ended::App {
+            code: c.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        Ok(other) => Ended::Other(other.to_string()),
+    }
+}
+
+impl RawConn {
+    pub async fn open(&self) -> RawStream {
+        let (send, recv) = tokio::time::timeout(ANSWER_TIMEOUT, self.conn.open_bi())
+            .await
+            .expect("open_bi timed out")
+            .expect("open a bidirectional stream");
+        RawStream {
+            send,
+            recv: FramedRecv::new(recv, 64 << 20),
+        }
+    }
+
+    pub async fn ended(&self, wait: Duration) -> Ended {
+        ended(&self.conn, wait).await
+    }
+}
+
+/// One bidirectional stream written byte by byte as the test wants.
+pub struct RawStream {
+    pub send: quinn::SendStream,
+    pub recv: FramedRecv,
+}
+
+/// What reading one answer gave.
+#[derive(Debug)]
+pub enum Read {
+    Answer(Response),
+    End,
+    Failed(String),
+}
+
+impl RawStream {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), quinn::WriteError> {
+        self.send.write_all(bytes).await
+    }
+
+    /// Writes `body` as one frame.
+    pub async fn write_frame(&mut self, body: &[u8]) {
+        self.write(&framed(body)).await.expect("write a frame");
+    }
+
+    /// Writes one CBOR item as one frame.
+    pub async fn write_value(&mut self, v: &Value) {
+        self.write_frame(&cbor(v)).await;
+    }
+
+    pub fn finish(&mut self) {
+        self.send.finish().expect("finish the send side");
+    }
+
+    /// Reads the next answer frame (bounded wait).
+    pub async fn read(&mut self) -> Read {
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.recv.next()).await {
+            Err(_) => Read::Failed("no answer in time".into()),
+            Ok(Ok(None)) => Read::End,
+            Ok(Ok(Some(body))) => {
+                let v = frame::decode_value(&body)
+                    .unwrap_or_else(|e| panic!("answer is not one CBOR item: {e}"));
+                Read::Answer(
+                    Response::from_value(&v)
+                        .unwrap_or_else(|| panic!("answer is not a response: {v:?}")),
+                )
+            }
+            Ok(Err(RecvError::Read(quinn::ReadError::ConnectionLost(c)))) => {
+                Read::Failed(endpoint::describe_connection_error(&c))
+            }
+            Ok(Err(e)) => Read::Failed(e.to_string()),
+        }
+    }
+
+    /// Reads the next frame body as it came (to check its size).
+    pub async fn read_body(&mut self) -> Vec<u8> {
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.recv.next()).await {
+            Ok(Ok(Some(body))) => body.to_vec(),
+            other => panic!("expected an answer frame, got {other:?}"),
+        }
+    }
+
+    /// Reads the next answer frame as a raw CBOR item (to see exactly which keys it has).
+    pub async fn read_value(&mut self) -> Value {
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.recv.next()).await {
+            Ok(Ok(Some(body))) => frame::decode_value(&body)
+                .unwrap_or_else(|e| panic!("answer is not one CBOR item: {e}")),
+            other => panic!("expected an answer frame, got {other:?}"),
+        }
+    }
+
+    /// Reads the next answer, panicking if there is none.
+    pub async fn answer(&mut self) -> Response {
+        match self.read().await {
+            Read::Answer(r) => r,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    /// Sends a request and reads its answer (checking the id is echoed).
+    pub async fn call(&mut self, id: u64, op: &str, args: Option<Value>) -> Response {
+        self.write_value(&req(id, op, args)).await;
+        let r = self.answer().await;
+        assert_eq!(r.id, Some(id), "answer for the wrong id: {r:?}");
+        r
+    }
+}
+
+/// A copy of `certs` where `NAME.pem`/`NAME.key` come from `foreign` (another CA) but `ca.pem` is
+/// ours: a client that trusts the cluster and presents a certificate the cluster never issued.
+pub fn mixed_certs(ours: &Path, foreign: &Path, out: &Path, name: &str) {
+    std::fs::create_dir_all(out).expect("create dir");
+    std::fs::copy(ours.join("ca.pem"), out.join("ca.pem")).expect("copy ca.pem");
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            foreign.join(format!("{name}.{ext}")),
+            out.join(format!("{name}.{ext}")),
+        )
+        .expect("copy cert");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster
+// ---------------------------------------------------------------------------------------------
+
+/// How to start a cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterBuilder {
+    sets: Vec<String>,
+    proxy_sets: Vec<String>,
+    server_sets: Vec<String>,
+    max_clients: Option<usize>,
+    init_file: Option<PathBuf>,
+    no_server: bool,
+}
+
+impl ClusterBuilder {
+    /// `--set KEY=VALUE` for proxy and server.
+    pub fn set(mut self, kv: &str) -> Self {
+        self.sets.push(kv.to_owned());
+        self
+    }
+    /// `--set KEY=VALUE` for the proxy only.
+    pub fn proxy_set(mut self, kv: &str) -> Self {
+        self.proxy_sets.push(kv.to_owned());
+        self
+    }
+    /// `--set KEY=VALUE` for the server only.
+    pub fn server_set(mut self, kv: &str) -> Self {
+        self.server_sets.push(kv.to_owned());
+        self
+    }
+    pub fn max_clients(mut self, n: usize) -> Self {
+        self.max_clients = Some(n);
+        self
+    }
+    pub fn init_file(mut self, p: &Path) -> Self {
+        self.init_file = Some(p.to_owned());
+        self
+    }
+    /// A proxy alone: no server is started.
+    pub fn no_server(mut self) -> Self {
+        self.no_server = true;
+        self
+    }
+
+    pub async fn start(self) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        tls::create_cluster(&certs, &[], false).expect("create certificates");
+        let mut c = Cluster {
+            certs,
+            client_sap: free_sap(),
+            server_sap: free_sap(),
+            shutdown_sap: free_sap(),
+            primary_sap: free_sap(),
+            backup_sap: free_sap(),
+            heartbeat_sap: free_sap(),
+            save_file: dir.path().join("save.json"),
+            proxy_log: dir.path().join("proxy.log"),
+            server_log: dir.path().join("server.log"),
+            proxy: None,
+            server: None,
+            dir,
+        };
+        let with_sets = |mut args: Vec<String>, extra: &[String]| {
+            args.push("--certs".into());
+            args.push(c.certs.display().to_string());
+            for s in self.sets.iter().chain(extra) {
+                args.push("--set".into());
+                args.push(s.clone());
+            }
+            args
+        };
+        let mut proxy_args = with_sets(
+            vec![
+                "proxy".into(),
+                c.client_sap.clone(),
+                c.server_sap.clone(),
+                c.shutdown_sap.clone(),
+            ],
+            &self.proxy_sets,
+        );
+        if let Some(n) = self.max_clients {
+            proxy_args.push("--max-clients".into());
+            proxy_args.push(n.to_string());
+        }
+        c.proxy = Some(spawn_logged(&proxy_args, c.dir.path(), &c.proxy_log));
+        if !self.no_server {
+            let init = self
+                .init_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "null".into());
+            let server_args = with_sets(
+                vec![
+                    "server".into(),
+                    c.primary_sap.clone(),
+                    c.server_sap.clone(),
+                    c.backup_sap.clone(),
+                    c.heartbeat_sap.clone(),
+                    c.save_file.display().to_string(),
+                    "null".into(),
+                    init,
+                ],
+                &self.server_sets,
+            );
+            c.server = Some(spawn_logged(&server_args, c.dir.path(), &c.server_log));
+        }
+        c.wait_ready(!self.no_server).await;
+        c
+    }
+}
+
+/// A proxy and (usually) a primary server, killed on drop.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub certs: PathBuf,
+    pub client_sap: String,
+    pub server_sap: String,
+    pub shutdown_sap: String,
+    pub primary_sap: String,
+    pub backup_sap: String,
+    pub heartbeat_sap: String,
+    pub save_file: PathBuf,
+    pub proxy_log: PathBuf,
+    pub server_log: PathBuf,
+    pub proxy: Option<Child>,
+    pub server: Option<Child>,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// A proxy and a primary with default settings.
+    pub async fn start() -> Cluster {
+        Cluster::builder().start().await
+    }
+
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy.as_ref().expect("proxy running").id()
+    }
+
+    pub fn server_pid(&self) -> u32 {
+        self.server.as_ref().expect("server started").id()
+    }
+
+    /// Both logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|_| "(no log)".into());
+        format!(
+            "---- proxy stderr ({}) ----\n{}\n---- server stderr ({}) ----\n{}",
+            self.proxy_log.display(),
+            read(&self.proxy_log),
+            self.server_log.display(),
+            read(&self.server_log)
+        )
+    }
+
+    fn check_alive(&mut self) {
+        let mut early = None;
+        for (name, child) in [("proxy", &mut self.proxy), ("server", &mut self.server)] {
+            if let Some(c) = child
+                && let Ok(Some(s)) = c.try_wait()
+            {
+                early = Some(format!("{name} exited early ({s}) while starting"));
+            }
+        }
+        if let Some(e) = early {
+            panic!("{e}\n{}", self.logs());
+        }
+    }
+
+    async fn wait_ready(&mut self, need_primary: bool) {
+        let cfg = Config {
+            connect_timeout_ms: 500,
+            request_timeout_ms: 2_000,
+            ..Config::default()
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let last;
+            self.check_alive();
+            match Client::connect(&self.shutdown_sap, &self.certs, CertRole::Admin, &cfg).await {
+                Ok(mut admin) => {
+                    match admin.request("STATUS", None).await {
+                        Ok(r) if r.status == Status::Ok => {
+                            let cluster = r.cluster.clone().unwrap_or(Value::Null);
+                            let primary = get(&cluster, "primary").cloned().unwrap_or(Value::Null);
+                            if !need_primary || primary != Value::Null {
+                                admin.close();
+                                return;
+                            }
+                            last = format!("no primary yet: {cluster:?}");
+                        }
+                        Ok(r) => last = format!("STATUS answered {r:?}"),
+                        Err(e) => last = e.to_string(),
+                    }
+                    admin.close();
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                let logs = self.logs();
+                panic!("cluster not ready within {READY_TIMEOUT:?}: {last}\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client on the client SAP with the client certificate.
+    pub async fn client(&self) -> Client {
+        self.client_as(CertRole::Client).await
+    }
+
+    pub async fn client_as(&self, role: CertRole) -> Client {
+        Client::connect(&self.client_sap, &self.certs, role, &client_cfg())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the client SAP: {e}\n{}", self.logs()))
+    }
+
+    /// An admin on the shutdown SAP.
+    pub async fn admin(&self) -> Client {
+        Client::connect(
+            &self.shutdown_sap,
+            &self.certs,
+            CertRole::Admin,
+            &client_cfg(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the shutdown SAP: {e}\n{}", self.logs()))
+    }
+
+    /// The `cluster` map of a STATUS answer.
+    pub async fn status(&self) -> Value {
+        let mut a = self.admin().await;
+        let r = a.request("STATUS", None).await.expect("STATUS answered");
+        a.close();
+        assert_eq!(r.status, Status::Ok, "STATUS: {r:?}");
+        match r.cluster {
+            Some(c) => c,
+            None => panic!("STATUS ok without `cluster`: {r:?}"),
+        }
+    }
+
+    /// A raw connection to the client SAP.
+    pub async fn raw_client(&self) -> RawConn {
+        raw_connect(&self.client_sap, &self.certs, "client", ALPN)
+            .await
+            .unwrap_or_else(|e| panic!("raw connect: {e}\n{}", self.logs()))
+    }
+
+    /// Sends SIGKILL to every process group we started.
+    pub fn kill_all(&mut self) {
+        for c in [self.server.as_mut(), self.proxy.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
