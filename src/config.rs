@@ -127,6 +127,9 @@ impl Default for Config {
     }
 }
 
+/// Room for a response's envelope (id, status, keys) around an echoed request.
+pub const RESPONSE_ENVELOPE_BYTES: usize = 1024;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tuplespace.toml";
 
@@ -243,10 +246,12 @@ impl Config {
                 "must fit the 4-byte frame length (< 4 GiB)",
             );
         }
-        if self.max_response_bytes < self.max_request_bytes {
+        if self.max_response_bytes < self.max_request_bytes + RESPONSE_ENVELOPE_BYTES {
             return bad(
                 "max_response_bytes",
-                "must be at least max_request_bytes (a PUT's rejected list echoes the request)",
+                format!(
+                    "must be at least max_request_bytes + {RESPONSE_ENVELOPE_BYTES} (a PUT's `rejected` list echoes the whole request)"
+                ),
             );
         }
         if self.keep_alive_ms >= self.idle_timeout_ms {

@@ -4,6 +4,7 @@
 //! `ha` (failover decisions, sans-IO), `net` (QUIC and TLS), then the processes: `proxy`,
 //! `server`, `client`, `up`. Binaries stay thin: see `src/main.rs`.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod ha;

@@ -86,6 +86,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Closed-loop load: C connections x P in flight, HDR latency per operation.
+    Bench(BenchArgs),
     /// Start proxy and primary on loopback with development certificates; Ctrl-C saves and stops.
     Up {
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -103,6 +105,40 @@ enum Cmd {
         #[arg(long, default_value = "data/space.json")]
         save_file: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The proxy's client SAP.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    sap: String,
+    /// Connections (C).
+    #[arg(short = 'c', long, default_value_t = 16)]
+    connections: usize,
+    /// Requests in flight per connection (P).
+    #[arg(short = 'p', long, default_value_t = 16)]
+    pipeline: usize,
+    /// Operation mix in percent, e.g. get=50,put=50.
+    #[arg(long, default_value = "get=50,put=50")]
+    mix: String,
+    /// Key space for GET/POST (keys k,0 .. k,N-1).
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 16)]
+    value_size: usize,
+    /// Do not insert the key space before measuring.
+    #[arg(long)]
+    no_preload: bool,
+    /// Measured seconds.
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured warm-up seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +336,33 @@ fn run(cli: Cli) -> Result<u8, String> {
                         role.as_str()
                     );
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Bench(b) => {
+            let mix = tuplespace::bench::parse_mix(&b.mix)?;
+            let opts = tuplespace::bench::BenchOptions {
+                sap: b.sap,
+                certs: cli.certs,
+                connections: b.connections.max(1),
+                pipeline: b.pipeline.max(1),
+                mix,
+                keys: b.keys.max(1),
+                value_size: b.value_size.max(1),
+                preload: !b.no_preload,
+                duration: std::time::Duration::from_secs_f64(b.duration.max(0.1)),
+                warmup: std::time::Duration::from_secs_f64(b.warmup.max(0.0)),
+                json: b.json,
+            };
+            let rt = runtime()?;
+            let report = rt.block_on(tuplespace::bench::run(opts, cfg))?;
+            if b.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", tuplespace::bench::table(&report));
             }
             Ok(0)
         }

@@ -830,6 +830,13 @@ async fn client_stream(
                             conn.close(CloseCode::FrameTooLarge.code().into(), format!("frame too large: {e}").as_bytes());
                             return;
                         }
+                        Err(RecvError::Frame(FrameError::Truncated)) => {
+                            // The client finished its side in the middle of a frame: answer what
+                            // was read, say what was not, then finish.
+                            out.queue(&Response::error(None, Status::Malformed, "the stream ended in the middle of a frame").to_value());
+                            reading = false;
+                            break;
+                        }
                         Err(e) => { debug!(conn_id, "client stream ended: {e}"); return; }
                     }
                     if outstanding >= max_out { break; }

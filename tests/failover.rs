@@ -3,7 +3,7 @@
 //! exactly once with its last acknowledged value, no client may have seen an error, the service
 //! must be back to two synchronised replicas, and the epoch must have gone up by one per fault.
 
-mod harness;
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,12 +11,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ciborium::Value;
-use harness::{Cluster, map_get, wait_until};
+use common::{Cluster, client_cfg, get as map_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tuplespace::client::Client;
 use tuplespace::net::tls::CertRole;
 use tuplespace::wire::client::Status;
+
+/// Polls `f` until it yields Some, or gives up at the deadline.
+async fn wait_until<T, F, Fut>(max: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + max;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 #[derive(Default)]
 struct Log {
@@ -47,13 +65,13 @@ async fn writer(c: Cluster2, id: usize, stop: Arc<AtomicBool>, acks: Arc<AtomicU
         let val = format!("v{n}");
         let prev1 = format!("w{id},{}", n.saturating_sub(1));
         let prev2 = format!("w{id},{}", n.saturating_sub(2));
-        let (op, args, target) = if n % 3 == 0 {
+        let (op, args, target) = if n.is_multiple_of(3) {
             (
                 "POST",
                 Value::Array(vec![pair(&prev1, &format!("p{n}"))]),
                 (prev1, format!("p{n}")),
             )
-        } else if n % 7 == 0 {
+        } else if n.is_multiple_of(7) {
             (
                 "DELETE",
                 Value::Array(vec![Value::Text(prev2.clone()), Value::Text(".*".into())]),
@@ -124,7 +142,19 @@ struct Cluster2 {
 }
 
 async fn status(c: &Cluster) -> Value {
-    c.status().await.unwrap_or(Value::Null)
+    let Ok(mut a) =
+        Client::connect(&c.shutdown_sap, &c.certs, CertRole::Admin, &client_cfg()).await
+    else {
+        return Value::Null;
+    };
+    let r = a
+        .request("STATUS", None)
+        .await
+        .ok()
+        .and_then(|r| r.cluster)
+        .unwrap_or(Value::Null);
+    a.close();
+    r
 }
 
 fn u(v: Option<&Value>) -> u64 {
@@ -167,7 +197,7 @@ async fn run_rounds(fault: Fault, rounds: usize) {
     let shared = Cluster2 {
         client_sap: c.client_sap.clone(),
         certs: c.certs.clone(),
-        cfg: c.client_config(),
+        cfg: client_cfg(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
@@ -226,12 +256,11 @@ async fn run_rounds(fault: Fault, rounds: usize) {
         if matches!(fault, Fault::StopPrimary) {
             // The new primary fences the paused one with SIGKILL.
             wait_until(Duration::from_secs(10), || async {
-                (!harness::alive(victim)).then_some(())
+                (!common::alive(victim as u32)).then_some(())
             })
             .await
             .expect("paused primary was terminated");
         }
-        c.track_pid(b2);
         epoch = e2;
         let after = acks.load(Ordering::Relaxed);
         wait_until(Duration::from_secs(10), || async {
@@ -249,14 +278,9 @@ async fn run_rounds(fault: Fault, rounds: usize) {
         errors.extend(log.errors);
     }
     assert!(errors.is_empty(), "clients saw errors: {errors:#?}");
-    let mut admin = Client::connect(
-        &c.client_sap,
-        &c.certs,
-        CertRole::Client,
-        &c.client_config(),
-    )
-    .await
-    .expect("reader");
+    let mut admin = Client::connect(&c.client_sap, &c.certs, CertRole::Client, &client_cfg())
+        .await
+        .expect("reader");
     let r = admin
         .request(
             "GET",

@@ -571,7 +571,13 @@ async fn status_describes_the_cluster() {
         "epoch: {st:?}"
     );
     let primary = get(&st, "primary").unwrap_or_else(|| panic!("no primary: {st:?}"));
-    assert!(get(primary, "handle").and_then(as_text).is_some(), "{st:?}");
+    // SPEC §2: the handle of a local replica is its process id.
+    let pid_text = cl.server_pid().to_string();
+    assert_eq!(
+        get(primary, "handle").and_then(as_text),
+        Some(pid_text.as_str()),
+        "{st:?}"
+    );
     assert_eq!(
         get(primary, "sap").and_then(as_text),
         Some(cl.primary_sap.as_str()),
@@ -585,9 +591,25 @@ async fn status_describes_the_cluster() {
     let backup = get(&st, "backup")
         .unwrap_or_else(|| panic!("`backup` must be present (maybe null): {st:?}"));
     if *backup != Value::Null {
-        assert!(get(backup, "handle").and_then(as_text).is_some(), "{st:?}");
-        assert!(get(backup, "sap").and_then(as_text).is_some(), "{st:?}");
-        assert!(get(backup, "pid").and_then(as_u64).is_some(), "{st:?}");
+        let pid = get(backup, "pid")
+            .and_then(as_u64)
+            .unwrap_or_else(|| panic!("backup pid: {st:?}"));
+        assert_ne!(pid, cl.server_pid() as u64, "{st:?}");
+        assert!(
+            alive(pid as u32),
+            "the backup's pid is not a live process: {st:?}"
+        );
+        assert_eq!(
+            get(backup, "handle").and_then(as_text),
+            Some(pid.to_string().as_str()),
+            "{st:?}"
+        );
+        // SPEC §2: the backup listens on BACKUP_SAP.
+        assert_eq!(
+            get(backup, "sap").and_then(as_text),
+            Some(cl.backup_sap.as_str()),
+            "{st:?}"
+        );
     }
     assert!(
         get(&st, "clients").and_then(as_u64).unwrap_or(0) >= 1,
@@ -1158,6 +1180,18 @@ async fn finished_streams_free_their_slot_and_streams_are_independent() {
         assert_eq!(r.id, Some(i as u64));
         assert_eq!(pairs_of(&r).len(), 48);
     }
+    // A stream finished without any request is simply finished back.
+    let mut empty = raw.open().await;
+    empty.write(&[]).await.unwrap();
+    empty.finish();
+    assert!(
+        matches!(empty.read().await, Read::End),
+        "an empty finished stream must end"
+    );
+    // A stream the client resets does not disturb the connection.
+    let mut reset = raw.open().await;
+    reset.write_value(&req(1, "GET", pats(".*", ".*"))).await;
+    reset.send.reset(7u32.into()).unwrap();
     // Garbage on one stream does not disturb another.
     streams[0].write_frame(&[0xff]).await;
     let r = streams[1].call(77, "GET", pats("s,1", "v")).await;
@@ -1202,34 +1236,36 @@ async fn requests_before_a_truncated_frame_at_fin_are_still_answered() {
     let raw = cl.raw_client().await;
     let mut s = raw.open().await;
     let mut bytes = Vec::new();
+    // Big enough writes that their answers come back after the proxy has read the FIN.
     for id in 1..=3u64 {
-        let v = req(
-            id,
-            "PUT",
-            Some(Value::Array(vec![tpair(&format!("t,{id}"), "v")])),
-        );
-        bytes.extend(framed(&cbor(&v)));
+        let args = (0..2000)
+            .map(|j| tpair(&format!("t{id},{j}"), "v"))
+            .collect();
+        bytes.extend(framed(&cbor(&req(id, "PUT", Some(Value::Array(args))))));
     }
     // Half a length prefix, then FIN.
     bytes.extend([0, 0]);
     s.write(&bytes).await.unwrap();
     s.finish();
     let mut ids = Vec::new();
-    loop {
-        match s.read().await {
-            Read::Answer(r) => {
-                if let Some(id) = r.id {
-                    assert_eq!(rejected_of(&r), Vec::<Value>::new(), "{r:?}");
-                    ids.push(id);
-                }
-            }
-            Read::End | Read::Failed(_) => break,
+    // Answers until the stream ends (a `malformed` answer without id for the stub is allowed).
+    while let Read::Answer(r) = s.read().await {
+        if let Some(id) = r.id {
+            assert_eq!(rejected_of(&r), Vec::<Value>::new(), "{r:?}");
+            ids.push(id);
         }
     }
     ids.sort();
     // The writes were applied (they reached the primary) ...
     let mut c = cl.client().await;
-    let applied = pairs_of(&c.request("GET", pats("t,.*", ".*")).await.unwrap()).len();
+    let mut applied = 0;
+    for id in 1..=3 {
+        let r = c
+            .request("GET", pats(&format!("t{id},0"), ".*"))
+            .await
+            .unwrap();
+        applied += pairs_of(&r).len();
+    }
     // ... so their answers must not be lost.
     assert_eq!(
         ids,
@@ -1748,8 +1784,20 @@ async fn deeply_nested_put_elements_are_answered_at_once() {
     assert_eq!(pairs_of(&r), vec![]);
 }
 
+/// PROTOCOL §2/§4: a client need accept responses only up to `max_response_bytes`; an answer that
+/// would exceed it is `too-large`. Config validation allows `max_response_bytes ==
+/// max_request_bytes` ("a PUT's rejected list echoes the request"), but the echo's envelope
+/// (`status`, `rejected`) is larger than the request's (`op`, `args`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zz_probe_echo() {
+async fn answers_never_exceed_max_response_bytes_even_when_it_equals_max_request_bytes() {
+    let equal = tuplespace::config::Config {
+        max_request_bytes: 2048,
+        max_response_bytes: 2048,
+        ..tuplespace::config::Config::default()
+    };
+    if equal.validate().is_err() {
+        return; // such a configuration is refused: nothing to check
+    }
     let cl = Cluster::builder()
         .set("max_request_bytes=2048")
         .set("max_response_bytes=2048")
@@ -1757,15 +1805,75 @@ async fn zz_probe_echo() {
         .await;
     let raw = cl.raw_client().await;
     let mut s = raw.open().await;
-    for n in [2000usize, 2040, 2048] {
-        let body = exact_size_put(n as u64, n);
-        s.write_frame(&body).await;
-        let b = s.read_body().await;
-        let v = tuplespace::wire::frame::decode_value(&b).unwrap();
-        eprintln!(
-            "request {n} -> response {} bytes status {:?}",
-            b.len(),
-            get(&v, "status")
-        );
+    let mut over = Vec::new();
+    for n in [1024usize, 2040, 2044, 2048] {
+        s.write_frame(&exact_size_put(n as u64, n)).await;
+        let body = s.read_body().await;
+        if body.len() > 2048 {
+            let v = tuplespace::wire::frame::decode_value(&body).unwrap();
+            over.push(format!(
+                "a {n}-byte PUT got a {}-byte answer ({:?})",
+                body.len(),
+                get(&v, "status")
+            ));
+        }
     }
+    assert!(
+        over.is_empty(),
+        "answers over max_response_bytes (2048):\n{}",
+        over.join("\n")
+    );
+}
+
+/// The same on a space big enough for full scans to run off the store thread (> 10 000 pairs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_on_a_large_space_and_full_scans_still_answer() {
+    let cl = Cluster::builder()
+        .set("max_request_bytes=65536")
+        .set("max_response_bytes=131072")
+        .start()
+        .await;
+    let mut c = cl.client().await;
+    const N: usize = 10_050;
+    let mut i = 0;
+    while i < N {
+        let end = (i + 2_600).min(N);
+        let args: Vec<Value> = (i..end)
+            .map(|j| pair(&["b", &j.to_string()], &["value", "x"]))
+            .collect();
+        let r = c.request("PUT", Some(Value::Array(args))).await.unwrap();
+        assert_eq!(rejected_of(&r), Vec::<Value>::new());
+        i = end;
+    }
+    let r = c.request("GET", pats(".*", ".*")).await.unwrap();
+    assert_eq!(r.status, Status::TooLarge, "{:?} {:?}", r.status, r.message);
+    let r = c.request("DELETE", pats("b,.*", ".*")).await.unwrap();
+    assert_eq!(r.status, Status::TooLarge, "{:?} {:?}", r.status, r.message);
+    // Full scans that fit are answered.
+    let r = c.request("GET", pats(".*", "value,y")).await.unwrap();
+    assert_eq!(pairs_of(&r), vec![]);
+    let r = c.request("GET", pats(r".*,\d*7", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r).len(), N / 10);
+    let r = c.request("GET", pats(r"b,1\d{3}", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r).len(), 1000);
+    // Nothing was deleted.
+    let ok = wait_until(Duration::from_secs(5), || async {
+        get(&cl.status().await, "pairs").and_then(as_u64) == Some(N as u64)
+    })
+    .await;
+    assert!(ok, "STATUS pairs: {:?}", get(&cl.status().await, "pairs"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_of_a_proxy_without_servers_is_ok_and_it_exits() {
+    let mut cl = Cluster::builder().no_server().start().await;
+    let mut a = cl.admin().await;
+    let r = a.request("SHUTDOWN", None).await.unwrap();
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    let ps = wait_exit_async(cl.proxy.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    assert!(
+        ps.is_some_and(|s| s.success()),
+        "proxy: {ps:?}\n{}",
+        cl.logs()
+    );
 }

@@ -304,22 +304,13 @@ impl<'de> Visitor<'de> for PairsSeed<'_, '_> {
         let mut index = 0usize;
         loop {
             state.pair = Some(index);
-            let Some(RawPair(key, value)) = seq.next_element::<RawPair>()? else {
-                break;
+            let seed = PairSeed {
+                state: &mut *state,
+                index,
             };
-            for (what, elems) in [("key", &key), ("value", &value)] {
-                if let Err(e) = check_tuple(elems, state.limits) {
-                    return Err(state.fail(Some(index), format!("{what}: {e}")));
-                }
+            if seq.next_element_seed(seed)?.is_none() {
+                break;
             }
-            let key = text_form(&key);
-            if state.space.value_of(&key).is_some() {
-                return Err(state.fail(
-                    Some(index),
-                    format!("duplicate key `{key}` (each key may appear only once)"),
-                ));
-            }
-            state.space.insert_raw(key, text_form(&value));
             index += 1;
         }
         state.pair = None;
@@ -327,37 +318,60 @@ impl<'de> Visitor<'de> for PairsSeed<'_, '_> {
     }
 }
 
-/// `[[key elements], [value elements]]`, with a clear error for other arities
-/// (a plain tuple type would report "trailing characters").
-struct RawPair(Vec<String>, Vec<String>);
+/// One pair `[[key elements], [value elements]]`, checked and inserted by its
+/// own visitor (with a clear error for other arities, where a plain tuple type
+/// would report "trailing characters").
+///
+/// The checks run here, while serde_json is still at the pair's closing `]`,
+/// so the error it returns carries a position on the pair's own line. Raised
+/// after the pair was returned, the error would carry the position of whatever
+/// follows the pair (the next line, in files written by [`save_snapshot`]).
+struct PairSeed<'s, 'l> {
+    state: &'s mut LoadState<'l>,
+    index: usize,
+}
 
-impl<'de> de::Deserialize<'de> for RawPair {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_seq(RawPairVisitor)
+impl<'de> DeserializeSeed<'de> for PairSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
     }
 }
 
-struct RawPairVisitor;
-
-impl<'de> Visitor<'de> for RawPairVisitor {
-    type Value = RawPair;
+impl<'de> Visitor<'de> for PairSeed<'_, '_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a pair [[key elements], [value elements]]")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawPair, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let PairSeed { state, index } = self;
         let shape = "a pair must be exactly [[key elements], [value elements]]";
-        let key = seq
+        let key: Vec<String> = seq
             .next_element()?
             .ok_or_else(|| de::Error::custom(shape))?;
-        let value = seq
+        let value: Vec<String> = seq
             .next_element()?
             .ok_or_else(|| de::Error::custom(shape))?;
+        // Looks at (but does not consume) the pair's closing `]`.
         if seq.next_element::<IgnoredAny>()?.is_some() {
             return Err(de::Error::custom(shape));
         }
-        Ok(RawPair(key, value))
+        for (what, elems) in [("key", &key), ("value", &value)] {
+            if let Err(e) = check_tuple(elems, state.limits) {
+                return Err(state.fail(Some(index), format!("{what}: {e}")));
+            }
+        }
+        let key = text_form(&key);
+        if state.space.value_of(&key).is_some() {
+            return Err(state.fail(
+                Some(index),
+                format!("duplicate key `{key}` (each key may appear only once)"),
+            ));
+        }
+        state.space.insert_raw(key, text_form(&value));
+        Ok(())
     }
 }
 
@@ -511,6 +525,40 @@ mod tests {
 
         let (pair, _) = invalid(&format!("{HEAD}5}}"));
         assert_eq!(pair, None);
+    }
+
+    /// In the layout the saver writes (one pair per line), a semantic error
+    /// names the line of the bad pair itself, not the line after it, whether
+    /// the pair is followed by another one or is the last.
+    #[test]
+    fn semantic_error_names_the_line_of_the_bad_pair() {
+        let head = format!("{HEAD}[\n");
+        for (bad, why) in [
+            ("[[\"a-b\"],[\"x\"]]", "key: element 0"),
+            ("[[\"b\"],[]]", "value: tuple has no elements"),
+            ("[[\"ok\"],[\"w\"]]", "duplicate key `ok`"),
+        ] {
+            for tail in [",\n[[\"z\"],[\"v\"]]\n]}\n", "\n]}\n"] {
+                let text = format!("{head}[[\"ok\"],[\"v\"]],\n{bad}{tail}");
+                let e = load_text(&text).unwrap_err();
+                match &e {
+                    SnapshotError::Invalid {
+                        line,
+                        column,
+                        pair,
+                        reason,
+                        ..
+                    } => {
+                        assert_eq!(*line, 3, "{e}");
+                        assert!((1..=bad.len()).contains(column), "{e}");
+                        assert_eq!(*pair, Some(1), "{e}");
+                        assert!(reason.contains(why), "{e}");
+                    }
+                    other => panic!("expected Invalid, got {other:?}"),
+                }
+                assert!(e.to_string().contains("line 3, column"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -103,9 +103,20 @@ pub fn encode<T: Serialize + ?Sized>(item: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a frame body that must hold exactly one CBOR item.
+/// Deepest nesting accepted in a client frame. Lower than ciborium's default (256) so that a
+/// request the proxy accepts still decodes at the servers after being wrapped in a relay message.
+pub const CLIENT_RECURSION_LIMIT: usize = 128;
+
+/// Decodes a client frame body that must hold exactly one CBOR item.
 pub fn decode_value(body: &[u8]) -> Result<ciborium::Value, CborError> {
-    decode::<ciborium::Value>(body)
+    let mut rest = body;
+    let v: ciborium::Value =
+        ciborium::de::from_reader_with_recursion_limit(&mut rest, CLIENT_RECURSION_LIMIT)
+            .map_err(|e| CborError::Invalid(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CborError::TrailingBytes(rest.len()));
+    }
+    Ok(v)
 }
 
 /// Decodes a frame body into `T`; bytes after the item are an error.

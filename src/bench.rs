@@ -1,0 +1,381 @@
+//! `tuplespace bench`: closed-loop load against a running service. C connections, each with one
+//! long-lived stream and P requests in flight; an operation mix over a key space; HDR histograms
+//! per operation; a progress bar; a readable table or `--json`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ciborium::Value;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::net::endpoint::{self, LinkParams};
+use crate::net::stream::{FramedRecv, FramedSend};
+use crate::net::tls::{CertRole, Identity};
+use crate::wire::CLIENT_ALPN;
+use crate::wire::client::{Response, Status, request_value};
+use crate::wire::frame;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub sap: String,
+    pub certs: PathBuf,
+    pub connections: usize,
+    pub pipeline: usize,
+    /// Percentages of GET, PUT, POST, DELETE (sum 100).
+    pub mix: [u32; 4],
+    pub keys: u64,
+    pub value_size: usize,
+    pub preload: bool,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub json: bool,
+}
+
+const OPS: [&str; 4] = ["GET", "PUT", "POST", "DELETE"];
+
+/// Parses `get=50,put=50`.
+pub fn parse_mix(s: &str) -> Result<[u32; 4], String> {
+    let mut mix = [0u32; 4];
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}`: expected OP=PERCENT"))?;
+        let i = OPS
+            .iter()
+            .position(|o| o.eq_ignore_ascii_case(k.trim()))
+            .ok_or_else(|| format!("unknown operation `{k}` (get, put, post, delete)"))?;
+        mix[i] = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{v}` is not a percentage"))?;
+    }
+    if mix.iter().sum::<u32>() != 100 {
+        return Err(format!(
+            "the mix must add up to 100 (got {})",
+            mix.iter().sum::<u32>()
+        ));
+    }
+    Ok(mix)
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpReport {
+    pub op: String,
+    pub count: u64,
+    pub ops_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub connections: usize,
+    pub pipeline: usize,
+    pub seconds: f64,
+    pub total_ops_per_sec: f64,
+    pub errors: u64,
+    pub ops: Vec<OpReport>,
+}
+
+fn value_of(size: usize, seed: u64) -> String {
+    let base = format!("v{seed}");
+    let mut s = base.repeat(size / base.len().max(1) + 1);
+    s.truncate(size.max(1));
+    s
+}
+
+fn pair(k: &str, v: &str) -> Value {
+    let t = |s: &str| Value::Array(s.split(',').map(|e| Value::Text(e.to_owned())).collect());
+    Value::Array(vec![t(k), t(v)])
+}
+
+struct Conn {
+    send: FramedSend,
+    recv: FramedRecv,
+    _conn: quinn::Connection,
+    _ep: quinn::Endpoint,
+}
+
+async fn open(o: &BenchOptions, cfg: &Config) -> Result<Conn, String> {
+    let addr = endpoint::resolve_sap(&o.sap).map_err(|e| e.to_string())?;
+    let id = Identity::load(&o.certs, CertRole::Client.as_str()).map_err(|e| e.to_string())?;
+    let params = LinkParams {
+        idle_timeout: cfg.idle_timeout(),
+        keep_alive: Some(cfg.keep_alive()),
+        max_bidi_streams: 0,
+        udp_buffer_bytes: cfg.udp_buffer_bytes,
+    };
+    let ep = endpoint::client_endpoint(addr, &params).map_err(|e| e.to_string())?;
+    let cc = endpoint::client_config(&id, CLIENT_ALPN, &params).map_err(|e| e.to_string())?;
+    let conn = endpoint::connect(
+        &ep,
+        cc,
+        addr,
+        &endpoint::sap_host(&o.sap),
+        cfg.connect_timeout(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (s, r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    Ok(Conn {
+        send: FramedSend::new(s),
+        recv: FramedRecv::new(r, cfg.max_response_bytes),
+        _conn: conn,
+        _ep: ep,
+    })
+}
+
+struct Worker {
+    hist: [Histogram<u64>; 4],
+    errors: u64,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs .. 60 s, 3 significant digits; the bounds are constants, so creation cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("histogram with 3 significant digits"))
+}
+
+async fn worker(
+    o: Arc<BenchOptions>,
+    cfg: Arc<Config>,
+    wid: usize,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> Result<Worker, String> {
+    let mut c = open(&o, &cfg).await?;
+    let mut w = Worker {
+        hist: [new_hist(), new_hist(), new_hist(), new_hist()],
+        errors: 0,
+    };
+    let mut inflight: HashMap<u64, (usize, Instant)> = HashMap::with_capacity(o.pipeline * 2);
+    let mut next_id = 1u64;
+    let mut rng = (wid as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut fresh = 0u64;
+    let mut issue = |c: &mut Conn, inflight: &mut HashMap<u64, (usize, Instant)>| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let roll = (rng % 100) as u32;
+        let mut acc = 0;
+        let mut op = 0;
+        for (i, p) in o.mix.iter().enumerate() {
+            acc += p;
+            if roll < acc {
+                op = i;
+                break;
+            }
+        }
+        let k = (rng >> 16) % o.keys.max(1);
+        let args = match op {
+            0 => Value::Array(vec![
+                Value::Text(format!("k,{k}")),
+                Value::Text(".*".into()),
+            ]),
+            1 => {
+                fresh += 1;
+                Value::Array(vec![pair(
+                    &format!("b{wid},{fresh}"),
+                    &value_of(o.value_size, fresh),
+                )])
+            }
+            2 => Value::Array(vec![pair(&format!("k,{k}"), &value_of(o.value_size, rng))]),
+            _ => Value::Array(vec![
+                Value::Text(format!("b{wid},{}", fresh.saturating_sub(1))),
+                Value::Text(".*".into()),
+            ]),
+        };
+        let id = next_id;
+        next_id += 1;
+        c.send.queue(&request_value(id, OPS[op], Some(args)));
+        inflight.insert(id, (op, Instant::now()));
+    };
+    for _ in 0..o.pipeline {
+        issue(&mut c, &mut inflight);
+    }
+    c.send.flush().await.map_err(|e| e.to_string())?;
+    while !inflight.is_empty() {
+        let first = match tokio::time::timeout(
+            cfg.request_timeout() + Duration::from_secs(5),
+            c.recv.next(),
+        )
+        .await
+        {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => return Err("the service closed the stream".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no answer within the request timeout".into()),
+        };
+        let mut body = Some(first);
+        while let Some(b) = body {
+            let resp = frame::decode_value(&b)
+                .ok()
+                .and_then(|v| Response::from_value(&v));
+            match resp {
+                Some(r) => {
+                    if let Some((op, t0)) = r.id.and_then(|id| inflight.remove(&id)) {
+                        if r.status != Status::Ok {
+                            w.errors += 1;
+                        }
+                        if measuring.load(Ordering::Relaxed) {
+                            let us = t0.elapsed().as_micros().max(1) as u64;
+                            let _ = w.hist[op].record(us.min(60_000_000));
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                None => w.errors += 1,
+            }
+            if !stop.load(Ordering::Relaxed) {
+                issue(&mut c, &mut inflight);
+            }
+            body = c.recv.try_next().ok().flatten();
+        }
+        c.send.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(w)
+}
+
+async fn preload(o: &BenchOptions, cfg: &Config) -> Result<(), String> {
+    let mut c = open(o, cfg).await?;
+    let batch = 1000u64;
+    let mut id = 1;
+    let mut start = 0;
+    while start < o.keys {
+        let end = (start + batch).min(o.keys);
+        let pairs = (start..end)
+            .map(|k| pair(&format!("k,{k}"), &value_of(o.value_size, k)))
+            .collect();
+        c.send
+            .queue(&request_value(id, "PUT", Some(Value::Array(pairs))));
+        id += 1;
+        start = end;
+    }
+    c.send.flush().await.map_err(|e| e.to_string())?;
+    for _ in 1..id {
+        match c.recv.next().await {
+            Ok(Some(_)) => {}
+            _ => return Err("preload interrupted".into()),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints the report. Returns the report.
+pub async fn run(o: BenchOptions, cfg: Config) -> Result<BenchReport, String> {
+    let o = Arc::new(o);
+    let cfg = Arc::new(cfg);
+    if o.preload {
+        if !o.json {
+            eprintln!("preloading {} keys...", o.keys);
+        }
+        preload(&o, &cfg).await?;
+    }
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for wid in 0..o.connections {
+        tasks.push(tokio::spawn(worker(
+            o.clone(),
+            cfg.clone(),
+            wid,
+            measuring.clone(),
+            stop.clone(),
+            done.clone(),
+        )));
+    }
+    tokio::time::sleep(o.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let bar = if o.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(o.duration.as_secs().max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len}s {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    };
+    while t0.elapsed() < o.duration {
+        tokio::time::sleep(Duration::from_millis(250).min(o.duration)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        bar.set_position(secs as u64);
+        bar.set_message(format!(
+            "{:.0} ops/s",
+            done.load(Ordering::Relaxed) as f64 / secs.max(0.001)
+        ));
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    bar.finish_and_clear();
+    let mut hist = [new_hist(), new_hist(), new_hist(), new_hist()];
+    let mut errors = 0;
+    for t in tasks {
+        let w = t.await.map_err(|e| e.to_string())??;
+        for (h, wh) in hist.iter_mut().zip(w.hist.iter()) {
+            let _ = h.add(wh);
+        }
+        errors += w.errors;
+    }
+    let ops: Vec<OpReport> = hist
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(i, h)| OpReport {
+            op: OPS[i].into(),
+            count: h.len(),
+            ops_per_sec: h.len() as f64 / secs,
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        })
+        .collect();
+    let total: u64 = ops.iter().map(|r| r.count).sum();
+    Ok(BenchReport {
+        connections: o.connections,
+        pipeline: o.pipeline,
+        seconds: secs,
+        total_ops_per_sec: total as f64 / secs,
+        errors,
+        ops,
+    })
+}
+
+/// The report as a readable table.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "connections {} x pipeline {}, {:.1} s, {:.0} ops/s total, {} errors\n{:<7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}\n",
+        r.connections,
+        r.pipeline,
+        r.seconds,
+        r.total_ops_per_sec,
+        r.errors,
+        "op",
+        "count",
+        "ops/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "max µs"
+    );
+    for o in &r.ops {
+        s.push_str(&format!(
+            "{:<7} {:>10} {:>12.0} {:>9} {:>9} {:>9} {:>9}\n",
+            o.op, o.count, o.ops_per_sec, o.p50_us, o.p99_us, o.p999_us, o.max_us
+        ));
+    }
+    s
+}
