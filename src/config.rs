@@ -85,6 +85,9 @@ pub struct Config {
     pub backup_sync_timeout_ms: u64,
 
     // ---- operations ----
+    /// Async worker threads of a proxy or server process; 0 = one thread (current-thread
+    /// runtime), which is fastest on small machines where several processes share the cores.
+    pub runtime_threads: usize,
     /// UDP socket receive/send buffer size asked of the kernel (bytes); 0 = OS default.
     pub udp_buffer_bytes: usize,
     /// Command run (via `sh -c`) on every operator-visible event; details in TS_EVENT_* vars.
@@ -120,6 +123,7 @@ impl Default for Config {
             backup_retry_backoff_ms: 200,
             backup_start_retries: 5,
             backup_sync_timeout_ms: 60_000,
+            runtime_threads: 0,
             udp_buffer_bytes: 4 << 20,
             notify_command: None,
             backup_launch_command: None,

@@ -175,6 +175,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
+/// The runtime of a service process: `runtime_threads` workers, or a single-threaded runtime for
+/// 0 (fewer cross-thread wake-ups; the store and blocking work run on threads of their own).
+fn service_runtime(cfg: &Config) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = if cfg.runtime_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cfg.runtime_threads);
+        b
+    };
+    b.enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -213,7 +228,7 @@ fn run(cli: Cli) -> Result<u8, String> {
                 server: sap(2, "SERVER_SAP", &server_sap)?,
                 shutdown: sap(3, "SHUTDOWN_SAP", &shutdown_sap)?,
             };
-            let rt = runtime()?;
+            let rt = service_runtime(&cfg)?;
             rt.block_on(async {
                 let stop = CancellationToken::new();
                 let s = stop.clone();
@@ -255,7 +270,7 @@ fn run(cli: Cli) -> Result<u8, String> {
             for s in &overrides {
                 args.passthrough.extend(["--set".into(), s.clone()]);
             }
-            let rt = runtime()?;
+            let rt = service_runtime(&cfg)?;
             let exit = rt
                 .block_on(async {
                     let stop = CancellationToken::new();

@@ -37,6 +37,22 @@ pub enum ArgsError {
 }
 
 impl ServerArgs {
+    /// The arguments after a promotion across hosts: SHUTDOWN_SAP and HEARTBEAT_SAP move to this
+    /// (the backup's) address with the same ports; BACKUP_SAP moves to the old primary's address.
+    pub fn swapped_hosts(&self) -> ServerArgs {
+        let mine = self.backup_sap.ip();
+        let theirs = self.shutdown_sap.ip();
+        let at = |ip: std::net::IpAddr, port: u16| SocketAddr::new(ip, port);
+        let mut a = self.clone();
+        a.shutdown_sap = at(mine, self.shutdown_sap.port());
+        a.heartbeat_sap = at(mine, self.heartbeat_sap.port());
+        a.backup_sap = at(theirs, self.backup_sap.port());
+        a.shutdown_sap_text = a.shutdown_sap.to_string();
+        a.heartbeat_sap_text = a.heartbeat_sap.to_string();
+        a.backup_sap_text = a.backup_sap.to_string();
+        a
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn parse(
         shutdown: &str,
@@ -68,5 +84,66 @@ impl ServerArgs {
             init_file: super::null_path(init_file),
             passthrough: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positional_arguments_are_checked() {
+        let a = ServerArgs::parse(
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+            "127.0.0.1:4",
+            "null",
+            "null",
+            "null",
+        )
+        .unwrap();
+        assert!(a.primary_handle.is_none() && a.save_file.is_none() && a.init_file.is_none());
+        let e = ServerArgs::parse(
+            "nope",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+            "127.0.0.1:4",
+            "null",
+            "null",
+            "null",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("argument 1 (SHUTDOWN_SAP)"), "{e}");
+        let e = ServerArgs::parse(
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+            "127.0.0.1:4",
+            "s",
+            "42",
+            "init.json",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("backup always starts empty"), "{e}");
+    }
+
+    #[test]
+    fn promotion_across_hosts_swaps_addresses() {
+        let a = ServerArgs::parse(
+            "10.0.0.11:7410",
+            "10.0.0.10:7401",
+            "10.0.0.12:7411",
+            "10.0.0.11:7412",
+            "s",
+            "10.0.0.11:7410",
+            "null",
+        )
+        .unwrap();
+        let b = a.swapped_hosts();
+        assert_eq!(b.shutdown_sap_text, "10.0.0.12:7410");
+        assert_eq!(b.heartbeat_sap_text, "10.0.0.12:7412");
+        assert_eq!(b.backup_sap_text, "10.0.0.11:7411");
+        assert_eq!(b.swapped_hosts().backup_sap_text, "10.0.0.12:7411");
     }
 }

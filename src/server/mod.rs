@@ -783,7 +783,9 @@ impl Replica {
                             .unwrap_or_default()
                     })
                     .collect();
-                let line = t.replace("{args}", &quoted.join(" "));
+                let line = t
+                    .replace("{args}", &quoted.join(" "))
+                    .replace("{backup_host}", &a.backup_sap.ip().to_string());
                 self.notify(
                     "backup-start",
                     &format!(
@@ -883,6 +885,17 @@ impl Replica {
                     }
                 });
             }
+        }
+        // Multi-host: roles swap hosts. This host takes the primary's ports on its own address,
+        // and the next backup goes to the old primary's host.
+        if self.args.shutdown_sap.ip() != self.args.backup_sap.ip() {
+            self.args = self.args.swapped_hosts();
+            info!(
+                shutdown_sap = %self.args.shutdown_sap_text,
+                heartbeat_sap = %self.args.heartbeat_sap_text,
+                backup_sap = %self.args.backup_sap_text,
+                "multi-host promotion: serving on this host's address; next backup on the old primary's host"
+            );
         }
         if let Some(ep) = self.backup_ep.take() {
             ep.close(0u32.into(), b"promoted");
