@@ -611,19 +611,3 @@ mod tests {
         );
     }
 }
-#[cfg(test)]
-mod tmp_timing {
-    #[test]
-    #[ignore]
-    fn tmp_time_1m() {
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let s = super::load_snapshot(
-                std::path::Path::new("/tmp/snapchk/big.json"),
-                &crate::space::TupleLimits::default(),
-            )
-            .unwrap();
-            eprintln!("TIMING {} pairs in {:?}", s.len(), t.elapsed());
-        }
-    }
-}
