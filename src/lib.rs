@@ -8,6 +8,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod ha;
+pub mod nemesis;
 pub mod net;
 pub mod notify;
 pub mod proxy;

@@ -88,6 +88,8 @@ enum Cmd {
     },
     /// Closed-loop load: C connections x P in flight, HDR latency per operation.
     Bench(BenchArgs),
+    /// Random operations under a fault; checks linearizability, lost and duplicated writes.
+    Nemesis(NemesisArgs),
     /// Start proxy and primary on loopback with development certificates; Ctrl-C saves and stops.
     Up {
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -137,6 +139,47 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct NemesisArgs {
+    /// The proxy's client SAP.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    sap: String,
+    /// The proxy's shutdown SAP (STATUS, to find the processes to fault).
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin_sap: String,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Concurrent clients (each one connection, one request at a time).
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Keys in the register set (n,0 .. n,K-1).
+    #[arg(long, default_value_t = 5)]
+    keys: u32,
+    /// none, kill-primary, stop-primary, kill-backup, or cmd (--fault-cmd / --heal-cmd).
+    #[arg(long, default_value = "none")]
+    fault: String,
+    /// Seconds after the start when the fault is applied.
+    #[arg(long, default_value_t = 10.0)]
+    fault_at: f64,
+    /// Seconds the fault lasts before it is healed (SIGCONT, --heal-cmd).
+    #[arg(long, default_value_t = 10.0)]
+    fault_for: f64,
+    #[arg(long)]
+    fault_cmd: Option<String>,
+    #[arg(long)]
+    heal_cmd: Option<String>,
+    /// A request unanswered after this many seconds is recorded as unknown.
+    #[arg(long, default_value_t = 15.0)]
+    op_timeout: f64,
+    /// Directory for history.jsonl and report.json.
+    #[arg(long, default_value = "nemesis-out")]
+    out: PathBuf,
+    /// Print the report as JSON instead of a summary.
     #[arg(long)]
     json: bool,
 }
@@ -380,6 +423,36 @@ fn run(cli: Cli) -> Result<u8, String> {
                 print!("{}", tuplespace::bench::table(&report));
             }
             Ok(0)
+        }
+        Cmd::Nemesis(n) => {
+            use tuplespace::nemesis::runner;
+            let secs = |x: f64| std::time::Duration::from_secs_f64(x.max(0.0));
+            let opts = runner::NemesisOptions {
+                sap: n.sap,
+                admin_sap: n.admin_sap,
+                certs: cli.certs,
+                duration: secs(n.duration),
+                clients: n.clients.max(1),
+                keys: n.keys.max(1),
+                fault: runner::Fault::parse(&n.fault)?,
+                fault_at: secs(n.fault_at),
+                fault_for: secs(n.fault_for),
+                fault_cmd: n.fault_cmd,
+                heal_cmd: n.heal_cmd,
+                op_timeout: secs(n.op_timeout.max(0.1)),
+                out: n.out,
+            };
+            let rt = runtime()?;
+            let report = rt.block_on(runner::run(opts, cfg))?;
+            if n.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", runner::summary(&report));
+            }
+            Ok(if report.verdict == "PASS" { 0 } else { 1 })
         }
         Cmd::Up {
             client_sap,

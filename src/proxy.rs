@@ -804,10 +804,10 @@ async fn client_stream(
             biased;
             Some(resp) = rx.recv() => {
                 outstanding -= 1;
-                out.queue(&resp.to_value());
+                out.queue_response(&resp);
                 while let Ok(r) = rx.try_recv() {
                     outstanding -= 1;
-                    out.queue(&r.to_value());
+                    out.queue_response(&r);
                 }
                 if out.flush().await.is_err() { return; }
             }
@@ -821,7 +821,7 @@ async fn client_stream(
                                     outstanding += 1;
                                     if router.send(msg).is_err() { return; }
                                 }
-                                Err(resp) => out.queue(&resp.to_value()),
+                                Err(resp) => out.queue_response(&resp),
                             }
                         }
                         Ok(None) => { reading = false; break; }
@@ -833,7 +833,7 @@ async fn client_stream(
                         Err(RecvError::Frame(FrameError::Truncated)) => {
                             // The client finished its side in the middle of a frame: answer what
                             // was read, say what was not, then finish.
-                            out.queue(&Response::error(None, Status::Malformed, "the stream ended in the middle of a frame").to_value());
+                            out.queue_response(&Response::error(None, Status::Malformed, "the stream ended in the middle of a frame"));
                             reading = false;
                             break;
                         }

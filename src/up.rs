@@ -44,7 +44,7 @@ pub enum UpError {
 }
 
 fn exe() -> PathBuf {
-    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tuplespace"))
+    crate::server::own_binary()
 }
 
 fn common_flags(cmd: &mut Command, o: &UpOptions) {

@@ -72,6 +72,11 @@ impl FramedSend {
         frame::encode_into(item, &mut self.buf);
     }
 
+    /// Queues a client response (serialised without an intermediate value tree).
+    pub fn queue_response(&mut self, r: &crate::wire::client::Response) {
+        r.encode_into(&mut self.buf);
+    }
+
     pub fn queued(&self) -> usize {
         self.buf.len()
     }

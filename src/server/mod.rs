@@ -741,7 +741,7 @@ impl Replica {
         argv.extend(a.passthrough.iter().cloned());
         match &self.cfg.backup_launch_command {
             None => {
-                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tuplespace"));
+                let exe = own_binary();
                 let mut cmd = tokio::process::Command::new(exe);
                 cmd.args(&argv).stdin(std::process::Stdio::null());
                 match cmd.spawn() {
@@ -972,6 +972,21 @@ impl Replica {
                 false
             }
         }
+    }
+}
+
+/// This program's path, to start a backup as a copy of ourselves. After an upgrade in place
+/// Linux reports the old file as `PATH (deleted)`: the new binary at PATH is what we want then.
+pub fn own_binary() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            match s.strip_suffix(" (deleted)") {
+                Some(live) => PathBuf::from(live),
+                None => p,
+            }
+        }
+        Err(_) => PathBuf::from("tuplespace"),
     }
 }
 

@@ -342,6 +342,12 @@ impl Response {
         Value::Map(m)
     }
 
+    /// Appends this response as one frame, serialising straight from the fields (no CBOR value
+    /// tree is built: this is the hot path of every answer).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        crate::wire::frame::encode_into(&WireResponse(self), out);
+    }
+
     /// Reads a response map (used by our client and tests).
     pub fn from_value(v: &Value) -> Option<Response> {
         let Value::Map(entries) = v else { return None };
@@ -394,6 +400,65 @@ impl Response {
             cluster: get("cluster").cloned(),
         })
         .ok()
+    }
+}
+
+/// Serialises a [`Response`] as the CBOR map of PROTOCOL.md §4.
+struct WireResponse<'a>(&'a Response);
+
+/// A tuple in text form, serialised as an array of its elements.
+struct TextTuple<'a>(&'a str);
+
+impl serde::Serialize for TextTuple<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let n = self.0.split(',').count();
+        let mut seq = s.serialize_seq(Some(n))?;
+        for e in self.0.split(',') {
+            seq.serialize_element(e)?;
+        }
+        seq.end()
+    }
+}
+
+struct WirePairs<'a>(&'a [Pair]);
+
+impl serde::Serialize for WirePairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for p in self.0 {
+            seq.serialize_element(&(TextTuple(&p.key), TextTuple(&p.value)))?;
+        }
+        seq.end()
+    }
+}
+
+impl serde::Serialize for WireResponse<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let n = 2
+            + usize::from(r.pairs.is_some())
+            + usize::from(r.rejected.is_some())
+            + usize::from(r.message.is_some())
+            + usize::from(r.cluster.is_some());
+        let mut m = s.serialize_map(Some(n))?;
+        m.serialize_entry("id", &r.id)?;
+        m.serialize_entry("status", r.status.as_str())?;
+        if let Some(p) = &r.pairs {
+            m.serialize_entry("pairs", &WirePairs(p))?;
+        }
+        if let Some(x) = &r.rejected {
+            m.serialize_entry("rejected", x)?;
+        }
+        if let Some(x) = &r.message {
+            m.serialize_entry("message", x)?;
+        }
+        if let Some(x) = &r.cluster {
+            m.serialize_entry("cluster", x)?;
+        }
+        m.end()
     }
 }
 
@@ -505,5 +570,11 @@ mod tests {
         assert!(bytes.len() - 4 <= pairs_response_len(&pairs));
         let back = Response::from_value(&frame::decode_value(&bytes[4..]).unwrap()).unwrap();
         assert_eq!(back, r);
+        let mut direct = vec![];
+        r.encode_into(&mut direct);
+        assert_eq!(
+            direct, bytes,
+            "direct serialisation must equal the value-tree encoding"
+        );
     }
 }
