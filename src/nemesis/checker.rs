@@ -24,7 +24,7 @@
 //!
 //! Pure: no I/O, no clocks, no async. [`check`] uses two threads to check keys in parallel.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -203,7 +203,7 @@ type Val = u32;
 /// The register: None = key absent.
 type State = Option<Val>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Get,
     Put(Val),
@@ -302,12 +302,51 @@ struct LinSet {
     rest: Vec<usize>,
 }
 
-/// A configuration already explored: the linearized set and the register's value.
+/// The completed part of a configuration: the completed ops linearized and the register's value.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     prefix: usize,
+    /// Completed members above `prefix`, sorted.
     rest: Box<[usize]>,
     state: State,
+}
+
+/// Configurations already explored, or being explored on the current path.
+///
+/// A configuration is (linearized set, state). Placing an unknown op is optional, so (S, s)
+/// can do everything (S ∪ U, s) can for a set U of unknown ops: the latter is pruned when the
+/// former was seen. So the cache maps the completed part of a configuration to the sets of
+/// placed unknown ops seen with it, and a lookup looks for a subset.
+#[derive(Default)]
+struct Cache {
+    seen: HashMap<CacheKey, Vec<Box<[usize]>>>,
+    len: usize,
+}
+
+impl Cache {
+    /// Records the configuration; false if it, or one that can do everything it can, was seen.
+    fn insert(&mut self, set: &LinSet, state: State) -> bool {
+        let split = set.rest.partition_point(|&i| i < set.completed);
+        let (completed, unknown) = set.rest.split_at(split);
+        let key = CacheKey {
+            prefix: set.prefix,
+            rest: completed.into(),
+            state,
+        };
+        let sets = self.seen.entry(key).or_default();
+        if sets.iter().any(|seen| **seen == *unknown) {
+            return false;
+        }
+        sets.push(unknown.into());
+        self.len += 1;
+        true
+    }
+}
+
+/// Whether sorted `a` is a subset of sorted `b`.
+fn is_subset(a: &[usize], b: &[usize]) -> bool {
+    let mut b = b.iter();
+    a.iter().all(|x| b.any(|y| y == x))
 }
 
 impl LinSet {
@@ -347,14 +386,6 @@ impl LinSet {
             self.prefix = i;
         } else if let Ok(at) = self.rest.binary_search(&i) {
             self.rest.remove(at);
-        }
-    }
-
-    fn key(&self, state: State) -> CacheKey {
-        CacheKey {
-            prefix: self.prefix,
-            rest: self.rest.as_slice().into(),
-            state,
         }
     }
 }
@@ -489,6 +520,7 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
     let mut values = Interner::default();
     let mut kinds = Vec::with_capacity(n);
     let mut outs = Vec::with_capacity(n);
+    let mut passes = Vec::with_capacity(n);
     for op in &ops {
         kinds.push(match &op.kind {
             OpKind::Get => Kind::Get,
@@ -503,7 +535,30 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
             Outcome::Deleted(v) => Out::Deleted(values.opt(v)),
             Outcome::Unknown | Outcome::Failed => Out::Any,
         });
+        passes.push(match &op.outcome {
+            Outcome::Read(_) | Outcome::Rejected | Outcome::Deleted(None) => Pass::ReadOnly,
+            Outcome::Applied | Outcome::Deleted(Some(_)) => Pass::Writing,
+            Outcome::Unknown | Outcome::Failed => Pass::Unknown,
+        });
     }
+    // Unknown ops with the same request are interchangeable once both are invoked, so only the
+    // earliest-invoked one not yet linearized is ever placed: `rank` is an unknown op's position
+    // among those with its request, `placed` counts the placed ones per request.
+    let mut class_of: HashMap<Kind, usize> = HashMap::new();
+    let mut class = vec![0; n];
+    let mut rank = vec![0; n];
+    let mut placed: Vec<usize> = Vec::new();
+    for i in m..n {
+        let next_class = class_of.len();
+        let c = *class_of.entry(kinds[i]).or_insert(next_class);
+        if c == placed.len() {
+            placed.push(0);
+        }
+        class[i] = c;
+        rank[i] = placed[c];
+        placed[c] += 1;
+    }
+    placed.fill(0);
 
     // (time, 0 = call / 1 = return, op index): calls sort before returns at equal times.
     let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(n + m);
@@ -538,15 +593,13 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
     }
 
     let mut linearized = LinSet::new(n, m);
-    let mut cache: HashSet<CacheKey> = HashSet::new();
-    let mut stack: Vec<(usize, State)> = Vec::new();
+    let mut cache = Cache::default();
+    // (call entry linearized, state before it, pass it was found in)
+    let mut stack: Vec<(usize, State, Pass)> = Vec::new();
     let mut state: State = None;
     let mut remaining = m;
     let mut entry = list.next[HEAD];
-    // The candidates (calls before the first return entry) are tried in two passes: completed
-    // ops first, then unknown ones, so an unknown op is only placed where the completed ones
-    // cannot go on without it. Together the passes try every candidate, like the plain search.
-    let mut unknown_pass = false;
+    let mut pass = Pass::ReadOnly;
     let mut stuck: Option<Stuck> = None;
     let mut steps: u64 = 0;
 
@@ -564,46 +617,64 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
             detail.push(')');
             return Verdict::Inconclusive { detail };
         }
+        let mut fail = false;
         if entry != NIL && list.is_call[entry] {
             let i = list.op[entry];
             let unknown = i >= m;
-            if unknown == unknown_pass
+            if passes[i] == pass
+                && (!unknown || rank[i] == placed[class[i]])
                 && let Some(next) = step(state, kinds[i], outs[i])
                 // Placing an unknown op that changes nothing is the same as leaving it out.
                 && !(unknown && next == state)
             {
                 linearized.insert(i);
-                if cache.insert(linearized.key(next)) {
-                    stack.push((entry, state));
+                if cache.insert(&linearized, next) {
+                    stack.push((entry, state, pass));
                     state = next;
-                    if !unknown {
+                    if unknown {
+                        placed[class[i]] += 1;
+                    } else {
                         remaining -= 1;
                     }
                     list.lift(entry);
                     entry = list.next[HEAD];
-                    unknown_pass = false;
+                    pass = Pass::ReadOnly;
                     continue;
                 }
                 linearized.remove(i);
+                // A read-only op goes first if anything works (see `Pass`): this
+                // configuration already failed, so this node fails too.
+                fail = pass == Pass::ReadOnly;
             }
-            entry = list.next[entry];
-        } else if !unknown_pass && n > m {
-            unknown_pass = true;
+            if !fail {
+                entry = list.next[entry];
+                continue;
+            }
+        } else if pass == Pass::ReadOnly {
+            pass = Pass::Writing;
             entry = list.next[HEAD];
+            continue;
+        } else if pass == Pass::Writing && n > m {
+            pass = Pass::Unknown;
+            entry = list.next[HEAD];
+            continue;
         } else {
-            // The op returning here could not be linearized before its return: backtrack.
+            // The op returning here could not be linearized before its return.
             let depth = m - remaining;
             if stuck.as_ref().is_none_or(|s| depth > s.depth) {
                 stuck = Some(Stuck {
                     depth,
                     op: (entry != NIL).then(|| list.op[entry]),
                     state,
-                    last: stack.last().map(|&(e, _)| list.op[e]),
+                    last: stack.last().map(|&(e, _, _)| list.op[e]),
                 });
             }
-            let Some((call, before)) = stack.pop() else {
+        }
+        // Backtrack: undo linearizations until one leaves alternatives to try.
+        loop {
+            let Some((call, before, found_in)) = stack.pop() else {
                 if std::env::var_os("CHECKER_STATS").is_some() {
-                    eprintln!("  steps {steps} cache {} n {n} m {m}", cache.len());
+                    eprintln!("  steps {steps} cache {} n {n} m {m}", cache.len);
                 }
                 let detail = match &stuck {
                     Some(s) => explain(s, &ops, &values),
@@ -615,14 +686,38 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
             linearized.remove(i);
             if i < m {
                 remaining += 1;
+            } else {
+                placed[class[i]] -= 1;
             }
-            unknown_pass = i >= m;
             state = before;
             list.unlift(call);
-            entry = list.next[call];
+            if found_in != Pass::ReadOnly {
+                pass = found_in;
+                entry = list.next[call];
+                break;
+            }
         }
     }
     Verdict::Linearizable
+}
+
+/// The candidates of a search node (the calls before the first return entry) are tried in
+/// three passes; together they try every candidate, as the plain search does.
+///
+/// 1. `ReadOnly`: completed ops whose outcome says they changed nothing, in any state that
+///    accepts it (GETs, rejected PUTs and POSTs, DELETEs of nothing). If one is accepted now,
+///    some linearization starts with it whenever any does: in any linearization, moving it to
+///    the front leaves every state as it was, and as a candidate it was invoked before any
+///    remaining op returned. So it is linearized with no alternatives.
+/// 2. `Writing`: the other completed ops (applied writes, deletes of a value); each is a branch.
+/// 3. `Unknown`: unknown ops that change the state (placing one that changes nothing is the same
+///    as leaving it out), tried last so they are only placed where the completed ops cannot go
+///    on without them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    ReadOnly,
+    Writing,
+    Unknown,
 }
 
 fn explain(s: &Stuck, ops: &[&Op], values: &Interner) -> String {
@@ -1203,8 +1298,8 @@ mod tests {
 
     #[test]
     fn zz_explore() {
-        for (c, u) in [(4, 0), (8, 0), (4, 6), (8, 6), (4, 1), (4, 2)] {
-            for seed in 1..4 {
+        for (c, u) in [(8, 20), (8, 50), (8, 200), (4, 200)] {
+            for seed in 1..3 {
                 let ops = generated(seed, c, 20_000, u);
                 let (v, took) = timed(&ops);
                 eprintln!("c={c} u={u} seed={seed}: {took:?} {v:?}");
@@ -1212,12 +1307,18 @@ mod tests {
                 let end = ops.iter().filter_map(|o| o.complete_ns).max().unwrap_or(0);
                 ops.push(get(100_001, at(end + 10, end + 20), Some("zz")));
                 let (v, took) = timed(&ops);
-                eprintln!("  late bug: {took:?} {}", matches!(v, Verdict::NotLinearizable{..}));
+                eprintln!(
+                    "  late bug: {took:?} {}",
+                    matches!(v, Verdict::NotLinearizable { .. })
+                );
                 let mut ops = generated(seed, c, 20_000, u);
                 let mid = ops[10_000].complete_ns.unwrap_or(0);
                 ops.push(get(100_001, at(mid, mid + 1), Some("zz")));
                 let (v, took) = timed(&ops);
-                eprintln!("  mid bug: {took:?} {}", matches!(v, Verdict::NotLinearizable{..}));
+                eprintln!(
+                    "  mid bug: {took:?} {}",
+                    matches!(v, Verdict::NotLinearizable { .. })
+                );
             }
         }
     }
