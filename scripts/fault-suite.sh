@@ -11,7 +11,8 @@ usage: fault-suite.sh [--short] [--duration SECS] [--extra] [--only NAME,...] [-
 For each scenario: netns-up.sh (fresh topology), `tuplespace nemesis` in ts-client with the fault
 (process faults with --fault KIND, network faults with --fault cmd running fault.sh), then
 netns-down.sh. The fault starts at 1/3 of the run and is healed at 2/3. Prints a markdown table
-(also written to the results file) and exits 1 if any scenario did not PASS.
+(also written to the results file) and exits 1 if any scenario did not PASS, or passed but left
+the service without a primary and a synchronised backup.
 
   --short          primary kill -9, primary SIGSTOP and the proxy-a cut, 15 s each
   --duration SECS  seconds of load per scenario (default 30; 15 with --short)
@@ -24,6 +25,9 @@ netns-down.sh. The fault starts at 1/3 of the run and is healed at 2/3. Prints a
   --out DIR        per-scenario output: history.jsonl, report.json, nemesis.out, logs/
                    (default /tmp/ts-fault-suite/<date-time>)
   --results FILE   where the markdown table goes (default DIR/results.md)
+  --no-recovery-check
+                   do not count a scenario as failed when nemesis PASSes but the service is not
+                   back to a primary with a synchronised backup 10 s after the run
 
 Environment: TUPLESPACE_BIN, TS_STATE_DIR, TS_NET_PREFIX, ... as for netns-up.sh;
 TS_SUITE_UP_TIMEOUT (seconds netns-up.sh may take to get a synchronised backup, default 30).
@@ -58,6 +62,7 @@ extra=0
 only=""
 clients=4
 keys=5
+recovery_check=1
 out=""
 results=""
 while [[ $# -gt 0 ]]; do
@@ -71,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --keys) keys=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
+    --no-recovery-check) recovery_check=0; shift ;;
     --list)
       for s in "${SCENARIOS[@]}"; do
         IFS='|' read -r name set kind fcmd hcmd sap <<<"$s"
@@ -196,22 +202,28 @@ print("|".join(str(x) for x in (g("verdict"), g("ops"), g("lost"), g("duplicated
   mkdir -p "$dir/logs"
   cp -r "$TS_STATE_DIR"/logs/*.log "$dir/logs/" 2>/dev/null || true
   cleanup
-  [[ "$verdict" == PASS ]] || failed=$((failed + 1))
-  rows+=("| $name | $ops | $lost | $dup | $nonlin | $unavail | $epochs | $after | **$verdict** |${note:+ $note}")
+  if [[ "$verdict" != PASS ]]; then
+    failed=$((failed + 1))
+  elif [[ "$after" != ok && $recovery_check == 1 ]]; then
+    failed=$((failed + 1))
+    note="nemesis passed, but the service did not get back to a primary with a synchronised backup${note:+; $note}"
+  fi
+  rows+=("| $name | $ops | $lost | $dup | $nonlin | $unavail | $epochs | $after | **$verdict** | ${note:-} |")
   ts_log "=== $name: $verdict"
 done
 
 {
   echo "### Fault suite $(date '+%F %T')"
   echo
-  echo "binary \`$TUPLESPACE_BIN\` ($(cd "$TS_REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$TS_REPO_DIR" && [[ -n "$(git status --porcelain 2>/dev/null)" ]] && echo ', with local changes')), " \
-    "backup launch mode ${TS_LAUNCH_MODE:-exec}, ${duration}s per scenario, fault at ${fault_at}s for ${fault_for}s, $clients clients, $keys keys; outputs in \`$out\`"
+  rev=$(cd "$TS_REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?')
+  [[ -n "$(cd "$TS_REPO_DIR" && git status --porcelain 2>/dev/null)" ]] && rev="$rev, with local changes"
+  echo "binary \`$TUPLESPACE_BIN\` ($rev); backup launch mode ${TS_LAUNCH_MODE:-exec}; ${duration}s per scenario, fault at ${fault_at}s for ${fault_for}s; $clients clients, $keys keys; outputs in \`$out\`"
   echo
-  echo "| scenario | ops | lost | duplicated | not linearizable | longest unavailability (ms) | epoch | cluster after | verdict |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| scenario | ops | lost | duplicated | not linearizable | longest unavailability (ms) | epoch | cluster after | verdict | notes |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "$((${#rows[@]} - failed))/${#rows[@]} scenarios passed."
+  echo "$((${#rows[@]} - failed))/${#rows[@]} scenarios passed. \"cluster after\": STATUS 10 s after nemesis ended (ok = a primary and a synchronised backup)."
 } >"$results"
 echo
 cat "$results"

@@ -269,10 +269,12 @@ relay_start() {
   ip netns exec "$(ts_ns proxy)" python3 "$TS_SCRIPTS_DIR/udp_relay.py" \
     --listen "$TS_RELAY_SAP" --target "$TS_PROXY_SAP" --control "$TS_STATE_DIR/relay/control.json" \
     </dev/null >>"$TS_STATE_DIR/logs/relay.log" 2>&1 &
-  echo $! >"$TS_STATE_DIR/pids/relay.pid"
+  local pid=$!
+  disown
+  echo "$pid" >"$TS_STATE_DIR/pids/relay.pid"
   sleep 0.3
-  kill -0 "$(cat "$TS_STATE_DIR/pids/relay.pid")" 2>/dev/null || ts_die "the relay did not start: see $TS_STATE_DIR/logs/relay.log"
-  echo "relay started (pid $!): point clients at $TS_RELAY_SAP instead of $TS_PROXY_SAP"
+  kill -0 "$pid" 2>/dev/null || ts_die "the relay did not start: see $TS_STATE_DIR/logs/relay.log"
+  echo "relay started (pid $pid): point clients at $TS_RELAY_SAP instead of $TS_PROXY_SAP"
 }
 
 relay_set_json() {

@@ -50,20 +50,22 @@ ours() {
 }
 
 kill_all() {
-  local sig=$1 n p killed=0
+  local sig=$1 n p
+  local -A pids=()
   for n in "${namespaces[@]}"; do
     ts_ns_exists "$n" || continue
-    for p in $(ip netns pids "$n" 2>/dev/null); do
-      kill "-$sig" "$p" 2>/dev/null && killed=$((killed + 1))
-    done
+    for p in $(ip netns pids "$n" 2>/dev/null); do pids[$p]=1; done
   done
   if [[ -d "$TS_STATE_DIR/pids" ]]; then
     for p in $(cat "$TS_STATE_DIR"/pids/*.pid 2>/dev/null) \
-      $(awk '{print $1}' "$TS_STATE_DIR/pids/launched" 2>/dev/null); do
-      [[ "$p" =~ ^[0-9]+$ ]] && [[ -d /proc/$p ]] && ours "$p" && kill "-$sig" "$p" 2>/dev/null &&
-        killed=$((killed + 1))
+      $(awk '{print $1}' "$TS_STATE_DIR/pids/launched" "$TS_STATE_DIR/pids/stopped" 2>/dev/null); do
+      [[ "$p" =~ ^[0-9]+$ ]] && [[ -d /proc/$p ]] && ours "$p" && pids[$p]=1
     done
   fi
+  local killed=0
+  for p in "${!pids[@]}"; do
+    kill "-$sig" "$p" 2>/dev/null && killed=$((killed + 1))
+  done
   echo "$killed"
 }
 

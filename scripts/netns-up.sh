@@ -92,7 +92,7 @@ on_fail() {
   exit 1
 }
 trap on_fail ERR
-trap 'echo "netns-up.sh: interrupted" >&2; false' INT TERM
+trap 'echo "netns-up.sh: interrupted" >&2; on_fail' INT TERM
 
 # ---- state directory ------------------------------------------------------------------------
 rm -rf "${TS_STATE_DIR:?}"/{ca,certs,pids,data,relay,env,env.last}
@@ -160,6 +160,7 @@ ip netns exec "$(ts_ns proxy)" "$TUPLESPACE_BIN" --certs "$TS_STATE_DIR/certs/pr
   proxy "$TS_PROXY_SAP" "${TS_IP[proxy]}:$TS_PORT_SERVER" "$TS_ADMIN_SAP" \
   </dev/null >>"$TS_STATE_DIR/logs/proxy.log" 2>&1 &
 echo $! >"$TS_STATE_DIR/pids/proxy.pid"
+disown
 
 # The primary launches every backup through this command; {backup_host} is the IP of its
 # BACKUP_SAP, which after a promotion across hosts is the old primary's host. `exec` keeps the
@@ -176,6 +177,7 @@ ts_log "starting the primary in $(ts_ns a): shutdown ${TS_IP[a]}:$TS_PORT_SHUTDO
     "${TS_IP[b]}:$TS_PORT_BACKUP" "${TS_IP[a]}:$TS_PORT_HEARTBEAT" \
     "$TS_STATE_DIR/data/space.json" null null </dev/null >>"$TS_STATE_DIR/logs/server-a.log" 2>&1 &
   echo $! >"$TS_STATE_DIR/pids/primary.pid"
+  disown
 }
 echo "$(cat "$TS_STATE_DIR/pids/primary.pid") a $(date +%s)" >>"$TS_STATE_DIR/pids/launched"
 
@@ -186,6 +188,7 @@ if [[ $relay == 1 ]]; then
     --listen "$TS_RELAY_SAP" --target "$TS_PROXY_SAP" --control "$TS_STATE_DIR/relay/control.json" \
     </dev/null >>"$TS_STATE_DIR/logs/relay.log" 2>&1 &
   echo $! >"$TS_STATE_DIR/pids/relay.pid"
+  disown
 fi
 
 # ---- wait until primary + synchronised backup -----------------------------------------------

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+// The service allocates many small, short-lived buffers per request; mimalloc does that
+// markedly cheaper than the system allocator (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio_util::sync::CancellationToken;
 use tuplespace::config::{Config, DEFAULT_CONFIG_PATH};
 use tuplespace::net::endpoint::resolve_sap;

@@ -24,7 +24,7 @@
 //!
 //! Pure: no I/O, no clocks, no async. [`check`] uses two threads to check keys in parallel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -257,31 +257,43 @@ fn compatible(kind: &OpKind, outcome: &Outcome) -> bool {
     )
 }
 
+/// Interns the values completed ops observed (read or deleted). Every other value is written
+/// as [`UNREAD`]: values are only ever compared with observed ones, so values nobody observed
+/// are indistinguishable, and merging them lets the cache and the unknown-op symmetry treat
+/// them as one (many lost unknown writes collapse to one).
 #[derive(Default)]
 struct Interner<'a> {
     ids: HashMap<&'a str, Val>,
     names: Vec<&'a str>,
 }
 
+/// The value standing for every value no completed op observed.
+const UNREAD: Val = Val::MAX;
+
 impl<'a> Interner<'a> {
-    fn id(&mut self, s: &'a str) -> Val {
+    fn observe(&mut self, s: &'a Option<String>) -> State {
+        let s = s.as_deref()?;
         if let Some(&id) = self.ids.get(s) {
-            return id;
+            return Some(id);
         }
         let id = self.names.len() as Val;
         self.names.push(s);
         self.ids.insert(s, id);
-        id
+        Some(id)
     }
 
-    fn opt(&mut self, s: &'a Option<String>) -> State {
-        s.as_deref().map(|s| self.id(s))
+    fn written(&self, s: &str) -> Val {
+        self.ids.get(s).copied().unwrap_or(UNREAD)
     }
 
     fn show(&self, state: State) -> String {
-        match state.and_then(|v| self.names.get(v as usize)) {
-            Some(s) => format!("{s:?}"),
+        match state {
             None => "absent".to_owned(),
+            Some(UNREAD) => "a value no completed op read".to_owned(),
+            Some(v) => match self.names.get(v as usize) {
+                Some(s) => format!("{s:?}"),
+                None => "?".to_owned(),
+            },
         }
     }
 }
@@ -302,54 +314,23 @@ struct LinSet {
     rest: Vec<usize>,
 }
 
-/// The completed part of a configuration: the completed ops linearized and the register's value.
+/// A configuration already explored: the linearized set and the register's value.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     prefix: usize,
-    /// Completed members above `prefix`, sorted.
     rest: Box<[usize]>,
     state: State,
 }
 
-/// Configurations already explored, or being explored on the current path.
-///
-/// A configuration is (linearized set, state). Placing an unknown op is optional, so (S, s)
-/// can do everything (S ∪ U, s) can for a set U of unknown ops: the latter is pruned when the
-/// former was seen. So the cache maps the completed part of a configuration to the sets of
-/// placed unknown ops seen with it, and a lookup looks for a subset.
-#[derive(Default)]
-struct Cache {
-    seen: HashMap<CacheKey, Vec<Box<[usize]>>>,
-    len: usize,
-}
-
-impl Cache {
-    /// Records the configuration; false if it, or one that can do everything it can, was seen.
-    fn insert(&mut self, set: &LinSet, state: State) -> bool {
-        let split = set.rest.partition_point(|&i| i < set.completed);
-        let (completed, unknown) = set.rest.split_at(split);
-        let key = CacheKey {
-            prefix: set.prefix,
-            rest: completed.into(),
-            state,
-        };
-        let sets = self.seen.entry(key).or_default();
-        if sets.iter().any(|seen| **seen == *unknown) {
-            return false;
-        }
-        sets.push(unknown.into());
-        self.len += 1;
-        true
-    }
-}
-
-/// Whether sorted `a` is a subset of sorted `b`.
-fn is_subset(a: &[usize], b: &[usize]) -> bool {
-    let mut b = b.iter();
-    a.iter().all(|x| b.any(|y| y == x))
-}
-
 impl LinSet {
+    fn key(&self, state: State) -> CacheKey {
+        CacheKey {
+            prefix: self.prefix,
+            rest: self.rest.as_slice().into(),
+            state,
+        }
+    }
+
     fn new(n: usize, completed: usize) -> Self {
         LinSet {
             bits: vec![0; n.div_ceil(64)],
@@ -516,24 +497,29 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
     if m == 0 {
         return Verdict::Linearizable;
     }
+    if let Some(detail) = unwritten_observation(&ops) {
+        return Verdict::NotLinearizable { detail };
+    }
 
     let mut values = Interner::default();
-    let mut kinds = Vec::with_capacity(n);
     let mut outs = Vec::with_capacity(n);
+    for op in &ops {
+        outs.push(match &op.outcome {
+            Outcome::Read(v) => Out::Read(values.observe(v)),
+            Outcome::Applied => Out::Applied,
+            Outcome::Rejected => Out::Rejected,
+            Outcome::Deleted(v) => Out::Deleted(values.observe(v)),
+            Outcome::Unknown | Outcome::Failed => Out::Any,
+        });
+    }
+    let mut kinds = Vec::with_capacity(n);
     let mut passes = Vec::with_capacity(n);
     for op in &ops {
         kinds.push(match &op.kind {
             OpKind::Get => Kind::Get,
-            OpKind::Put(v) => Kind::Put(values.id(v)),
-            OpKind::Post(v) => Kind::Post(values.id(v)),
+            OpKind::Put(v) => Kind::Put(values.written(v)),
+            OpKind::Post(v) => Kind::Post(values.written(v)),
             OpKind::Delete => Kind::Delete,
-        });
-        outs.push(match &op.outcome {
-            Outcome::Read(v) => Out::Read(values.opt(v)),
-            Outcome::Applied => Out::Applied,
-            Outcome::Rejected => Out::Rejected,
-            Outcome::Deleted(v) => Out::Deleted(values.opt(v)),
-            Outcome::Unknown | Outcome::Failed => Out::Any,
         });
         passes.push(match &op.outcome {
             Outcome::Read(_) | Outcome::Rejected | Outcome::Deleted(None) => Pass::ReadOnly,
@@ -593,7 +579,7 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
     }
 
     let mut linearized = LinSet::new(n, m);
-    let mut cache = Cache::default();
+    let mut cache: HashSet<CacheKey> = HashSet::new();
     // (call entry linearized, state before it, pass it was found in)
     let mut stack: Vec<(usize, State, Pass)> = Vec::new();
     let mut state: State = None;
@@ -628,7 +614,7 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
                 && !(unknown && next == state)
             {
                 linearized.insert(i);
-                if cache.insert(&linearized, next) {
+                if cache.insert(linearized.key(next)) {
                     stack.push((entry, state, pass));
                     state = next;
                     if unknown {
@@ -654,12 +640,9 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
             pass = Pass::Writing;
             entry = list.next[HEAD];
             continue;
-        } else if pass == Pass::Writing && n > m {
-            pass = Pass::Unknown;
-            entry = list.next[HEAD];
-            continue;
-        } else {
-            // The op returning here could not be linearized before its return.
+        } else if pass == Pass::Writing {
+            // The op returning here could not be linearized before its return (`entry` is NIL
+            // only once every completed op is linearized, which ends the search).
             let depth = m - remaining;
             if stuck.as_ref().is_none_or(|s| depth > s.depth) {
                 stuck = Some(Stuck {
@@ -669,13 +652,15 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
                     last: stack.last().map(|&(e, _, _)| list.op[e]),
                 });
             }
+            if n > m {
+                pass = Pass::Unknown;
+                entry = list.next[HEAD];
+                continue;
+            }
         }
         // Backtrack: undo linearizations until one leaves alternatives to try.
         loop {
             let Some((call, before, found_in)) = stack.pop() else {
-                if std::env::var_os("CHECKER_STATS").is_some() {
-                    eprintln!("  steps {steps} cache {} n {n} m {m}", cache.len);
-                }
                 let detail = match &stuck {
                     Some(s) => explain(s, &ops, &values),
                     None => "no linearization exists".to_owned(),
@@ -712,12 +697,35 @@ fn check_refs(all: &[&Op], max_steps: u64) -> Verdict {
 /// 2. `Writing`: the other completed ops (applied writes, deletes of a value); each is a branch.
 /// 3. `Unknown`: unknown ops that change the state (placing one that changes nothing is the same
 ///    as leaving it out), tried last so they are only placed where the completed ops cannot go
-///    on without them.
+///    on without them. Unknown ops with the same request are interchangeable once invoked, so
+///    only the earliest invoked of those still pending is tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
     ReadOnly,
     Writing,
     Unknown,
+}
+
+/// A completed op that read or deleted a value no write applied (or may have applied): caught
+/// up front, as the search would have to try every placement of the unknown ops to prove it.
+fn unwritten_observation(ops: &[&Op]) -> Option<String> {
+    let written: HashSet<&str> = ops
+        .iter()
+        .filter(|op| matches!(op.outcome, Outcome::Applied | Outcome::Unknown))
+        .filter_map(|op| match &op.kind {
+            OpKind::Put(v) | OpKind::Post(v) => Some(v.as_str()),
+            OpKind::Get | OpKind::Delete => None,
+        })
+        .collect();
+    ops.iter().find_map(|op| match &op.outcome {
+        Outcome::Read(Some(v)) | Outcome::Deleted(Some(v)) if !written.contains(v.as_str()) => {
+            Some(format!(
+                "{} cannot be linearized: no write of {v:?} was applied or may have been",
+                describe(op)
+            ))
+        }
+        _ => None,
+    })
 }
 
 fn explain(s: &Stuck, ops: &[&Op], values: &Interner) -> String {
@@ -1248,13 +1256,27 @@ mod tests {
     /// `total` ops on one key from `clients` clients, each op executed atomically at a random
     /// point of its interval; `unknown` of them (spread out) get no answer, half of those applied.
     fn generated(seed: u64, clients: u32, total: usize, unknown: usize) -> Vec<Op> {
+        generated_with(seed, clients, total, unknown, false)
+    }
+
+    fn generated_with(
+        seed: u64,
+        clients: u32,
+        total: usize,
+        unknown: usize,
+        unique: bool,
+    ) -> Vec<Op> {
         let mut rng = Rng(seed);
         let values = ["a", "b", "c", "d"];
         let mut planned = Vec::with_capacity(total);
         let mut clock = vec![0u64; clients as usize];
         for id in 0..total as u64 {
             let c = rng.below(u64::from(clients)) as usize;
-            let v = values[rng.below(values.len() as u64) as usize].to_owned();
+            let v = if unique {
+                format!("v{id}")
+            } else {
+                values[rng.below(values.len() as u64) as usize].to_owned()
+            };
             let kind = match rng.below(8) {
                 0..=2 => OpKind::Get,
                 3 | 4 => OpKind::Put(v),
@@ -1298,27 +1320,35 @@ mod tests {
 
     #[test]
     fn zz_explore() {
-        for (c, u) in [(8, 20), (8, 50), (8, 200), (4, 200)] {
+        for (c, u) in [(4, 0), (8, 0), (8, 6), (8, 20), (8, 50), (8, 200)] {
             for seed in 1..3 {
-                let ops = generated(seed, c, 20_000, u);
-                let (v, took) = timed(&ops);
-                eprintln!("c={c} u={u} seed={seed}: {took:?} {v:?}");
-                let mut ops = ops;
-                let end = ops.iter().filter_map(|o| o.complete_ns).max().unwrap_or(0);
-                ops.push(get(100_001, at(end + 10, end + 20), Some("zz")));
+                let ops = generated_with(seed, c, 20_000, u, true);
                 let (v, took) = timed(&ops);
                 eprintln!(
-                    "  late bug: {took:?} {}",
-                    matches!(v, Verdict::NotLinearizable { .. })
+                    "c={c} u={u} seed={seed}: {took:?} {}",
+                    matches!(v, Verdict::Linearizable)
                 );
-                let mut ops = generated(seed, c, 20_000, u);
-                let mid = ops[10_000].complete_ns.unwrap_or(0);
-                ops.push(get(100_001, at(mid, mid + 1), Some("zz")));
-                let (v, took) = timed(&ops);
-                eprintln!(
-                    "  mid bug: {took:?} {}",
-                    matches!(v, Verdict::NotLinearizable { .. })
-                );
+                let first = ops
+                    .iter()
+                    .find(|o| o.outcome == Outcome::Applied && matches!(o.kind, OpKind::Put(_)))
+                    .unwrap();
+                let OpKind::Put(v0) = first.kind.clone() else {
+                    panic!()
+                };
+                for frac in [2, 1] {
+                    let mut ops = ops.clone();
+                    let t = ops[ops.len() / frac - 1].complete_ns.unwrap_or(0) + 1000;
+                    ops.push(get(100_001, at(t, t + 1), Some(&v0)));
+                    let (v, took) = timed(&ops);
+                    eprintln!(
+                        "  stale at 1/{frac}: {took:?} {}",
+                        match v {
+                            Verdict::NotLinearizable { .. } => "NL",
+                            Verdict::Linearizable => "LIN!",
+                            Verdict::Inconclusive { .. } => "inconclusive",
+                        }
+                    );
+                }
             }
         }
     }

@@ -421,6 +421,11 @@ impl Replica {
             StoreOut::Read { after_seq, reply } | StoreOut::Dedup { after_seq, reply } => {
                 self.release.push_back((after_seq, reply));
             }
+            StoreOut::Watermark(w) => {
+                if let Some(b) = &self.backup {
+                    let _ = b.link.tx.send(Repl::Watermark(w));
+                }
+            }
         }
     }
 

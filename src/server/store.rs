@@ -75,6 +75,8 @@ pub enum StoreOut {
     },
     /// A re-sent request already applied: answered from the dedupe table.
     Dedup { after_seq: u64, reply: RelayReply },
+    /// The proxy's watermark, to be passed on to the backup so its dedupe table shrinks too.
+    Watermark(u64),
 }
 
 struct Store {
@@ -183,6 +185,7 @@ impl Store {
             }
             StoreMsg::Watermark(w) => {
                 self.dedupe = self.dedupe.split_off(&w);
+                self.emit(StoreOut::Watermark(w));
             }
             StoreMsg::Apply {
                 seq,
@@ -259,6 +262,24 @@ impl Store {
         }
         let limits = self.cfg.tuple_limits();
         match cmd {
+            Command::Get { key, value } if is_plain_key(&key) && value == ".*" => {
+                // The commonest read, an exact key with any value: a map lookup, no regex.
+                let pairs = self
+                    .space
+                    .value_of(&key)
+                    .map(|v| vec![Pair::new(key.clone(), v.clone())])
+                    .unwrap_or_default();
+                self.emit(StoreOut::Read {
+                    after_seq: self.seq,
+                    reply: RelayReply {
+                        rid,
+                        reply: Reply::Pairs {
+                            pairs,
+                            message: None,
+                        },
+                    },
+                });
+            }
             Command::Get { key, value } => {
                 let (kp, vp) = match self.patterns(&key, &value) {
                     Ok(p) => p,
@@ -377,6 +398,11 @@ impl Store {
             reply,
         });
     }
+}
+
+/// A key pattern that can only match itself: alphanumerics and commas, no regex syntax at all.
+fn is_plain_key(p: &str) -> bool {
+    !p.is_empty() && p.chars().all(|c| c == ',' || c.is_alphanumeric())
 }
 
 fn too_large_reply(pairs: &[Pair], max: usize) -> Option<Reply> {
