@@ -10,7 +10,6 @@
 //! Not a test: it prints figures for docs/BENCHMARKS.md.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
