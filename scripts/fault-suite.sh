@@ -99,6 +99,7 @@ ts_check_bin
 ts_ensure_python
 ts_ensure_iptables
 TUPLESPACE_BIN=$(readlink -f "$TUPLESPACE_BIN")
+bin_source=$TUPLESPACE_BIN
 export TUPLESPACE_BIN TS_STATE_DIR TS_NET_PREFIX TS_NS_PREFIX TS_CONFIG TS_SET
 if ! "$TUPLESPACE_BIN" nemesis --help >/dev/null 2>&1; then
   ts_die "$TUPLESPACE_BIN has no \`nemesis\` subcommand: build a tuplespace that has it (cargo build --release)"
@@ -127,6 +128,11 @@ out=${out:-/tmp/ts-fault-suite/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 results=${results:-$out/results.md}
+# One build for the whole suite, even if target/release is rebuilt meanwhile.
+if ! cp -f "$TUPLESPACE_BIN" "$out/tuplespace"; then
+  ts_die "cannot copy $TUPLESPACE_BIN to $out"
+fi
+TUPLESPACE_BIN="$out/tuplespace"
 
 fault_at=$((duration / 3))
 fault_for=$((duration / 3))
@@ -154,6 +160,7 @@ for s in "${selected[@]}"; do
     fault_args=(--fault "$kind")
     if [[ $kind == cmd ]]; then
       f="TS_STATE_DIR='$TS_STATE_DIR' '$TS_SCRIPTS_DIR/fault.sh'"
+      # shellcheck disable=SC2086  # the fault.sh arguments, one word each
       fault_args+=(--fault-cmd "$f $(printf '%q ' $fcmd)" --heal-cmd "$f $(printf '%q ' $hcmd)")
     fi
     ts_log "nemesis --fault $kind${fcmd:+ (fault.sh $fcmd / fault.sh $hcmd)} against $sap"
@@ -217,7 +224,7 @@ done
   echo
   rev=$(cd "$TS_REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?')
   [[ -n "$(cd "$TS_REPO_DIR" && git status --porcelain 2>/dev/null)" ]] && rev="$rev, with local changes"
-  echo "binary \`$TUPLESPACE_BIN\` ($rev); backup launch mode ${TS_LAUNCH_MODE:-exec}; ${duration}s per scenario, fault at ${fault_at}s for ${fault_for}s; $clients clients, $keys keys; outputs in \`$out\`"
+  echo "binary \`$bin_source\` ($rev); backup launch mode ${TS_LAUNCH_MODE:-exec}; ${duration}s per scenario, fault at ${fault_at}s for ${fault_for}s; $clients clients, $keys keys; outputs in \`$out\`"
   echo
   echo "| scenario | ops | lost | duplicated | not linearizable | longest unavailability (ms) | epoch | cluster after | verdict | notes |"
   echo "|---|---|---|---|---|---|---|---|---|---|"

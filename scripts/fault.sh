@@ -323,10 +323,13 @@ do_status() {
         "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-110)"
     done
   done
-  local rules
+  local rules line
   for h in "${TS_HOSTS[@]}"; do
     rules=$(ipt "$h" -S "$TS_CHAIN" 2>/dev/null | grep '^-A' || true)
-    [[ -n "$rules" ]] && echo "rules in $(ts_ns "$h"):" && sed 's/^/    /' <<<"$rules"
+    if [[ -n "$rules" ]]; then
+      echo "rules in $(ts_ns "$h"):"
+      while read -r line; do echo "    $line"; done <<<"$rules"
+    fi
   done
   if [[ -n "$(relay_pid)" ]]; then
     echo "relay: pid $(relay_pid), $TS_RELAY_SAP -> $TS_PROXY_SAP, faults $(cat "$TS_STATE_DIR/relay/control.json" 2>/dev/null)"

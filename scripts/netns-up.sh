@@ -19,13 +19,15 @@ backup on the other host.
 
 Environment: TS_STATE_DIR (/tmp/ts-netns), TS_NET_PREFIX (10.77.0), TS_NS_PREFIX (ts-),
 TUPLESPACE_BIN (<repo>/target/release/tuplespace), TS_CONFIG (<repo>/config/tuplespace.toml),
-TS_SET (space-separated KEY=VALUE overrides), RUST_LOG (info), TS_LAUNCH_MODE (exec: the pid
+TS_SET (space-separated KEY=VALUE overrides), RUST_LOG (info), TS_NO_BIN_COPY (set: run
+TUPLESPACE_BIN in place instead of a copy in the state directory), TS_LAUNCH_MODE (exec: the pid
 the primary tracks for its backup is the backup itself, as for a local child; detach: the
 backup runs under a launcher, a SIGKILL of the tracked pid leaves it running; see
 ns-exec-by-ip.sh --help).
 
 Layout of the state directory:
   env                 the settings used (read back by fault.sh, netns-down.sh)
+  bin/tuplespace      the copy of TUPLESPACE_BIN every process runs
   ca/                 the cluster CA (ca.key stays here)
   certs/{proxy,a,b}/  node certificate with that host's IP as SAN, and ca.pem
   certs/client/       client and admin certificates (for ts-client)
@@ -92,11 +94,19 @@ on_fail() {
   exit 1
 }
 trap on_fail ERR
-trap 'echo "netns-up.sh: interrupted" >&2; on_fail' INT TERM
+trap 'echo "netns-up.sh: interrupted" >&2; (exit 130); on_fail' INT TERM
 
 # ---- state directory ------------------------------------------------------------------------
 rm -rf "${TS_STATE_DIR:?}"/{ca,certs,pids,data,relay,env,env.last}
-mkdir -p "$TS_STATE_DIR"/{ca,certs,logs,pids,data,relay}
+mkdir -p "$TS_STATE_DIR"/{ca,certs,logs,pids,data,relay,bin}
+# Every process (and every backup launched later) runs one copy of the binary: a rebuild of
+# target/release while the topology is up must not mix two builds in one cluster.
+if [[ -z "${TS_NO_BIN_COPY:-}" && "$TUPLESPACE_BIN" != "$TS_STATE_DIR/bin/tuplespace" ]]; then
+  cp -f "$TUPLESPACE_BIN" "$TS_STATE_DIR/bin/tuplespace.tmp"
+  mv -f "$TS_STATE_DIR/bin/tuplespace.tmp" "$TS_STATE_DIR/bin/tuplespace"
+  TUPLESPACE_BIN="$TS_STATE_DIR/bin/tuplespace"
+  "$TUPLESPACE_BIN" --version >/dev/null
+fi
 # Old logs are kept under logs/previous/ (one level only).
 if compgen -G "$TS_STATE_DIR/logs/*.log" >/dev/null; then
   rm -rf "$TS_STATE_DIR/logs/previous"
@@ -110,7 +120,8 @@ for s in $TS_SET "${extra_set[@]}"; do set_flags+=(--set "$s"); done
 {
   echo "# written by netns-up.sh $(date '+%F %T'); fills variables the environment leaves unset"
   for v in TS_NET_PREFIX TS_NS_PREFIX TUPLESPACE_BIN TS_CONFIG TS_LAUNCH_MODE; do
-    printf ': "${%s:=%s}"\n' "$v" "${!v}"
+    # shellcheck disable=SC2016  # literal ${...}: expanded when the file is sourced
+    printf '[[ -n "${%s:-}" ]] || %s=%q\n' "$v" "$v" "${!v}"
   done
   printf 'TS_SET_USED=%q\n' "$TS_SET ${extra_set[*]}"
 } >"$TS_STATE_DIR/env"

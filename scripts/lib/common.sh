@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # the settings are used by the scripts that source this file
 # Shared settings and helpers for the network-namespace fault tooling (sourced, not run).
 #
 # Everything is configurable through the environment; the defaults give this topology:
@@ -96,11 +97,7 @@ ts_ensure_cmd() {
   command -v "$cmd" >/dev/null 2>&1 || ts_die "installed $pkg but \`$cmd\` is still not found"
 }
 
-ts_ensure_iptables() {
-  ts_ensure_cmd iptables iptables
-  # The statistic match is needed for loss; check it once in a scratch namespace if none is up.
-  return 0
-}
+ts_ensure_iptables() { ts_ensure_cmd iptables iptables; }
 
 ts_ensure_python() { ts_ensure_cmd python3 python3; }
 
