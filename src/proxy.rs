@@ -70,6 +70,7 @@ enum RouterMsg {
         role: Role,
         epoch: u64,
         info: ReplicaInfo,
+        primary: Option<String>,
         control: mpsc::UnboundedSender<ToServer>,
         conn: quinn::Connection,
     },
@@ -258,6 +259,7 @@ impl Router {
                 role,
                 epoch,
                 info,
+                primary,
                 control,
                 conn,
             } => {
@@ -278,6 +280,7 @@ impl Router {
                         role,
                         epoch,
                         info,
+                        primary,
                     },
                 );
                 self.apply(a);
@@ -913,7 +916,11 @@ async fn serve_server_conn(
                     _ => continue,
                 };
                 let Ok(ToProxy::Hello {
-                    role, epoch, info, ..
+                    role,
+                    epoch,
+                    info,
+                    primary,
+                    ..
                 }) = hello
                 else {
                     warn!(link, "server link: expected hello on control stream");
@@ -925,6 +932,7 @@ async fn serve_server_conn(
                     role,
                     epoch,
                     info,
+                    primary,
                     control: ctx,
                     conn: conn.clone(),
                 });

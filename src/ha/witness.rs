@@ -20,6 +20,8 @@ pub enum Input {
         role: Role,
         epoch: u64,
         info: ReplicaInfo,
+        /// A backup's PRIMARY_HANDLE (the pid or SHUTDOWN_SAP of the primary that started it).
+        primary: Option<String>,
     },
     Heartbeat {
         link: LinkId,
@@ -123,7 +125,8 @@ impl Witness {
                 role,
                 epoch,
                 info,
-            } => self.hello(now, link, role, epoch, info, &mut out),
+                primary,
+            } => self.hello(now, link, role, epoch, info, primary, &mut out),
             Input::Heartbeat {
                 link,
                 epoch,
@@ -213,6 +216,7 @@ impl Witness {
             .is_some_and(|m| now.saturating_duration_since(m.last_heard) < self.heartbeat_timeout)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn hello(
         &mut self,
         now: Instant,
@@ -220,6 +224,7 @@ impl Witness {
         role: Role,
         epoch: u64,
         info: ReplicaInfo,
+        primary_of_backup: Option<String>,
         out: &mut Vec<Action>,
     ) {
         match role {
@@ -273,13 +278,28 @@ impl Witness {
                 if let Some(b) = stale_backup {
                     self.drop_backup(b, "backup replaced by a new one", out);
                 }
-                if self.primary.is_none()
-                    || self.backup.is_some()
-                    || (epoch != 0 && epoch < self.epoch)
-                {
+                // A backup belongs to the primary that started it: one started by a deposed
+                // primary (which may not know yet) must not become the current primary's backup.
+                let current = self.primary.and_then(|p| self.members.get(&p));
+                let ours = match (&primary_of_backup, current) {
+                    (Some(h), Some(m)) => *h == m.info.handle || *h == m.info.sap,
+                    (None, Some(_)) => true,
+                    (_, None) => false,
+                };
+                if !ours || self.backup.is_some() || (epoch != 0 && epoch < self.epoch) {
+                    let detail = format!(
+                        "refused backup {} (its primary: {}; current primary: {})",
+                        info.handle,
+                        primary_of_backup.as_deref().unwrap_or("?"),
+                        current.map(|m| m.info.handle.as_str()).unwrap_or("none")
+                    );
                     out.push(Action::Fence {
                         link,
                         epoch: self.epoch,
+                    });
+                    out.push(Action::Notify {
+                        kind: "backup-refused",
+                        detail,
                     });
                     return;
                 }
@@ -443,7 +463,53 @@ mod tests {
             role,
             epoch,
             info: info(&link.to_string()),
+            primary: None,
         }
+    }
+
+    fn backup_of(link: LinkId, primary: &str) -> Input {
+        Input::Hello {
+            link,
+            role: Role::Backup,
+            epoch: 0,
+            info: info(&link.to_string()),
+            primary: Some(primary.into()),
+        }
+    }
+
+    #[test]
+    fn a_backup_started_by_a_deposed_primary_is_refused() {
+        let mut f = Fx::pair();
+        // Primary 1 is cut from the proxy; backup 2 is promoted.
+        f.at(250, hb(2, 1, false));
+        let a = f.at(320, Input::Tick);
+        assert!(has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }));
+        // The deposed primary, not knowing yet, starts a backup that registers: refused.
+        let a = f.at(330, backup_of(3, "1"));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 3, .. })),
+            "{a:?}"
+        );
+        assert_eq!(f.w.backup(), None);
+        // The new primary's own backup is accepted.
+        let a = f.at(340, backup_of(4, "2"));
+        assert!(
+            has(&a, |x| *x
+                == Action::Welcome {
+                    link: 4,
+                    role: Role::Backup,
+                    epoch: 2
+                }),
+            "{a:?}"
+        );
+        // Also when named by the primary's SAP (remote backups know their primary that way).
+        let mut f = Fx::new();
+        f.at(0, hello(1, Role::Primary, 0));
+        let a = f.at(1, backup_of(2, "127.0.0.1:1"));
+        assert!(
+            has(&a, |x| matches!(x, Action::Welcome { link: 2, .. })),
+            "{a:?}"
+        );
     }
     fn hb(link: LinkId, epoch: u64, synced: bool) -> Input {
         Input::Heartbeat {

@@ -76,6 +76,7 @@ pub async fn connect_proxy(
     epoch: u64,
     synced: bool,
     info: &ReplicaInfo,
+    primary_handle: Option<&str>,
     store: &std::sync::mpsc::Sender<StoreMsg>,
     events: &Events,
 ) -> Result<(ProxyLink, u64), ConnectOutcome> {
@@ -98,6 +99,7 @@ pub async fn connect_proxy(
         epoch,
         info: info.clone(),
         synced,
+        primary: primary_handle.map(str::to_owned),
     });
     out.flush().await.map_err(|e| fail(e.to_string()))?;
     let welcome = tokio::time::timeout(cfg.connect_timeout(), input.next())

@@ -376,6 +376,10 @@ impl Replica {
             self.epoch,
             self.role == Role::Primary,
             &self.info,
+            match self.role {
+                Role::Backup => self.args.primary_handle.as_deref(),
+                Role::Primary => None,
+            },
             &self.store,
             &self.events,
         )
@@ -550,7 +554,8 @@ impl Replica {
                     "fenced",
                     &format!("deposed by the proxy at epoch {epoch}: stopping without serving"),
                 );
-                self.kill_backup_child();
+                // Never kill the backup here: it may be the promoted primary now.
+                self.release_backup_child();
                 return Some(Exit::Fenced);
             }
             Event::Control(ToServer::Grant { epoch }) => {
@@ -584,7 +589,7 @@ impl Replica {
                         "terminated",
                         &format!("terminated by the primary of epoch {epoch}"),
                     );
-                    self.kill_backup_child();
+                    self.release_backup_child();
                     return Some(Exit::Fenced);
                 }
             }
@@ -687,7 +692,9 @@ impl Replica {
     fn lose_backup(&mut self, why: &str) {
         let Some(b) = self.backup.take() else { return };
         b.link.conn.close(0u32.into(), b"backup dropped");
-        self.kill_backup_child();
+        // Not killed: a backup we lost may have been promoted by the witness (we may be the one
+        // cut off). A fenced backup stops by itself; a stale one gives up its SAP when it exits.
+        self.release_backup_child();
         if b.synced && !self.solo {
             // Writes now wait for the witness: only it may let this primary go on alone.
             self.awaiting_grant = true;
@@ -710,6 +717,17 @@ impl Replica {
         self.next_backup_at = Some(Instant::now() + Duration::from_millis(backoff));
     }
 
+    /// Stops tracking the backup process (reaped in the background when it exits).
+    fn release_backup_child(&mut self) {
+        if let Some(mut c) = self.backup_child.take() {
+            tokio::spawn(async move {
+                let _ = c.wait().await;
+            });
+        }
+    }
+
+    /// Kills a backup process that never got to replicate (start failed): it cannot have been
+    /// promoted, since only a synchronised backup can be.
     fn kill_backup_child(&mut self) {
         if let Some(mut c) = self.backup_child.take() {
             let _ = c.start_kill();
@@ -825,7 +843,11 @@ impl Replica {
         let info = self.info.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_millis(cfg.backup_sync_timeout_ms);
+            // A backup that is not reachable within a few connect timeouts did not start (or was
+            // refused by the witness): try again rather than wait for the whole sync timeout.
+            let reach =
+                Duration::from_millis(cfg.backup_sync_timeout_ms).min(cfg.connect_timeout() * 5);
+            let deadline = Instant::now() + reach;
             loop {
                 match links::connect_backup(&ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, &events)
                     .await
@@ -939,6 +961,16 @@ impl Replica {
         self.start_listeners();
         self.latest_seq = self.stats.seq.load(Ordering::Relaxed);
         self.info.sap = self.args.shutdown_sap_text.clone();
+        // Tell the witness our new SAP at once: the next backup names us by it.
+        if let Some(p) = &self.proxy {
+            let _ = p.control.send(ToProxy::Heartbeat {
+                epoch,
+                info: self.info.clone(),
+                pairs: self.stats.pairs.load(Ordering::Relaxed),
+                backup_synced: false,
+                backup: None,
+            });
+        }
         self.go_solo();
         // The new primary saves to SAVE_FILE from now on.
         let _ = self

@@ -45,6 +45,8 @@ pub enum ToProxy {
         info: ReplicaInfo,
         /// A backup that already holds a full copy (true for a primary).
         synced: bool,
+        /// A backup's PRIMARY_HANDLE: which primary started it.
+        primary: Option<String>,
     },
     Heartbeat {
         epoch: u64,
