@@ -38,19 +38,7 @@ fn u(v: Option<&Value>) -> u64 {
 }
 
 async fn status(c: &Cluster) -> Value {
-    let Ok(mut a) =
-        Client::connect(&c.shutdown_sap, &c.certs, CertRole::Admin, &client_cfg()).await
-    else {
-        return Value::Null;
-    };
-    let r = a
-        .request("STATUS", None)
-        .await
-        .ok()
-        .and_then(|r| r.cluster)
-        .unwrap_or(Value::Null);
-    a.close();
-    r
+    c.cluster_status().await
 }
 
 /// (epoch, primary pid, backup pid) once a synchronised backup exists.

@@ -142,19 +142,7 @@ struct Cluster2 {
 }
 
 async fn status(c: &Cluster) -> Value {
-    let Ok(mut a) =
-        Client::connect(&c.shutdown_sap, &c.certs, CertRole::Admin, &client_cfg()).await
-    else {
-        return Value::Null;
-    };
-    let r = a
-        .request("STATUS", None)
-        .await
-        .ok()
-        .and_then(|r| r.cluster)
-        .unwrap_or(Value::Null);
-    a.close();
-    r
+    c.cluster_status().await
 }
 
 fn u(v: Option<&Value>) -> u64 {

@@ -160,6 +160,27 @@ impl Store {
         }
     }
 
+    /// The compiled patterns, or None after answering `ok` with no pairs and a message saying
+    /// which pattern does not compile (PROTOCOL §4: a bad pattern is not an error status).
+    fn patterns_or_answer(&mut self, rid: u64, k: &str, v: &str) -> Option<(Pattern, Pattern)> {
+        match self.patterns(k, v) {
+            Ok(p) => Some(p),
+            Err(m) => {
+                self.emit(StoreOut::Read {
+                    after_seq: self.seq,
+                    reply: RelayReply {
+                        rid,
+                        reply: Reply::Pairs {
+                            pairs: vec![],
+                            message: Some(m),
+                        },
+                    },
+                });
+                None
+            }
+        }
+    }
+
     fn too_large(&self, pairs: &[Pair]) -> Option<Reply> {
         let n = pairs_response_len(pairs);
         (n > self.cfg.max_response_bytes).then(|| {
@@ -281,20 +302,8 @@ impl Store {
                 });
             }
             Command::Get { key, value } => {
-                let (kp, vp) = match self.patterns(&key, &value) {
-                    Ok(p) => p,
-                    Err(m) => {
-                        return self.emit(StoreOut::Read {
-                            after_seq: self.seq,
-                            reply: RelayReply {
-                                rid,
-                                reply: Reply::Pairs {
-                                    pairs: vec![],
-                                    message: Some(m),
-                                },
-                            },
-                        });
-                    }
+                let Some((kp, vp)) = self.patterns_or_answer(rid, &key, &value) else {
+                    return;
                 };
                 let after_seq = self.seq;
                 if matches!(kp.hint(), IndexHint::Scan) && self.space.len() > OFFLOAD_SCAN_ABOVE {
@@ -325,20 +334,8 @@ impl Store {
                 });
             }
             Command::Delete { key, value } => {
-                let (kp, vp) = match self.patterns(&key, &value) {
-                    Ok(p) => p,
-                    Err(m) => {
-                        return self.emit(StoreOut::Read {
-                            after_seq: self.seq,
-                            reply: RelayReply {
-                                rid,
-                                reply: Reply::Pairs {
-                                    pairs: vec![],
-                                    message: Some(m),
-                                },
-                            },
-                        });
-                    }
+                let Some((kp, vp)) = self.patterns_or_answer(rid, &key, &value) else {
+                    return;
                 };
                 let matching = self.space.get(&kp, &vp);
                 if let Some(r) = self.too_large(&matching) {

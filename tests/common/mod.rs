@@ -741,6 +741,28 @@ impl Cluster {
         }
     }
 
+    /// STATUS's `cluster` map, or Null when the admin SAP does not answer (during failover).
+    pub async fn cluster_status(&self) -> Value {
+        let Ok(mut a) = Client::connect(
+            &self.shutdown_sap,
+            &self.certs,
+            CertRole::Admin,
+            &client_cfg(),
+        )
+        .await
+        else {
+            return Value::Null;
+        };
+        let r = a
+            .request("STATUS", None)
+            .await
+            .ok()
+            .and_then(|r| r.cluster)
+            .unwrap_or(Value::Null);
+        a.close();
+        r
+    }
+
     /// A client on the client SAP with the client certificate.
     pub async fn client(&self) -> Client {
         self.client_as(CertRole::Client).await
