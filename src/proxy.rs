@@ -107,6 +107,9 @@ struct Link {
     conn: quinn::Connection,
     pairs: u64,
     backup: Option<ReplicaInfo>,
+    acks_sent: u64,
+    echo_seen: u64,
+    echo_at: Instant,
 }
 
 struct Router {
@@ -271,6 +274,9 @@ impl Router {
                         conn,
                         pairs: 0,
                         backup: None,
+                        acks_sent: 0,
+                        echo_seen: 0,
+                        echo_at: now,
                     },
                 );
                 let a = self.witness.step(
@@ -311,12 +317,28 @@ impl Router {
                     pairs,
                     backup_synced,
                     backup,
+                    echo,
                 } => {
                     self.witness.update_info(link, info);
-                    if let Some(l) = self.links.get_mut(&link) {
-                        l.pairs = pairs;
-                        l.backup = backup;
-                        let _ = l.control.send(ToServer::HeartbeatAck { epoch });
+                    let timeout = self.cfg.heartbeat_timeout();
+                    let Some(l) = self.links.get_mut(&link) else {
+                        return;
+                    };
+                    l.pairs = pairs;
+                    l.backup = backup;
+                    if echo > l.echo_seen {
+                        l.echo_seen = echo;
+                        l.echo_at = now;
+                    }
+                    l.acks_sent += 1;
+                    let _ = l.control.send(ToServer::HeartbeatAck {
+                        epoch,
+                        n: l.acks_sent,
+                    });
+                    // A replica we hear but that no longer hears us (one-way cut towards it) is
+                    // as good as silent: its heartbeat does not count.
+                    if now.saturating_duration_since(l.echo_at) > timeout {
+                        return;
                     }
                     let a = self.witness.step(
                         now,
@@ -515,6 +537,9 @@ async fn router_loop(mut r: Router, mut rx: mpsc::UnboundedReceiver<RouterMsg>) 
     let mut batch = Vec::with_capacity(256);
     loop {
         tokio::select! {
+            // Messages first: heartbeats that queued up while we were busy count before the
+            // tick judges anyone silent.
+            biased;
             n = rx.recv_many(&mut batch, 256) => {
                 if n == 0 { break; }
                 for m in batch.drain(..) { r.handle(m); }

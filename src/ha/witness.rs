@@ -78,6 +78,7 @@ pub struct Witness {
     backup_synced: bool,
     members: BTreeMap<LinkId, Member>,
     heartbeat_timeout: Duration,
+    last_tick: Option<Instant>,
 }
 
 impl Witness {
@@ -90,6 +91,7 @@ impl Witness {
             backup_synced: false,
             members: BTreeMap::new(),
             heartbeat_timeout,
+            last_tick: None,
         }
     }
 
@@ -195,14 +197,29 @@ impl Witness {
                 }
             }
             Input::Tick => {
-                if let Some(p) = self.primary
-                    && !self.heard_recently(p, now)
-                {
+                // If we ourselves were not running (paused, starved of CPU) for a good part of the
+                // window, silence is our fault, not theirs: start the window again.
+                let stalled = self
+                    .last_tick
+                    .is_some_and(|t| now.saturating_duration_since(t) > self.heartbeat_timeout / 2);
+                self.last_tick = Some(now);
+                if stalled {
+                    for m in self.members.values_mut() {
+                        m.last_heard = now;
+                    }
+                    return out;
+                }
+                let primary_lapsed = self.primary.is_some_and(|p| !self.heard_recently(p, now));
+                let backup_lapsed = self.backup.is_some_and(|b| !self.heard_recently(b, now));
+                if primary_lapsed && backup_lapsed {
+                    // Both silent at once: more likely our own network than two failures. Wait;
+                    // requests time out meanwhile, and the link-down path handles real deaths.
+                    return out;
+                }
+                if primary_lapsed && let Some(p) = self.primary {
                     self.primary_failed(p, "primary heartbeats lapsed", &mut out);
                 }
-                if let Some(b) = self.backup
-                    && !self.heard_recently(b, now)
-                {
+                if backup_lapsed && let Some(b) = self.backup {
                     self.drop_backup(b, "backup heartbeats lapsed", &mut out);
                 }
             }
@@ -556,6 +573,39 @@ mod tests {
         assert_eq!(f.w.epoch(), 2);
         assert_eq!(f.w.primary(), Some(2));
         assert_eq!(f.w.backup(), None);
+    }
+
+    #[test]
+    fn a_stalled_witness_does_not_blame_the_replicas() {
+        let mut f = Fx::pair();
+        f.at(100, Input::Tick);
+        // The proxy was paused for a second: nothing was heard, but nothing failed either.
+        let a = f.at(1100, Input::Tick);
+        assert!(a.is_empty(), "{a:?}");
+        f.at(1110, hb(1, 1, true));
+        f.at(1110, hb(2, 1, false));
+        assert!(f.at(1150, Input::Tick).is_empty());
+        assert_eq!(f.w.epoch(), 1);
+        // But a real lapse after that is still detected.
+        let mut a = vec![];
+        for t in (1200..=1500).step_by(50) {
+            f.at(t, hb(2, 1, false));
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert!(
+            has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn both_replicas_silent_changes_nothing() {
+        let mut f = Fx::pair();
+        for t in (50..1000).step_by(50) {
+            assert!(f.at(t, Input::Tick).is_empty());
+        }
+        assert_eq!(f.w.primary(), Some(1));
+        assert_eq!(f.w.epoch(), 1);
     }
 
     #[test]

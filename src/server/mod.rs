@@ -74,6 +74,8 @@ struct Replica {
     proxy: Option<ProxyLink>,
     proxy_lost_since: Option<Instant>,
     reconnect_at: Instant,
+    /// Last heartbeat-ack number from the proxy, echoed back in our heartbeats.
+    proxy_echo: u64,
     // primary side
     control_ep: Option<quinn::Endpoint>,
     heartbeat_ep: Option<quinn::Endpoint>,
@@ -240,6 +242,7 @@ pub async fn run(
         proxy: None,
         proxy_lost_since: Some(Instant::now()),
         reconnect_at: Instant::now(),
+        proxy_echo: 0,
         control_ep,
         heartbeat_ep,
         backup: None,
@@ -462,6 +465,7 @@ impl Replica {
                 pairs: self.stats.pairs.load(Ordering::Relaxed),
                 backup_synced: self.role == Role::Primary && self.backup_promotable(),
                 backup: None,
+                echo: self.proxy_echo,
             });
         }
         match self.role {
@@ -575,7 +579,8 @@ impl Replica {
                     Role::Backup => self.promote(epoch).await,
                 }
             }
-            Event::Control(ToServer::Welcome { .. } | ToServer::HeartbeatAck { .. }) => {}
+            Event::Control(ToServer::HeartbeatAck { n, .. }) => self.proxy_echo = n,
+            Event::Control(ToServer::Welcome { .. }) => {}
             Event::ProxyDown => {
                 if self.proxy.take().is_some() {
                     self.notify("proxy-link-down", "link to the proxy closed; reconnecting");
@@ -807,8 +812,10 @@ impl Replica {
                     })
                     .collect();
                 let line = t
-                    .replace("{args}", &quoted.join(" "))
-                    .replace("{backup_host}", &a.backup_sap.ip().to_string());
+                    // {backup_host} first: {args} carries the template itself (--set
+                    // backup_launch_command=...) for the backup, which must stay a template.
+                    .replace("{backup_host}", &a.backup_sap.ip().to_string())
+                    .replace("{args}", &quoted.join(" "));
                 self.notify(
                     "backup-start",
                     &format!(
@@ -969,6 +976,7 @@ impl Replica {
                 pairs: self.stats.pairs.load(Ordering::Relaxed),
                 backup_synced: false,
                 backup: None,
+                echo: self.proxy_echo,
             });
         }
         self.go_solo();

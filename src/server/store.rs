@@ -283,7 +283,11 @@ impl Store {
         }
         let limits = self.cfg.tuple_limits();
         match cmd {
-            Command::Get { key, value } if is_plain_key(&key) && value == ".*" => {
+            Command::Get { key, value }
+                if is_plain_key(&key)
+                    && key.len() <= self.cfg.max_pattern_bytes
+                    && value == ".*" =>
+            {
                 // The commonest read, an exact key with any value: a map lookup, no regex.
                 let pairs = self
                     .space

@@ -56,6 +56,8 @@ pub enum ToProxy {
         /// Backup currently attached and synchronised (primary only).
         backup_synced: bool,
         backup: Option<ReplicaInfo>,
+        /// The last `HeartbeatAck::n` received from the proxy.
+        echo: u64,
     },
     /// A backup that lost its primary asks to be promoted; a primary that lost its backup asks to
     /// go on alone. The proxy decides (it is the witness).
@@ -71,8 +73,11 @@ pub enum ToServer {
         role: Role,
         epoch: u64,
     },
+    /// `n` counts the acks on this link; the server echoes the last one it got in its next
+    /// heartbeat, so the proxy can tell its own messages still arrive (one-way cuts).
     HeartbeatAck {
         epoch: u64,
+        n: u64,
     },
     /// The witness grants promotion (to a backup) or solo service (to a primary) at `epoch`.
     Grant {
