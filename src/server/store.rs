@@ -22,7 +22,10 @@ use crate::wire::node::{RelayReply, Reply};
 /// Spaces at least this large have full-scan GETs moved off the store thread.
 const OFFLOAD_SCAN_ABOVE: usize = 10_000;
 /// Compiled patterns kept for reuse (clients repeat the same patterns).
-const PATTERN_CACHE: usize = 4096;
+const PATTERN_CACHE: usize = 1024;
+/// Only short patterns are cached: a compiled regex may be as large as `regex_size_limit`, and a
+/// client must not be able to pin thousands of those in memory.
+const PATTERN_CACHE_MAX_SOURCE: usize = 64;
 /// Dedupe entries kept at most, whatever the watermark says (bounds memory).
 const MAX_DEDUPE: usize = 1_000_000;
 
@@ -144,10 +147,12 @@ impl Store {
             return p.clone();
         }
         let p = Pattern::compile(src, &self.cfg.pattern_limits()).map_err(|e| e.to_string());
-        if self.patterns.len() >= PATTERN_CACHE {
-            self.patterns.clear();
+        if src.len() <= PATTERN_CACHE_MAX_SOURCE {
+            if self.patterns.len() >= PATTERN_CACHE {
+                self.patterns.clear();
+            }
+            self.patterns.insert(src.to_owned(), p.clone());
         }
-        self.patterns.insert(src.to_owned(), p.clone());
         p
     }
 
