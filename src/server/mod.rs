@@ -801,6 +801,9 @@ impl Replica {
                         a.backup_sap_text
                     ),
                 );
+                // Nothing was started here, so nothing failed: waiting for an operator does not
+                // use up the start retries.
+                self.backup_attempts = 0;
             }
             Some(t) => {
                 let quoted: Vec<String> = argv
