@@ -138,30 +138,9 @@ pub const RESPONSE_ENVELOPE_BYTES: usize = 1024;
 pub const DEFAULT_CONFIG_PATH: &str = "config/tuplespace.toml";
 
 impl Config {
-    /// Loads `path`. A missing file at the *default* path gives the defaults (so the binary works
-    /// from any directory); a missing file that the user named is an error.
-    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok(Config::default());
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(e),
-        })?;
-        Ok(cfg)
-    }
-
-    /// Loads `path` (see [`Config::load`]), applies `KEY=VALUE` overrides (TOML values), and
-    /// validates the result.
+    /// Loads `path`, applies `KEY=VALUE` overrides (TOML values), and validates the result. A
+    /// missing file at the *default* path gives the defaults (so the binary works from any
+    /// directory); a missing file that the user named is an error.
     pub fn load_with(
         path: &Path,
         explicit: bool,
@@ -293,9 +272,6 @@ impl Config {
         }
     }
 
-    pub fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
-    }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
     }
@@ -340,7 +316,7 @@ mod tests {
     #[test]
     fn shipped_file_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
-        let cfg = Config::load(&path, true).unwrap();
+        let cfg = Config::load_with(&path, true, &[]).unwrap();
         cfg.validate().unwrap();
         let d = Config::default();
         assert_eq!(

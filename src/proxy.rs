@@ -962,17 +962,7 @@ async fn serve_server_conn(
                     conn: conn.clone(),
                 });
                 let mut out = FramedSend::new(send);
-                tasks.spawn(async move {
-                    while let Some(m) = crx.recv().await {
-                        out.queue(&m);
-                        while let Ok(m) = crx.try_recv() {
-                            out.queue(&m);
-                        }
-                        if out.flush().await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                tasks.spawn(async move { out.pump(&mut crx, |_| true).await });
                 let router = router.clone();
                 tasks.spawn(async move {
                     while let Ok(Some(b)) = input.next().await {
@@ -989,20 +979,7 @@ async fn serve_server_conn(
                 let (rtx, mut rrx) = mpsc::unbounded_channel::<Relay>();
                 let _ = router.send(RouterMsg::RelayReady { link, relay: rtx });
                 let mut out = FramedSend::new(send);
-                tasks.spawn(async move {
-                    while let Some(m) = rrx.recv().await {
-                        out.queue(&m);
-                        while out.queued() < 256 * 1024 {
-                            match rrx.try_recv() {
-                                Ok(m) => out.queue(&m),
-                                Err(_) => break,
-                            }
-                        }
-                        if out.flush().await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                tasks.spawn(async move { out.pump(&mut rrx, |_| true).await });
                 let router = router.clone();
                 tasks.spawn(async move {
                     loop {

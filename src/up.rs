@@ -3,7 +3,7 @@
 //! and on Ctrl-C or SIGTERM shuts the service down through the SHUTDOWN operation, so the space is
 //! saved, then waits for the processes to end.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -178,9 +178,4 @@ async fn stop_child(name: &str, child: &mut Child, cfg: &Config) {
         warn!("{name} did not stop; killing it");
         let _ = child.kill().await;
     }
-}
-
-/// True if `p` looks like a path the user gave explicitly.
-pub fn explicit(p: &Path) -> bool {
-    p != Path::new(crate::config::DEFAULT_CONFIG_PATH)
 }

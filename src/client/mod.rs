@@ -140,14 +140,6 @@ impl Client {
         Response::from_value(&v).ok_or_else(|| ClientError::BadResponse(format!("{v:?}")))
     }
 
-    /// Waits until the connection is closed and says why (for refused/forbidden peers).
-    pub async fn closed_reason(&self, wait: Duration) -> Option<String> {
-        tokio::time::timeout(wait, self.conn.closed())
-            .await
-            .ok()
-            .map(|e| endpoint::describe_connection_error(&e))
-    }
-
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }

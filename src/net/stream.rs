@@ -48,11 +48,10 @@ impl FramedRecv {
     pub fn try_next(&mut self) -> Result<Option<Bytes>, RecvError> {
         Ok(self.dec.next_frame()?)
     }
-
-    pub fn stop(&mut self, code: u32) {
-        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
-    }
 }
+
+/// Most bytes gathered into one write by [`FramedSend::pump`].
+pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// Accumulates frames and writes them in one call, so many frames share a packet.
 pub struct FramedSend {
@@ -92,6 +91,31 @@ impl FramedSend {
     pub async fn send<T: Serialize + ?Sized>(&mut self, item: &T) -> Result<(), quinn::WriteError> {
         self.queue(item);
         self.flush().await
+    }
+
+    /// Writes every message from `rx` until the channel closes or the stream fails, draining
+    /// what is already queued (up to [`BATCH_BYTES`]) into one write so many frames share a
+    /// packet. Messages for which `keep` is false are skipped.
+    pub async fn pump<T: Serialize>(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+        keep: impl Fn(&T) -> bool,
+    ) {
+        while let Some(m) = rx.recv().await {
+            if keep(&m) {
+                self.queue(&m);
+            }
+            while self.queued() < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(m) if keep(&m) => self.queue(&m),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            if self.flush().await.is_err() {
+                break;
+            }
+        }
     }
 
     pub fn finish(&mut self) {

@@ -121,17 +121,7 @@ pub async fn connect_proxy(
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ToProxy>();
     let (rel_tx, mut rel_rx) = mpsc::unbounded_channel::<RelayReply>();
 
-    tokio::spawn(async move {
-        while let Some(m) = ctl_rx.recv().await {
-            out.queue(&m);
-            while let Ok(m) = ctl_rx.try_recv() {
-                out.queue(&m);
-            }
-            if out.flush().await.is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(async move { out.pump(&mut ctl_rx, |_| true).await });
     let ev = events.clone();
     tokio::spawn(async move {
         while let Ok(Some(b)) = input.next().await {
@@ -146,20 +136,7 @@ pub async fn connect_proxy(
         }
         let _ = ev.send(Event::ProxyDown);
     });
-    tokio::spawn(async move {
-        while let Some(r) = rel_rx.recv().await {
-            rout.queue(&r);
-            while rout.queued() < 256 * 1024 {
-                match rel_rx.try_recv() {
-                    Ok(r) => rout.queue(&r),
-                    Err(_) => break,
-                }
-            }
-            if rout.flush().await.is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(async move { rout.pump(&mut rel_rx, |_| true).await });
     let store = store.clone();
     let max = cfg.max_request_bytes * 2 + 4096;
     tokio::spawn(async move {
@@ -276,22 +253,12 @@ pub async fn connect_backup(
             return;
         }
         drop(space);
-        while let Some(m) = rx.recv().await {
-            let fresh = |m: &Repl| !matches!(m, Repl::Update { seq, .. } if *seq <= snap_seq);
-            if fresh(&m) {
-                out.queue(&m);
-            }
-            while out.queued() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(m) if fresh(&m) => out.queue(&m),
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            if out.flush().await.is_err() {
-                break;
-            }
-        }
+        // Updates the snapshot already contains are skipped.
+        out.pump(
+            &mut rx,
+            |m| !matches!(m, Repl::Update { seq, .. } if *seq <= snap_seq),
+        )
+        .await;
         out.finish();
     });
     let max = cfg.max_request_bytes * 4 + 4096;

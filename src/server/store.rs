@@ -187,14 +187,7 @@ impl Store {
     }
 
     fn too_large(&self, pairs: &[Pair]) -> Option<Reply> {
-        let n = pairs_response_len(pairs);
-        (n > self.cfg.max_response_bytes).then(|| {
-            Reply::TooLarge(format!(
-                "the answer would hold {} pairs (~{n} bytes), more than max_response_bytes ({}); nothing was changed: narrow the pattern",
-                pairs.len(),
-                self.cfg.max_response_bytes
-            ))
-        })
+        too_large_reply(pairs, self.cfg.max_response_bytes)
     }
 
     fn emit(&self, o: StoreOut) {
@@ -415,7 +408,7 @@ fn too_large_reply(pairs: &[Pair], max: usize) -> Option<Reply> {
     let n = pairs_response_len(pairs);
     (n > max).then(|| {
         Reply::TooLarge(format!(
-            "the answer would hold {} pairs (~{n} bytes), more than max_response_bytes ({max}); narrow the pattern",
+            "the answer would hold {} pairs (~{n} bytes), more than max_response_bytes ({max}); nothing was changed: narrow the pattern",
             pairs.len()
         ))
     })

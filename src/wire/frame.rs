@@ -46,11 +46,6 @@ impl FrameDecoder {
         self.buf.extend_from_slice(data);
     }
 
-    /// Bytes buffered but not yet returned as a frame.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
     /// The next complete frame body, `None` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         if self.buf.len() < 4 {
