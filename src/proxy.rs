@@ -107,9 +107,6 @@ struct Link {
     conn: quinn::Connection,
     pairs: u64,
     backup: Option<ReplicaInfo>,
-    acks_sent: u64,
-    echo_seen: u64,
-    echo_at: Instant,
 }
 
 struct Router {
@@ -132,6 +129,11 @@ impl Router {
                 Action::Welcome { link, role, epoch } => {
                     if let Some(l) = self.links.get(&link) {
                         let _ = l.control.send(ToServer::Welcome { role, epoch });
+                    }
+                }
+                Action::HeartbeatAck { link, epoch, n } => {
+                    if let Some(l) = self.links.get(&link) {
+                        let _ = l.control.send(ToServer::HeartbeatAck { epoch, n });
                     }
                 }
                 Action::Grant { link, epoch } => {
@@ -274,9 +276,6 @@ impl Router {
                         conn,
                         pairs: 0,
                         backup: None,
-                        acks_sent: 0,
-                        echo_seen: 0,
-                        echo_at: now,
                     },
                 );
                 let a = self.witness.step(
@@ -320,25 +319,9 @@ impl Router {
                     echo,
                 } => {
                     self.witness.update_info(link, info);
-                    let timeout = self.cfg.heartbeat_timeout();
-                    let Some(l) = self.links.get_mut(&link) else {
-                        return;
-                    };
-                    l.pairs = pairs;
-                    l.backup = backup;
-                    if echo > l.echo_seen {
-                        l.echo_seen = echo;
-                        l.echo_at = now;
-                    }
-                    l.acks_sent += 1;
-                    let _ = l.control.send(ToServer::HeartbeatAck {
-                        epoch,
-                        n: l.acks_sent,
-                    });
-                    // A replica we hear but that no longer hears us (one-way cut towards it) is
-                    // as good as silent: its heartbeat does not count.
-                    if now.saturating_duration_since(l.echo_at) > timeout {
-                        return;
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.pairs = pairs;
+                        l.backup = backup;
                     }
                     let a = self.witness.step(
                         now,
@@ -346,6 +329,7 @@ impl Router {
                             link,
                             epoch,
                             backup_synced,
+                            echo,
                         },
                     );
                     self.apply(a);

@@ -28,6 +28,8 @@ pub enum Input {
         epoch: u64,
         /// Reported by a primary: its backup holds every acknowledged update and acks synchronously.
         backup_synced: bool,
+        /// The last `HeartbeatAck` number the replica received from us.
+        echo: u64,
     },
     /// The replica at `link` lost its peer (a primary its backup; a backup its primary).
     PeerLost {
@@ -43,6 +45,8 @@ pub enum Input {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
+    /// Acknowledge a heartbeat with number `n`; the replica echoes it back in its next one.
+    HeartbeatAck { link: LinkId, epoch: u64, n: u64 },
     Welcome {
         link: LinkId,
         role: Role,
@@ -64,6 +68,22 @@ pub enum Action {
 struct Member {
     info: ReplicaInfo,
     last_heard: Instant,
+    /// Heartbeat acks sent to it, the highest number it echoed, and when that last went up.
+    acks_sent: u64,
+    echo_seen: u64,
+    echo_at: Instant,
+}
+
+impl Member {
+    fn new(info: ReplicaInfo, now: Instant) -> Member {
+        Member {
+            info,
+            last_heard: now,
+            acks_sent: 0,
+            echo_seen: 0,
+            echo_at: now,
+        }
+    }
 }
 
 /// The witness state machine.
@@ -133,6 +153,7 @@ impl Witness {
                 link,
                 epoch,
                 backup_synced,
+                echo,
             } => {
                 if epoch < self.epoch && Some(link) != self.backup {
                     // A replica of an older epoch: it was deposed and must stop.
@@ -145,9 +166,25 @@ impl Witness {
                     }
                     return out;
                 }
-                if let Some(m) = self.members.get_mut(&link) {
-                    m.last_heard = now;
+                let Some(m) = self.members.get_mut(&link) else {
+                    return out;
+                };
+                m.acks_sent += 1;
+                out.push(Action::HeartbeatAck {
+                    link,
+                    epoch,
+                    n: m.acks_sent,
+                });
+                if echo > m.echo_seen {
+                    m.echo_seen = echo;
+                    m.echo_at = now;
                 }
+                // A replica we hear but that no longer hears us (a one-way cut towards it) is as
+                // good as silent: its heartbeat does not count.
+                if now.saturating_duration_since(m.echo_at) > self.heartbeat_timeout {
+                    return out;
+                }
+                m.last_heard = now;
                 if Some(link) == self.primary && epoch == self.epoch {
                     if backup_synced && !self.backup_synced && self.backup.is_some() {
                         out.push(Action::Notify {
@@ -265,13 +302,7 @@ impl Witness {
                 }
                 self.epoch = self.epoch.max(epoch).max(1);
                 self.office_epoch = self.epoch;
-                self.members.insert(
-                    link,
-                    Member {
-                        info: info.clone(),
-                        last_heard: now,
-                    },
-                );
+                self.members.insert(link, Member::new(info.clone(), now));
                 self.primary = Some(link);
                 out.push(Action::Welcome {
                     link,
@@ -320,13 +351,7 @@ impl Witness {
                     });
                     return;
                 }
-                self.members.insert(
-                    link,
-                    Member {
-                        info: info.clone(),
-                        last_heard: now,
-                    },
-                );
+                self.members.insert(link, Member::new(info.clone(), now));
                 self.backup = Some(link);
                 self.backup_synced = false;
                 out.push(Action::Welcome {
@@ -459,7 +484,22 @@ mod tests {
                 t0: Instant::now(),
             }
         }
+        /// A heartbeat built with `hb` echoes every ack sent so far (a healthy two-way link).
         fn at(&mut self, ms: u64, i: Input) -> Vec<Action> {
+            let i = match i {
+                Input::Heartbeat {
+                    link,
+                    epoch,
+                    backup_synced,
+                    echo: 0,
+                } => Input::Heartbeat {
+                    link,
+                    epoch,
+                    backup_synced,
+                    echo: self.w.members.get(&link).map_or(0, |m| m.acks_sent),
+                },
+                other => other,
+            };
             self.w.step(self.t0 + Duration::from_millis(ms), i)
         }
         /// Primary link 1 and synced backup link 2 at epoch 1.
@@ -533,7 +573,45 @@ mod tests {
             link,
             epoch,
             backup_synced: synced,
+            echo: 0,
         }
+    }
+
+    #[test]
+    fn a_replica_that_stops_echoing_our_acks_is_as_good_as_silent() {
+        // Proxy -> primary cut one way: the primary's heartbeats still arrive, but it no longer
+        // receives our acks, so its echo stops going up. That is a failure of the primary link.
+        let mut f = Fx::pair();
+        let stuck = f.w.members.get(&1).map_or(0, |m| m.acks_sent);
+        let mut a = vec![];
+        // The last echo that went up counts for one heartbeat window, then the primary lapses.
+        for t in (50..=1000).step_by(50) {
+            a.extend(f.at(
+                t,
+                Input::Heartbeat {
+                    link: 1,
+                    epoch: 1,
+                    backup_synced: true,
+                    echo: stuck,
+                },
+            ));
+            a.extend(f.at(t, hb(2, 1, false)));
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert!(
+            has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }),
+            "{a:?}"
+        );
+        assert!(has(&a, |x| matches!(x, Action::Fence { link: 1, .. })));
+        // Every heartbeat, counted or not, is acknowledged with a rising number.
+        let acks: Vec<u64> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::HeartbeatAck { link: 2, n, .. } => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert!(acks.windows(2).all(|w| w[1] == w[0] + 1), "{acks:?}");
     }
     fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
         actions.iter().any(pred)
