@@ -966,19 +966,13 @@ async fn serve_server_conn(
                 tasks.spawn(async move { out.pump(&mut rrx, |_| true).await });
                 let router = router.clone();
                 tasks.spawn(async move {
-                    loop {
-                        let first = match input.next().await {
-                            Ok(Some(b)) => b,
-                            _ => break,
-                        };
-                        let mut replies = Vec::with_capacity(16);
-                        let mut b = Some(first);
-                        while let Some(body) = b {
-                            match frame::decode::<RelayReply>(&body) {
+                    while let Ok(Some(batch)) = input.next_batch::<RelayReply>().await {
+                        let mut replies = Vec::with_capacity(batch.len());
+                        for r in batch {
+                            match r {
                                 Ok(r) => replies.push(r),
                                 Err(e) => warn!(link, "bad relay frame from server: {e}"),
                             }
-                            b = input.try_next().ok().flatten();
                         }
                         if router.send(RouterMsg::Replies { link, replies }).is_err() {
                             break;

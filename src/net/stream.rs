@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::wire::frame::{self, FrameDecoder, FrameError};
+use crate::wire::frame::{self, CborError, FrameDecoder, FrameError};
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,22 @@ impl FramedRecv {
                 }
             }
         }
+    }
+
+    /// Waits for one frame, then takes every frame already buffered, decoded: one batch to act
+    /// on at once (many frames arrive per packet). `Ok(None)` at a clean end of stream. A frame
+    /// error met while draining ends the batch and is returned by the next call.
+    pub async fn next_batch<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<Vec<Result<T, CborError>>>, RecvError> {
+        let Some(first) = self.next().await? else {
+            return Ok(None);
+        };
+        let mut batch = vec![frame::decode(&first)];
+        while let Ok(Some(b)) = self.try_next() {
+            batch.push(frame::decode(&b));
+        }
+        Ok(Some(batch))
     }
 
     /// A frame already buffered, without waiting: lets a reader drain a batch before acting.

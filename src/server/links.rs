@@ -141,15 +141,10 @@ pub async fn connect_proxy(
     let max = cfg.max_request_bytes * 2 + 4096;
     tokio::spawn(async move {
         let mut input = FramedRecv::new(rrecv, max);
-        loop {
-            let first = match input.next().await {
-                Ok(Some(b)) => b,
-                _ => break,
-            };
-            let mut reqs = Vec::with_capacity(16);
-            let mut b = Some(first);
-            while let Some(body) = b {
-                match frame::decode::<Relay>(&body) {
+        while let Ok(Some(batch)) = input.next_batch::<Relay>().await {
+            let mut reqs = Vec::with_capacity(batch.len());
+            for m in batch {
+                match m {
                     Ok(Relay::Request { rid, client, cmd }) => reqs.push((rid, client, cmd)),
                     Ok(Relay::Watermark(w)) => {
                         if !reqs.is_empty() {
@@ -159,7 +154,6 @@ pub async fn connect_proxy(
                     }
                     Err(e) => warn!("bad relay frame from the proxy: {e}"),
                 }
-                b = input.try_next().ok().flatten();
             }
             if !reqs.is_empty() && store.send(StoreMsg::Requests(reqs)).is_err() {
                 break;
@@ -265,19 +259,17 @@ pub async fn connect_backup(
     tokio::spawn(async move {
         let mut input = FramedRecv::new(recv, max);
         let why = loop {
-            match input.next().await {
-                Ok(Some(b)) => {
+            match input.next_batch::<ReplAck>().await {
+                Ok(Some(batch)) => {
                     let mut last = None;
-                    let mut body = Some(b);
-                    while let Some(b) = body {
-                        match frame::decode::<ReplAck>(&b) {
+                    for m in batch {
+                        match m {
                             Ok(ReplAck::Ack { seq }) => last = Some(seq),
                             Ok(ReplAck::Synced { seq }) => {
                                 let _ = ev.send(Event::BackupSynced(seq));
                             }
                             Err(e) => warn!("bad ack frame from the backup: {e}"),
                         }
-                        body = input.try_next().ok().flatten();
                     }
                     if let Some(s) = last {
                         let _ = ev.send(Event::BackupAck(s));
@@ -332,15 +324,10 @@ pub async fn serve_replication(
         }
         let _ = events.send(Event::ReplicationUp);
         let mut first_chunk = true;
-        'stream: loop {
-            let b = match input.next().await {
-                Ok(Some(b)) => b,
-                _ => break,
-            };
+        'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
             let mut last = None;
-            let mut body = Some(b);
-            while let Some(b) = body {
-                match frame::decode::<Repl>(&b) {
+            for m in batch {
+                match m {
                     Ok(Repl::Snapshot { pairs }) => {
                         let _ = store.send(StoreMsg::Load {
                             pairs,
@@ -382,7 +369,6 @@ pub async fn serve_replication(
                     Ok(Repl::Hello { .. }) => {}
                     Err(e) => warn!("bad replication frame: {e}"),
                 }
-                body = input.try_next().ok().flatten();
             }
             if let Some(seq) = last {
                 // Acknowledged once in this process's memory, in order: the backup holds it.
