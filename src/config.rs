@@ -95,6 +95,10 @@ pub struct Config {
     /// Command template to start a backup on another host; `{args}` is replaced by the server
     /// arguments. Empty = start the backup locally as a child process.
     pub backup_launch_command: Option<String>,
+    /// Where the proxy keeps its durable state (the epoch it last granted, who holds the office,
+    /// its incarnation for request ids). Without it a restarted proxy cannot recognise a deposed
+    /// primary. `up` puts it next to the save file.
+    pub proxy_state_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -127,6 +131,7 @@ impl Default for Config {
             udp_buffer_bytes: 4 << 20,
             notify_command: None,
             backup_launch_command: None,
+            proxy_state_file: None,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! operations), one per server stream, and one *router* that owns the pending-request table and
 //! the witness. They talk through channels only. The router never blocks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::ha::witness::{Action, Input, LinkId, Witness};
+use crate::ha::Millis;
+use crate::ha::router::{self, INCARNATION_MASK, Outcome};
+use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
 use crate::net::endpoint::{self, LinkParams, NetError};
 use crate::net::stream::{FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
@@ -41,6 +43,11 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("proxy state file `{path}` {what}")]
+    State {
+        path: std::path::PathBuf,
+        what: String,
+    },
 }
 
 /// The three SAPs of SPEC §2.
@@ -89,33 +96,43 @@ enum RouterMsg {
     LinkDown {
         link: LinkId,
     },
+    /// The durable state is on disk (or writing it failed).
+    Persisted(Result<(), String>),
 }
 
-struct Pending {
+/// A client request as the router keeps it until it is answered.
+#[derive(Clone)]
+struct Req {
     cmd: Command,
     client: u64,
     id: u64,
     reply: RespTx,
-    deadline: Instant,
-    /// The link it was last sent to, if any.
-    sent_to: Option<LinkId>,
 }
+
+type Machine = router::Router<Req, Reply>;
+type MAction = router::Action<Req, Reply>;
 
 struct Link {
     control: mpsc::UnboundedSender<ToServer>,
     relay: Option<mpsc::UnboundedSender<Relay>>,
     conn: quinn::Connection,
     pairs: u64,
-    backup: Option<ReplicaInfo>,
 }
 
+/// The router's executor: feeds the state machine (`ha::router`, which wraps the witness) and
+/// carries out its actions. It decides nothing itself.
 struct Router {
     cfg: Arc<Config>,
-    witness: Witness,
+    machine: Machine,
+    origin: Instant,
     links: HashMap<LinkId, Link>,
-    pending: BTreeMap<u64, Pending>,
-    route: Option<LinkId>,
-    next_rid: u64,
+    /// Where the witness's durable state lives (None: kept in memory only).
+    state: Option<ProxyStateFile>,
+    /// Actions waiting for a `Persist` to finish, in order.
+    held: VecDeque<MAction>,
+    persisting: bool,
+    actions: Vec<MAction>,
+    self_tx: mpsc::UnboundedSender<RouterMsg>,
     clients: Arc<AtomicUsize>,
     shutdown_waiters: Vec<(u64, RespTx)>,
     shutdown_deadline: Option<Instant>,
@@ -123,98 +140,135 @@ struct Router {
 }
 
 impl Router {
-    fn apply(&mut self, actions: Vec<Action>) {
-        for a in actions {
-            match a {
-                Action::Welcome { link, role, epoch } => {
-                    if let Some(l) = self.links.get(&link) {
-                        let _ = l.control.send(ToServer::Welcome { role, epoch });
-                    }
-                }
-                Action::HeartbeatAck { link, epoch, n } => {
-                    if let Some(l) = self.links.get(&link) {
-                        let _ = l.control.send(ToServer::HeartbeatAck { epoch, n });
-                    }
-                }
-                Action::Grant { link, epoch } => {
-                    if let Some(l) = self.links.get(&link) {
-                        let _ = l.control.send(ToServer::Grant { epoch });
-                    }
-                }
-                Action::Fence { link, epoch } => {
-                    if let Some(l) = self.links.remove(&link) {
-                        let _ = l.control.send(ToServer::Fence { epoch });
-                        // Give the fence frame a moment to leave, then drop the connection.
-                        let conn = l.conn.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            conn.close(0u32.into(), b"fenced");
-                        });
-                    }
-                    if self.route == Some(link) {
-                        self.route = None;
-                    }
-                }
-                Action::RouteTo { link, epoch } => {
-                    info!(link, epoch, "routing requests to new primary");
-                    self.route = Some(link);
-                    self.resend_all();
-                }
-                Action::NoPrimary => {
-                    self.route = None;
-                    self.fail_in_flight_writes();
-                }
-                Action::Notify { kind, detail } => {
-                    notify(self.cfg.notify_command.as_deref(), "proxy", kind, &detail);
-                }
+    fn now(&self) -> Millis {
+        self.origin.elapsed().as_millis() as Millis
+    }
+
+    fn step(&mut self, input: router::Input<Req, Reply>) {
+        let now = self.now();
+        let mut actions = std::mem::take(&mut self.actions);
+        self.machine.step(now, input, &mut actions);
+        for a in actions.drain(..) {
+            if self.persisting {
+                self.held.push_back(a);
+            } else {
+                self.apply(a);
             }
+        }
+        self.actions = actions;
+    }
+
+    fn persisted(&mut self, r: Result<(), String>) {
+        if let Err(e) = r {
+            // Without the state on disk a restarted proxy could accept a deposed primary; going
+            // on is still better than stopping the service: say so loudly.
+            warn!(
+                "could not write the proxy state file: {e}; a restart of this proxy may not recognise a deposed primary"
+            );
+        }
+        self.persisting = false;
+        while !self.persisting {
+            let Some(a) = self.held.pop_front() else {
+                break;
+            };
+            self.apply(a);
         }
     }
 
-    /// Sends every pending request to the current primary (after a failover: re-sends; the new
-    /// primary answers already-applied ones from its dedupe table).
-    fn resend_all(&mut self) {
-        let Some(link) = self.route else { return };
-        let Some(relay) = self.links.get(&link).and_then(|l| l.relay.clone()) else {
-            return;
-        };
-        for (rid, p) in self.pending.iter_mut() {
-            if p.sent_to != Some(link) {
-                p.sent_to = Some(link);
-                let _ = relay.send(Relay::Request {
-                    rid: *rid,
-                    client: Some(p.client),
-                    cmd: p.cmd.clone(),
+    fn apply(&mut self, a: MAction) {
+        match a {
+            MAction::Forward { link, rid } => {
+                if let (Some(relay), Some(p)) = (
+                    self.links.get(&link).and_then(|l| l.relay.as_ref()),
+                    self.machine.payload(rid),
+                ) {
+                    let _ = relay.send(Relay::Request {
+                        rid,
+                        client: Some(p.client),
+                        cmd: p.cmd.clone(),
+                    });
+                }
+            }
+            MAction::Answer { payload, outcome } => {
+                let resp = match outcome {
+                    Outcome::Reply(r) => to_response(payload.id, r),
+                    Outcome::Unknown => Response::error(
+                        Some(payload.id),
+                        Status::Unknown,
+                        "the primary did not answer within the request timeout; the write may or may not have been applied: re-read to find out",
+                    ),
+                    Outcome::Unavailable => Response::error(
+                        Some(payload.id),
+                        Status::Unavailable,
+                        format!(
+                            "no replica could serve the request within {} ms; it was not applied; retry later",
+                            self.cfg.request_timeout_ms
+                        ),
+                    ),
+                };
+                let _ = payload.reply.send(resp);
+            }
+            MAction::Watermark { link, rid } => {
+                if let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref()) {
+                    let _ = relay.send(Relay::Watermark(rid));
+                }
+            }
+            MAction::Witness(w) => self.witness_action(w),
+        }
+    }
+
+    fn witness_action(&mut self, a: Action) {
+        match a {
+            Action::Persist(d) => {
+                let Some(state) = self.state.clone() else {
+                    return;
+                };
+                self.persisting = true;
+                let tx = self.self_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let r = state.write(&d).map_err(|e| e.to_string());
+                    let _ = tx.send(RouterMsg::Persisted(r));
                 });
             }
-        }
-    }
-
-    /// The only replica that could have applied these is gone and nobody can tell: `unknown`.
-    /// Reads are safe to retry, so they stay pending.
-    fn fail_in_flight_writes(&mut self) {
-        let lost: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.sent_to.is_some() && p.cmd.is_write())
-            .map(|(rid, _)| *rid)
-            .collect();
-        for rid in lost {
-            if let Some(p) = self.pending.remove(&rid) {
-                let _ = p.reply.send(Response::error(
-                    Some(p.id),
-                    Status::Unknown,
-                    "the replica handling this request failed and no other replica can tell whether it was applied; re-read to find out",
-                ));
+            Action::Welcome { link, role, epoch } => {
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.control.send(ToServer::Welcome { role, epoch });
+                }
             }
-        }
-        for p in self.pending.values_mut() {
-            p.sent_to = None;
+            Action::HeartbeatAck { link, epoch, n } => {
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.control.send(ToServer::HeartbeatAck { epoch, n });
+                }
+            }
+            Action::Grant { link, epoch } => {
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.control.send(ToServer::Grant { epoch });
+                }
+            }
+            Action::Fence { link, epoch } => {
+                if let Some(l) = self.links.remove(&link) {
+                    let _ = l.control.send(ToServer::Fence { epoch });
+                    close_soon(l.conn, b"fenced");
+                }
+            }
+            Action::Drop { link } => {
+                if let Some(l) = self.links.remove(&link) {
+                    close_soon(l.conn, b"replaced by a newer link or to be retried");
+                }
+            }
+            Action::RouteTo { link, epoch } => {
+                info!(link, epoch, "routing requests to the primary");
+            }
+            Action::NoPrimary => {
+                warn!("no primary: requests wait for one (up to request_timeout_ms)");
+            }
+            Action::Notify { kind, detail } => {
+                notify(self.cfg.notify_command.as_deref(), "proxy", kind, &detail);
+            }
         }
     }
 
     fn handle(&mut self, msg: RouterMsg) {
-        let now = Instant::now();
         match msg {
             RouterMsg::Request {
                 cmd,
@@ -222,27 +276,16 @@ impl Router {
                 id,
                 reply,
             } => {
-                let rid = self.next_rid;
-                self.next_rid += 1;
-                let mut p = Pending {
-                    cmd,
-                    client,
-                    id,
-                    reply,
-                    deadline: now + self.cfg.request_timeout(),
-                    sent_to: None,
-                };
-                if let Some(link) = self.route
-                    && let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref())
-                {
-                    p.sent_to = Some(link);
-                    let _ = relay.send(Relay::Request {
-                        rid,
-                        client: Some(client),
-                        cmd: p.cmd.clone(),
-                    });
-                }
-                self.pending.insert(rid, p);
+                let write = cmd.is_write();
+                self.step(router::Input::Request {
+                    payload: Req {
+                        cmd,
+                        client,
+                        id,
+                        reply,
+                    },
+                    write,
+                });
             }
             RouterMsg::Admin { op, id, reply } => match op {
                 Op::Status => {
@@ -275,68 +318,47 @@ impl Router {
                         relay: None,
                         conn,
                         pairs: 0,
-                        backup: None,
                     },
                 );
-                let a = self.witness.step(
-                    now,
-                    Input::Hello {
-                        link,
-                        role,
-                        epoch,
-                        info,
-                        primary,
-                    },
-                );
-                self.apply(a);
+                self.step(router::Input::Witness(Input::Hello {
+                    link,
+                    role,
+                    epoch,
+                    info,
+                    primary,
+                }));
             }
             RouterMsg::RelayReady { link, relay } => {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.relay = Some(relay);
-                    if self.route == Some(link) {
-                        self.resend_all();
-                    }
+                    self.step(router::Input::RelayReady { link });
                 }
             }
             RouterMsg::Replies { link, replies } => {
-                if self.route != Some(link) {
-                    // A deposed replica's late answers: the request was re-sent to the new one.
-                    return;
-                }
-                for r in replies {
-                    if let Some(p) = self.pending.remove(&r.rid) {
-                        let _ = p.reply.send(to_response(p.id, r.reply));
-                    }
-                }
+                let replies = replies.into_iter().map(|r| (r.rid, r.reply)).collect();
+                self.step(router::Input::Replies { link, replies });
             }
             RouterMsg::FromServer { link, msg } => match msg {
                 ToProxy::Heartbeat {
                     epoch,
                     info,
                     pairs,
-                    backup_synced,
-                    backup,
+                    synced_backup,
                     echo,
                 } => {
-                    self.witness.update_info(link, info);
+                    self.machine.witness_mut().update_info(link, info);
                     if let Some(l) = self.links.get_mut(&link) {
                         l.pairs = pairs;
-                        l.backup = backup;
                     }
-                    let a = self.witness.step(
-                        now,
-                        Input::Heartbeat {
-                            link,
-                            epoch,
-                            backup_synced,
-                            echo,
-                        },
-                    );
-                    self.apply(a);
+                    self.step(router::Input::Witness(Input::Heartbeat {
+                        link,
+                        epoch,
+                        synced_backup,
+                        echo,
+                    }));
                 }
                 ToProxy::PeerLost { epoch } => {
-                    let a = self.witness.step(now, Input::PeerLost { link, epoch });
-                    self.apply(a);
+                    self.step(router::Input::Witness(Input::PeerLost { link, epoch }));
                 }
                 ToProxy::ShutdownDone { saved, pairs } => {
                     info!(?saved, pairs, "primary saved its space and stopped");
@@ -349,16 +371,19 @@ impl Router {
                 ToProxy::Hello { .. } => {}
             },
             RouterMsg::LinkDown { link } => {
-                self.links.remove(&link);
-                let a = self.witness.step(now, Input::LinkDown { link });
-                self.apply(a);
-                if self.shutdown_deadline.is_some() && self.witness.primary().is_none() {
+                if self.links.remove(&link).is_none() {
+                    // Already dropped or fenced by the witness.
+                    return;
+                }
+                self.step(router::Input::Witness(Input::LinkDown { link }));
+                if self.shutdown_deadline.is_some() && self.machine.witness().primary().is_none() {
                     self.finish_shutdown(
                         Status::Ok,
                         "service stopped (primary closed its link)".into(),
                     );
                 }
             }
+            RouterMsg::Persisted(r) => self.persisted(r),
         }
     }
 
@@ -367,7 +392,12 @@ impl Router {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        match self.witness.primary().and_then(|p| self.links.get(&p)) {
+        match self
+            .machine
+            .witness()
+            .primary()
+            .and_then(|p| self.links.get(&p))
+        {
             Some(l) => {
                 info!("shutdown requested: asking the primary to stop its backup and save");
                 let _ = l.control.send(ToServer::Shutdown);
@@ -399,52 +429,14 @@ impl Router {
     }
 
     fn tick(&mut self) {
-        let now = Instant::now();
-        let a = self.witness.step(now, Input::Tick);
-        self.apply(a);
-        // Expire requests; the table is in arrival order, so stop at the first live one... except
-        // that re-sends keep order too, so a linear scan of the expired prefix is enough.
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .take_while(|(_, p)| p.deadline <= now)
-            .map(|(rid, _)| *rid)
-            .collect();
-        for rid in expired {
-            if let Some(p) = self.pending.remove(&rid) {
-                let resp = if p.sent_to.is_some() && p.cmd.is_write() {
-                    Response::error(
-                        Some(p.id),
-                        Status::Unknown,
-                        "the primary did not answer within the request timeout; the write may or may not have been applied: re-read to find out",
-                    )
-                } else {
-                    Response::error(
-                        Some(p.id),
-                        Status::Unavailable,
-                        format!(
-                            "no replica could serve the request within {} ms; it was not applied; retry later",
-                            self.cfg.request_timeout_ms
-                        ),
-                    )
-                };
-                let _ = p.reply.send(resp);
-            }
-        }
+        self.step(router::Input::Tick);
         if let Some(d) = self.shutdown_deadline
-            && now >= d
+            && Instant::now() >= d
         {
             self.finish_shutdown(
                 Status::Unavailable,
                 "the primary did not confirm its save within shutdown_timeout_ms; the service was not stopped".into(),
             );
-        }
-        // Dedupe watermark: every rid below the oldest pending one has been answered.
-        if let Some(link) = self.route
-            && let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref())
-        {
-            let wm = self.pending.keys().next().copied().unwrap_or(self.next_rid);
-            let _ = relay.send(Relay::Watermark(wm));
         }
     }
 
@@ -457,34 +449,26 @@ impl Router {
                 (t("pid"), Value::Integer(i.pid.into())),
             ])
         };
-        let primary = self.witness.primary();
+        let w = self.machine.witness();
+        let primary = w.primary();
         let primary_v = primary
-            .and_then(|p| self.witness.info(p))
+            .and_then(|p| w.info(p))
             .map(replica)
             .unwrap_or(Value::Null);
-        let backup_info = self
-            .witness
+        let backup_v = w
             .backup()
-            .and_then(|b| self.witness.info(b))
-            .cloned()
-            .or_else(|| {
-                primary
-                    .and_then(|p| self.links.get(&p))
-                    .and_then(|l| l.backup.clone())
-            });
-        let backup_v = backup_info.as_ref().map(replica).unwrap_or(Value::Null);
+            .and_then(|b| w.info(b))
+            .map(replica)
+            .unwrap_or(Value::Null);
         let pairs = primary
             .and_then(|p| self.links.get(&p))
             .map(|l| l.pairs)
             .unwrap_or(0);
         Value::Map(vec![
-            (t("epoch"), Value::Integer(self.witness.epoch().into())),
+            (t("epoch"), Value::Integer(w.epoch().into())),
             (t("primary"), primary_v),
             (t("backup"), backup_v),
-            (
-                t("backup_synced"),
-                Value::Bool(self.witness.backup_synced()),
-            ),
+            (t("backup_synced"), Value::Bool(w.backup_synced())),
             (
                 t("clients"),
                 Value::Integer((self.clients.load(Ordering::Relaxed) as u64).into()),
@@ -492,9 +476,78 @@ impl Router {
             (t("pairs"), Value::Integer(pairs.into())),
             (
                 t("pending"),
-                Value::Integer((self.pending.len() as u64).into()),
+                Value::Integer((self.machine.pending_len() as u64).into()),
             ),
         ])
+    }
+}
+
+/// Closes a connection after a moment, so that a last control frame (a fence) can leave.
+fn close_soon(conn: quinn::Connection, why: &'static [u8]) {
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        conn.close(0u32.into(), why);
+    });
+}
+
+/// The proxy's durable state: its incarnation (so request ids never repeat across restarts) and
+/// the witness's [`Durable`] state (so a restarted proxy never accepts a deposed primary).
+#[derive(Clone, Debug)]
+struct ProxyStateFile {
+    path: std::path::PathBuf,
+    incarnation: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProxyStateDoc {
+    incarnation: u64,
+    witness: Durable,
+}
+
+impl ProxyStateFile {
+    /// Reads the previous state (if any), starts the next incarnation and records it.
+    fn open(path: &Path) -> Result<(ProxyStateFile, Durable), ProxyError> {
+        let bad = |what: String| ProxyError::State {
+            path: path.to_owned(),
+            what,
+        };
+        let prev: Option<ProxyStateDoc> = match std::fs::read(path) {
+            Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| {
+                bad(format!(
+                    "is not a proxy state file ({e}); move it away to start afresh"
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(bad(format!("cannot be read: {e}"))),
+        };
+        let (incarnation, durable) = match prev {
+            Some(d) => ((d.incarnation + 1) & INCARNATION_MASK, d.witness),
+            None => (1, Durable::default()),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| bad(format!("directory cannot be created: {e}")))?;
+        }
+        let f = ProxyStateFile {
+            path: path.to_owned(),
+            incarnation,
+        };
+        f.write(&durable)
+            .map_err(|e| bad(format!("cannot be written: {e}")))?;
+        Ok((f, durable))
+    }
+
+    /// Writes atomically and durably (temporary file, fsync, rename).
+    fn write(&self, d: &Durable) -> std::io::Result<()> {
+        use std::io::Write;
+        let doc = ProxyStateDoc {
+            incarnation: self.incarnation,
+            witness: d.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?;
+        let mut f = atomic_write_file::AtomicWriteFile::options().open(&self.path)?;
+        f.write_all(&bytes)?;
+        f.commit()
     }
 }
 
@@ -589,13 +642,31 @@ pub async fn run(
 
     let clients = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::unbounded_channel();
+    let (state, durable, incarnation) = match &cfg.proxy_state_file {
+        Some(p) => {
+            let (f, d) = ProxyStateFile::open(p)?;
+            info!(file = %p.display(), incarnation = f.incarnation, epoch = d.epoch, "proxy state loaded");
+            let inc = f.incarnation;
+            (Some(f), d, inc)
+        }
+        None => {
+            warn!(
+                "no proxy_state_file configured: a restarted proxy cannot recognise a deposed primary; request ids use a random incarnation"
+            );
+            (None, Durable::default(), rand::random::<u64>())
+        }
+    };
+    let witness = Witness::restore(cfg.heartbeat_timeout_ms, durable);
     let router = Router {
         cfg: cfg.clone(),
-        witness: Witness::new(cfg.heartbeat_timeout()),
+        machine: router::Router::new(witness, incarnation, cfg.request_timeout_ms),
+        origin: Instant::now(),
         links: HashMap::new(),
-        pending: BTreeMap::new(),
-        route: None,
-        next_rid: 1,
+        state,
+        held: VecDeque::new(),
+        persisting: false,
+        actions: Vec::new(),
+        self_tx: tx.clone(),
         clients: clients.clone(),
         shutdown_waiters: Vec::new(),
         shutdown_deadline: None,

@@ -92,6 +92,14 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
         .arg(&o.server_sap)
         .arg(&o.shutdown_sap);
     common_flags(&mut proxy, &o);
+    if cfg.proxy_state_file.is_none() {
+        // The proxy's durable state (epoch, office holder, incarnation) beside the save file.
+        let state = o.save_file.with_file_name("proxy.state");
+        proxy.arg("--set").arg(format!(
+            "proxy_state_file={:?}",
+            state.display().to_string()
+        ));
+    }
     let mut proxy = spawn(proxy, "proxy")?;
 
     let mut server = Command::new(exe());

@@ -3,17 +3,38 @@
 //! The proxy is the witness that breaks ties when primary and backup lose each other: a backup
 //! becomes primary, and a primary goes on without its backup, only with the witness's grant and a
 //! new epoch. Whatever a replica of an older epoch says afterwards is ignored (and it is fenced).
-//! Time is an input (`now`), never read here.
+//! Time is an input (`now`, in [`Millis`]), never read here.
+//!
+//! Replicas are known by their *handle* (pid or SAP), not by the connection they use: a replica
+//! that reconnects (a cut link healed, a paused or restarted proxy) replaces its old link and keeps
+//! its place. What a restarted proxy must remember to refuse a deposed primary is [`Durable`]:
+//! the witness emits [`Action::Persist`] whenever it changes, *before* the actions that depend on
+//! it (grants, routes), and the executor holds those actions until the state is on disk.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use super::Millis;
 use crate::wire::node::{ReplicaInfo, Role};
 
 /// Identifies one server connection at the proxy.
 pub type LinkId = u64;
 
-#[derive(Clone, Debug, PartialEq)]
+/// The witness state that must survive a proxy restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Durable {
+    /// The epoch last granted.
+    pub epoch: u64,
+    /// The epoch at which the current primary took office: an older primary is deposed.
+    pub office_epoch: u64,
+    /// Handle and SAP of the replica that holds (or was granted) the office.
+    pub primary: Option<(String, String)>,
+    /// Handle of a backup known to hold every acknowledged write at `epoch`.
+    pub synced_backup: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Input {
     Hello {
         link: LinkId,
@@ -26,9 +47,10 @@ pub enum Input {
     Heartbeat {
         link: LinkId,
         epoch: u64,
-        /// Reported by a primary: its backup holds every acknowledged update and acks synchronously.
-        backup_synced: bool,
-        /// The last `HeartbeatAck` number the replica received from us.
+        /// Reported by a primary: the handle of its backup if that backup holds every
+        /// acknowledged update and acknowledges synchronously.
+        synced_backup: Option<String>,
+        /// The last `HeartbeatAck` number the replica received on this link.
         echo: u64,
     },
     /// The replica at `link` lost its peer (a primary its backup; a backup its primary).
@@ -43,8 +65,10 @@ pub enum Input {
     Tick,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
+    /// Write `Durable` to stable storage; every later action waits until it is written.
+    Persist(Durable),
     /// Acknowledge a heartbeat with number `n`; the replica echoes it back in its next one.
     HeartbeatAck { link: LinkId, epoch: u64, n: u64 },
     Welcome {
@@ -56,6 +80,9 @@ pub enum Action {
     Grant { link: LinkId, epoch: u64 },
     /// Deposed or refused: the replica must stop; the proxy drops the link.
     Fence { link: LinkId, epoch: u64 },
+    /// Close the link without fencing (replaced by a newer link of the same replica, or a
+    /// registration that must be retried later).
+    Drop { link: LinkId },
     /// Requests now go to `link`; everything unanswered is re-sent there.
     RouteTo { link: LinkId, epoch: u64 },
     /// No replica can serve: requests wait (until the request timeout) for one to register.
@@ -64,21 +91,24 @@ pub enum Action {
     Notify { kind: &'static str, detail: String },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Member {
     info: ReplicaInfo,
-    last_heard: Instant,
+    last_heard: Millis,
+    /// The link closed: the member is silent until it says hello on a new one.
+    down: bool,
     /// Heartbeat acks sent to it, the highest number it echoed, and when that last went up.
     acks_sent: u64,
     echo_seen: u64,
-    echo_at: Instant,
+    echo_at: Millis,
 }
 
 impl Member {
-    fn new(info: ReplicaInfo, now: Instant) -> Member {
+    fn new(info: ReplicaInfo, now: Millis) -> Member {
         Member {
             info,
             last_heard: now,
+            down: false,
             acks_sent: 0,
             echo_seen: 0,
             echo_at: now,
@@ -87,25 +117,26 @@ impl Member {
 }
 
 /// The witness state machine.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Witness {
-    epoch: u64,
-    /// Epoch at which the current (or last) primary took office: a primary claiming an older
-    /// epoch has been replaced since and is refused.
-    office_epoch: u64,
+    durable: Durable,
     primary: Option<LinkId>,
     backup: Option<LinkId>,
     backup_synced: bool,
     members: BTreeMap<LinkId, Member>,
-    heartbeat_timeout: Duration,
-    last_tick: Option<Instant>,
+    heartbeat_timeout: Millis,
+    last_tick: Option<Millis>,
 }
 
 impl Witness {
-    pub fn new(heartbeat_timeout: Duration) -> Self {
+    pub fn new(heartbeat_timeout: Millis) -> Self {
+        Self::restore(heartbeat_timeout, Durable::default())
+    }
+
+    /// A witness that starts from what a previous incarnation of the proxy persisted.
+    pub fn restore(heartbeat_timeout: Millis, durable: Durable) -> Self {
         Witness {
-            epoch: 0,
-            office_epoch: 0,
+            durable,
             primary: None,
             backup: None,
             backup_synced: false,
@@ -116,7 +147,10 @@ impl Witness {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.durable.epoch
+    }
+    pub fn durable(&self) -> &Durable {
+        &self.durable
     }
     pub fn primary(&self) -> Option<LinkId> {
         self.primary
@@ -134,12 +168,21 @@ impl Witness {
     /// Records what a member says about itself now (its SAP changes when it is promoted).
     pub fn update_info(&mut self, link: LinkId, info: ReplicaInfo) {
         if let Some(m) = self.members.get_mut(&link) {
+            if Some(link) == self.primary
+                && let Some((h, _)) = &self.durable.primary
+                && *h == info.handle
+            {
+                // The SAP is what backups name their primary by; it is not worth a disk write
+                // (a restarted proxy learns it at the next heartbeat).
+                self.durable.primary = Some((info.handle.clone(), info.sap.clone()));
+            }
             m.info = info;
         }
     }
 
     /// Feeds one input observed at `now`; returns what the proxy must do, in order.
-    pub fn step(&mut self, now: Instant, input: Input) -> Vec<Action> {
+    pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
+        let before = self.durable.clone();
         let mut out = Vec::new();
         match input {
             Input::Hello {
@@ -152,128 +195,195 @@ impl Witness {
             Input::Heartbeat {
                 link,
                 epoch,
-                backup_synced,
+                synced_backup,
                 echo,
-            } => {
-                if epoch < self.epoch && Some(link) != self.backup {
-                    // A replica of an older epoch: it was deposed and must stop.
-                    if self.members.contains_key(&link) && Some(link) != self.primary {
-                        self.members.remove(&link);
-                        out.push(Action::Fence {
-                            link,
-                            epoch: self.epoch,
-                        });
-                    }
-                    return out;
-                }
-                let Some(m) = self.members.get_mut(&link) else {
-                    return out;
-                };
-                m.acks_sent += 1;
-                out.push(Action::HeartbeatAck {
-                    link,
-                    epoch,
-                    n: m.acks_sent,
-                });
-                if echo > m.echo_seen {
-                    m.echo_seen = echo;
-                    m.echo_at = now;
-                }
-                // A replica we hear but that no longer hears us (a one-way cut towards it) is as
-                // good as silent: its heartbeat does not count.
-                if now.saturating_duration_since(m.echo_at) > self.heartbeat_timeout {
-                    return out;
-                }
-                m.last_heard = now;
-                if Some(link) == self.primary && epoch == self.epoch {
-                    if backup_synced && !self.backup_synced && self.backup.is_some() {
-                        out.push(Action::Notify {
-                            kind: "backup-synced",
-                            detail: format!("backup synchronised at epoch {}", self.epoch),
-                        });
-                    }
-                    self.backup_synced = backup_synced && self.backup.is_some();
-                }
-            }
-            Input::PeerLost { link, epoch } => {
-                // The current primary may repeat an old report (it missed our grant): re-grant.
-                if epoch < self.epoch && Some(link) != self.backup && Some(link) != self.primary {
-                    return out;
-                }
-                if Some(link) == self.primary {
-                    // The primary lost its backup: it goes on alone at a new epoch, so the lost
-                    // backup can never be promoted.
-                    if let Some(b) = self.backup {
-                        self.drop_backup(b, "primary lost its backup", &mut out);
-                    } else {
-                        // Already without a backup: re-grant at the current epoch.
-                        if let Some(p) = self.primary {
-                            out.push(Action::Grant {
-                                link: p,
-                                epoch: self.epoch,
-                            });
-                        }
-                    }
-                } else if Some(link) == self.backup {
-                    // The backup lost its primary. It may simply notice a dead primary before we
-                    // do, so nothing is decided here: if the primary is dead its heartbeats lapse
-                    // (Tick promotes); if it is alive, it loses the backup too and says so.
-                    out.push(Action::Notify {
-                        kind: "backup-suspects-primary",
-                        detail: "backup reports it lost the primary; waiting for the heartbeat window to decide".into(),
-                    });
-                }
-            }
+            } => self.heartbeat(now, link, epoch, synced_backup, echo, &mut out),
+            Input::PeerLost { link, epoch } => self.peer_lost(link, epoch, &mut out),
             Input::LinkDown { link } => {
-                if Some(link) == self.primary {
-                    self.primary_failed(link, "connection to the primary closed", &mut out);
-                } else if Some(link) == self.backup {
-                    self.drop_backup(link, "connection to the backup closed", &mut out);
+                if Some(link) == self.primary || Some(link) == self.backup {
+                    // Decided at the next tick, like a lapse: if both links went down at once
+                    // it is more likely our own network than two failures.
+                    if let Some(m) = self.members.get_mut(&link) {
+                        m.down = true;
+                    }
                 } else {
                     self.members.remove(&link);
                 }
             }
-            Input::Tick => {
-                // If we ourselves were not running (paused, starved of CPU) for a good part of the
-                // window, silence is our fault, not theirs: start the window again.
-                let stalled = self
-                    .last_tick
-                    .is_some_and(|t| now.saturating_duration_since(t) > self.heartbeat_timeout / 2);
-                self.last_tick = Some(now);
-                if stalled {
-                    for m in self.members.values_mut() {
-                        m.last_heard = now;
-                    }
-                    return out;
-                }
-                let primary_lapsed = self.primary.is_some_and(|p| !self.heard_recently(p, now));
-                let backup_lapsed = self.backup.is_some_and(|b| !self.heard_recently(b, now));
-                if primary_lapsed && backup_lapsed {
-                    // Both silent at once: more likely our own network than two failures. Wait;
-                    // requests time out meanwhile, and the link-down path handles real deaths.
-                    return out;
-                }
-                if primary_lapsed && let Some(p) = self.primary {
-                    self.primary_failed(p, "primary heartbeats lapsed", &mut out);
-                }
-                if backup_lapsed && let Some(b) = self.backup {
-                    self.drop_backup(b, "backup heartbeats lapsed", &mut out);
-                }
-            }
+            Input::Tick => self.tick(now, &mut out),
+        }
+        if self.durable != before {
+            // Whatever depends on the new state (grants, routes) must wait for it to be stable.
+            out.insert(0, Action::Persist(self.durable.clone()));
         }
         out
     }
 
-    fn heard_recently(&self, link: LinkId, now: Instant) -> bool {
+    fn heartbeat(
+        &mut self,
+        now: Millis,
+        link: LinkId,
+        epoch: u64,
+        synced_backup: Option<String>,
+        echo: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if epoch < self.durable.epoch
+            && Some(link) != self.backup
+            && Some(link) != self.primary
+            && self.members.contains_key(&link)
+        {
+            // A replica of an older epoch that is neither of ours: it was deposed.
+            self.members.remove(&link);
+            out.push(Action::Fence {
+                link,
+                epoch: self.durable.epoch,
+            });
+            return;
+        }
+        let Some(m) = self.members.get_mut(&link) else {
+            return;
+        };
+        m.acks_sent += 1;
+        out.push(Action::HeartbeatAck {
+            link,
+            epoch,
+            n: m.acks_sent,
+        });
+        if echo > m.echo_seen && echo <= m.acks_sent {
+            m.echo_seen = echo;
+            m.echo_at = now;
+        }
+        // A replica we hear but that no longer hears us (a one-way cut towards it) is as good as
+        // silent: its heartbeat does not count.
+        if now.saturating_sub(m.echo_at) > self.heartbeat_timeout {
+            return;
+        }
+        m.last_heard = now;
+        if Some(link) == self.primary {
+            let ours = match (
+                self.backup.and_then(|b| self.members.get(&b)),
+                &synced_backup,
+            ) {
+                (Some(b), Some(h)) => b.info.handle == *h,
+                _ => false,
+            };
+            if epoch == self.durable.epoch {
+                let synced = ours;
+                if synced && !self.backup_synced {
+                    out.push(Action::Notify {
+                        kind: "backup-synced",
+                        detail: format!("backup synchronised at epoch {}", self.durable.epoch),
+                    });
+                }
+                self.backup_synced = synced;
+                self.durable.synced_backup = if synced { synced_backup } else { None };
+            } else if epoch < self.durable.epoch {
+                // The primary missed our last grant (it was lost with a link): say it again.
+                out.push(Action::Grant {
+                    link,
+                    epoch: self.durable.epoch,
+                });
+            }
+        }
+    }
+
+    fn peer_lost(&mut self, link: LinkId, epoch: u64, out: &mut Vec<Action>) {
+        if Some(link) == self.primary {
+            // The primary lost its backup: it goes on alone at a new epoch, so the lost backup
+            // can never be promoted.
+            if let Some(b) = self.backup {
+                self.drop_backup(b, "primary lost its backup", out);
+            } else {
+                // Already without a backup (it missed the grant): grant again.
+                out.push(Action::Grant {
+                    link,
+                    epoch: self.durable.epoch,
+                });
+            }
+        } else if Some(link) == self.backup && epoch >= self.durable.epoch {
+            // The backup lost its primary. It may simply notice a dead primary before we do, so
+            // nothing is decided here: if the primary is dead its heartbeats lapse (Tick
+            // promotes); if it is alive, it loses the backup too and says so.
+            out.push(Action::Notify {
+                kind: "backup-suspects-primary",
+                detail:
+                    "backup reports it lost the primary; waiting for the heartbeat window to decide"
+                        .into(),
+            });
+        }
+    }
+
+    fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
+        // If we ourselves were not running (paused, starved of CPU) for a good part of the
+        // window, silence is our fault, not theirs: start the window again.
+        let stalled = self
+            .last_tick
+            .is_some_and(|t| now.saturating_sub(t) > self.heartbeat_timeout / 2);
+        self.last_tick = Some(now);
+        if stalled {
+            for m in self.members.values_mut() {
+                m.last_heard = now;
+                m.echo_at = now;
+            }
+            return;
+        }
+        let primary_lapsed = self.primary.is_some_and(|p| !self.heard_recently(p, now));
+        let backup_lapsed = self.backup.is_some_and(|b| !self.heard_recently(b, now));
+        if primary_lapsed && backup_lapsed {
+            // Both silent at once: more likely our own network than two failures. Wait;
+            // requests time out meanwhile, and replicas that reconnect are taken back.
+            return;
+        }
+        if primary_lapsed && let Some(p) = self.primary {
+            let why = if self.members.get(&p).is_some_and(|m| m.down) {
+                "connection to the primary closed"
+            } else {
+                "primary heartbeats lapsed"
+            };
+            self.primary_failed(p, why, out);
+        }
+        if backup_lapsed && let Some(b) = self.backup {
+            let why = if self.members.get(&b).is_some_and(|m| m.down) {
+                "connection to the backup closed"
+            } else {
+                "backup heartbeats lapsed"
+            };
+            self.drop_backup(b, why, out);
+        }
+    }
+
+    fn heard_recently(&self, link: LinkId, now: Millis) -> bool {
         self.members
             .get(&link)
-            .is_some_and(|m| now.saturating_duration_since(m.last_heard) < self.heartbeat_timeout)
+            .is_some_and(|m| !m.down && now.saturating_sub(m.last_heard) < self.heartbeat_timeout)
+    }
+
+    fn is_office_holder(&self, info: &ReplicaInfo) -> bool {
+        self.durable
+            .primary
+            .as_ref()
+            .is_some_and(|(h, _)| *h == info.handle)
+    }
+
+    /// Replaces `old` (a link of the same replica) by `link`.
+    fn relink(
+        &mut self,
+        old: LinkId,
+        link: LinkId,
+        info: ReplicaInfo,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
+        self.members.remove(&old);
+        self.members.insert(link, Member::new(info, now));
+        out.push(Action::Drop { link: old });
     }
 
     #[allow(clippy::too_many_arguments)]
     fn hello(
         &mut self,
-        now: Instant,
+        now: Millis,
         link: LinkId,
         role: Role,
         epoch: u64,
@@ -281,74 +391,133 @@ impl Witness {
         primary_of_backup: Option<String>,
         out: &mut Vec<Action>,
     ) {
+        let handle_of = |w: &Witness, l: Option<LinkId>| {
+            l.and_then(|l| w.members.get(&l).map(|m| (l, m.info.handle.clone())))
+        };
         match role {
             Role::Primary => {
-                // epoch 0 = a freshly started server (e.g. an operator restarting the service from
-                // its save file); a server with an older non-zero epoch was deposed.
-                if self.primary.is_some() || (epoch != 0 && epoch < self.office_epoch) {
-                    // A deposed primary coming back, or a second primary: refuse it.
-                    out.push(Action::Fence {
+                if let Some((p, h)) = handle_of(self, self.primary) {
+                    if h == info.handle {
+                        // The current primary on a new connection (a cut healed, or it noticed our
+                        // restart or pause before we noticed it).
+                        self.relink(p, link, info, now, out);
+                        self.primary = Some(link);
+                        self.welcome_primary(link, epoch, out);
+                        return;
+                    }
+                    self.refuse(
                         link,
-                        epoch: self.epoch,
-                    });
-                    out.push(Action::Notify {
-                        kind: "primary-refused",
-                        detail: format!(
-                            "refused server {} claiming primary at epoch {epoch} (current epoch {})",
-                            info.handle, self.epoch
-                        ),
-                    });
+                        &info,
+                        "primary",
+                        epoch,
+                        "another primary is serving",
+                        out,
+                    );
                     return;
                 }
-                self.epoch = self.epoch.max(epoch).max(1);
-                self.office_epoch = self.epoch;
+                let holder = self.is_office_holder(&info);
+                if !(holder || epoch == 0 || epoch >= self.durable.office_epoch) {
+                    // A deposed primary coming back.
+                    self.refuse(link, &info, "primary", epoch, "it was deposed", out);
+                    return;
+                }
+                if !holder && epoch == 0 && self.durable.primary.is_some() && self.backup.is_some()
+                {
+                    // A fresh server while the holder's backup is still with us: wait for the
+                    // holder (or its promotion) rather than start a second history.
+                    self.refuse(
+                        link,
+                        &info,
+                        "primary",
+                        epoch,
+                        "the office holder's backup is registered",
+                        out,
+                    );
+                    return;
+                }
+                self.durable.epoch = self.durable.epoch.max(epoch).max(1);
+                if !holder {
+                    self.durable.office_epoch = self.durable.epoch;
+                    self.durable.synced_backup = None;
+                }
+                self.durable.primary = Some((info.handle.clone(), info.sap.clone()));
                 self.members.insert(link, Member::new(info.clone(), now));
                 self.primary = Some(link);
-                out.push(Action::Welcome {
-                    link,
-                    role: Role::Primary,
-                    epoch: self.epoch,
-                });
-                out.push(Action::RouteTo {
-                    link,
-                    epoch: self.epoch,
-                });
                 out.push(Action::Notify {
                     kind: "primary-registered",
                     detail: format!(
                         "primary {} at {} (epoch {})",
-                        info.handle, info.sap, self.epoch
+                        info.handle, info.sap, self.durable.epoch
                     ),
                 });
+                self.welcome_primary(link, epoch, out);
+                // A backup that registered before its primary (after our restart) stays only
+                // if it belongs to this primary.
+                if let Some(b) = self.backup
+                    && !self.belongs(b)
+                {
+                    self.drop_backup(b, "backup belongs to another primary", out);
+                }
             }
             Role::Backup => {
-                let stale_backup = self.backup.filter(|b| !self.heard_recently(*b, now));
-                if let Some(b) = stale_backup {
-                    self.drop_backup(b, "backup replaced by a new one", out);
+                if let Some((b, h)) = handle_of(self, self.backup) {
+                    if h == info.handle {
+                        self.relink(b, link, info, now, out);
+                        self.backup = Some(link);
+                        out.push(Action::Welcome {
+                            link,
+                            role: Role::Backup,
+                            epoch: self.durable.epoch,
+                        });
+                        return;
+                    }
+                    if !self.heard_recently(b, now) {
+                        self.drop_backup(b, "backup replaced by a new one", out);
+                    }
                 }
-                // A backup belongs to the primary that started it: one started by a deposed
-                // primary (which may not know yet) must not become the current primary's backup.
-                let current = self.primary.and_then(|p| self.members.get(&p));
-                let ours = match (&primary_of_backup, current) {
-                    (Some(h), Some(m)) => *h == m.info.handle || *h == m.info.sap,
-                    (None, Some(_)) => true,
-                    (_, None) => false,
-                };
-                if !ours || self.backup.is_some() || (epoch != 0 && epoch < self.epoch) {
-                    let detail = format!(
-                        "refused backup {} (its primary: {}; current primary: {})",
-                        info.handle,
-                        primary_of_backup.as_deref().unwrap_or("?"),
-                        current.map(|m| m.info.handle.as_str()).unwrap_or("none")
-                    );
-                    out.push(Action::Fence {
+                if self.primary.is_none() && self.is_office_holder(&info) {
+                    // We granted it the office and it never heard (we restarted, or the link
+                    // was cut): it is the primary.
+                    self.members.insert(link, Member::new(info.clone(), now));
+                    self.primary = Some(link);
+                    out.push(Action::Welcome {
                         link,
-                        epoch: self.epoch,
+                        role: Role::Primary,
+                        epoch: self.durable.epoch,
                     });
-                    out.push(Action::Notify {
-                        kind: "backup-refused",
-                        detail,
+                    out.push(Action::Grant {
+                        link,
+                        epoch: self.durable.epoch,
                     });
+                    out.push(Action::RouteTo {
+                        link,
+                        epoch: self.durable.epoch,
+                    });
+                    return;
+                }
+                let current = self.primary.and_then(|p| self.members.get(&p));
+                let ours = match (&primary_of_backup, current, &self.durable.primary) {
+                    (Some(h), Some(m), _) => *h == m.info.handle || *h == m.info.sap,
+                    (None, Some(_), _) => true,
+                    // No primary registered yet (we restarted): the holder's backup waits here.
+                    (Some(h), None, Some((ph, ps))) => h == ph || h == ps,
+                    _ => false,
+                };
+                let stale = epoch != 0 && epoch < self.durable.epoch;
+                if !ours || self.backup.is_some() || stale {
+                    if self.primary.is_none() && !stale {
+                        // Nobody to judge it by yet: let it try again later, unharmed.
+                        out.push(Action::Drop { link });
+                        return;
+                    }
+                    self.refuse(
+                        link,
+                        &info,
+                        "backup",
+                        epoch,
+                        "it is not the current primary's backup",
+                        out,
+                    );
                     return;
                 }
                 self.members.insert(link, Member::new(info.clone(), now));
@@ -357,43 +526,103 @@ impl Witness {
                 out.push(Action::Welcome {
                     link,
                     role: Role::Backup,
-                    epoch: self.epoch,
+                    epoch: self.durable.epoch,
                 });
                 out.push(Action::Notify {
                     kind: "backup-registered",
                     detail: format!(
                         "backup {} at {} (epoch {})",
-                        info.handle, info.sap, self.epoch
+                        info.handle, info.sap, self.durable.epoch
                     ),
                 });
             }
         }
     }
 
+    /// Whether the registered backup `b` was started by the registered primary.
+    fn belongs(&self, b: LinkId) -> bool {
+        let (Some(p), Some(_)) = (
+            self.primary.and_then(|p| self.members.get(&p)),
+            self.members.get(&b),
+        ) else {
+            return false;
+        };
+        match &self.durable.primary {
+            Some((h, s)) => *h == p.info.handle || *s == p.info.sap,
+            None => false,
+        }
+    }
+
+    fn welcome_primary(&mut self, link: LinkId, claimed: u64, out: &mut Vec<Action>) {
+        out.push(Action::Welcome {
+            link,
+            role: Role::Primary,
+            epoch: self.durable.epoch,
+        });
+        if claimed != 0 && claimed < self.durable.epoch {
+            // It missed a grant (its backup was dropped, or an incomplete one fenced).
+            out.push(Action::Grant {
+                link,
+                epoch: self.durable.epoch,
+            });
+        }
+        out.push(Action::RouteTo {
+            link,
+            epoch: self.durable.epoch,
+        });
+    }
+
+    fn refuse(
+        &mut self,
+        link: LinkId,
+        info: &ReplicaInfo,
+        role: &str,
+        epoch: u64,
+        why: &str,
+        out: &mut Vec<Action>,
+    ) {
+        out.push(Action::Fence {
+            link,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::Notify {
+            kind: if role == "primary" {
+                "primary-refused"
+            } else {
+                "backup-refused"
+            },
+            detail: format!(
+                "refused server {} claiming {role} at epoch {epoch} (current epoch {}): {why}",
+                info.handle, self.durable.epoch
+            ),
+        });
+    }
+
     fn drop_backup(&mut self, b: LinkId, why: &str, out: &mut Vec<Action>) {
         self.backup = None;
         self.backup_synced = false;
+        self.durable.synced_backup = None;
         let handle = self
             .members
             .remove(&b)
             .map(|m| m.info.handle)
             .unwrap_or_default();
-        self.epoch += 1;
+        self.durable.epoch += 1;
         out.push(Action::Fence {
             link: b,
-            epoch: self.epoch,
+            epoch: self.durable.epoch,
         });
         if let Some(p) = self.primary {
             out.push(Action::Grant {
                 link: p,
-                epoch: self.epoch,
+                epoch: self.durable.epoch,
             });
         }
         out.push(Action::Notify {
             kind: "backup-lost",
             detail: format!(
                 "{why}: backup {handle} dropped; primary goes on alone at epoch {}",
-                self.epoch
+                self.durable.epoch
             ),
         });
     }
@@ -401,57 +630,65 @@ impl Witness {
     fn primary_failed(&mut self, p: LinkId, why: &str, out: &mut Vec<Action>) {
         let handle = self
             .members
-            .remove(&p)
-            .map(|m| m.info.handle)
+            .get(&p)
+            .map(|m| m.info.handle.clone())
             .unwrap_or_default();
-        self.primary = None;
-        out.push(Action::Fence {
-            link: p,
-            epoch: self.epoch + 1,
-        });
-        match self.backup.take() {
+        match self.backup {
             Some(b) if self.backup_synced => {
-                self.epoch += 1;
+                self.members.remove(&p);
+                self.primary = None;
+                self.backup = None;
                 self.backup_synced = false;
+                self.durable.epoch += 1;
+                self.durable.office_epoch = self.durable.epoch;
+                let info = self.members.get(&b).map(|m| m.info.clone());
+                self.durable.primary = info.as_ref().map(|i| (i.handle.clone(), i.sap.clone()));
+                self.durable.synced_backup = None;
                 self.primary = Some(b);
-                self.office_epoch = self.epoch;
+                out.push(Action::Fence {
+                    link: p,
+                    epoch: self.durable.epoch,
+                });
                 out.push(Action::Grant {
                     link: b,
-                    epoch: self.epoch,
+                    epoch: self.durable.epoch,
                 });
                 out.push(Action::RouteTo {
                     link: b,
-                    epoch: self.epoch,
+                    epoch: self.durable.epoch,
                 });
                 out.push(Action::Notify {
                     kind: "failover",
                     detail: format!(
                         "{why}: primary {handle} failed; backup {} promoted at epoch {}",
-                        self.members
-                            .get(&b)
-                            .map(|m| m.info.handle.as_str())
-                            .unwrap_or(""),
-                        self.epoch
+                        info.map(|i| i.handle).unwrap_or_default(),
+                        self.durable.epoch
                     ),
                 });
             }
             other => {
+                // Nobody can be promoted: the failed primary holds the only full copy. It is not
+                // fenced; it may come back (a cut link healed) and is taken back then.
+                self.members.remove(&p);
+                self.primary = None;
+                out.push(Action::Drop { link: p });
                 if let Some(b) = other {
                     // A backup that was still synchronising holds an incomplete copy: it cannot
-                    // take over (a second failure); it is dropped.
+                    // take over (a second failure); it is dropped, and the epoch moves so that
+                    // it can never come back as a backup of this history.
+                    self.backup = None;
                     self.members.remove(&b);
+                    self.durable.epoch += 1;
+                    self.durable.synced_backup = None;
                     out.push(Action::Fence {
                         link: b,
-                        epoch: self.epoch + 1,
+                        epoch: self.durable.epoch,
                     });
-                    self.epoch += 1;
                 }
-                // Nobody was promoted: the failed primary still holds the only full copy and may
-                // come back (e.g. after a link cut) at its epoch.
                 out.push(Action::NoPrimary);
                 out.push(Action::Notify {
                     kind: "primary-lost",
-                    detail: format!("{why}: primary {handle} failed and no synchronised backup can take over; waiting for a primary"),
+                    detail: format!("{why}: primary {handle} failed and no synchronised backup can take over; waiting for it to come back"),
                 });
             }
         }
@@ -462,7 +699,7 @@ impl Witness {
 mod tests {
     use super::*;
 
-    const HB: Duration = Duration::from_millis(300);
+    const HB: Millis = 300;
 
     fn info(n: &str) -> ReplicaInfo {
         ReplicaInfo {
@@ -474,14 +711,12 @@ mod tests {
 
     struct Fx {
         w: Witness,
-        t0: Instant,
     }
 
     impl Fx {
         fn new() -> Fx {
             Fx {
                 w: Witness::new(HB),
-                t0: Instant::now(),
             }
         }
         /// A heartbeat built with `hb` echoes every ack sent so far (a healthy two-way link).
@@ -490,17 +725,17 @@ mod tests {
                 Input::Heartbeat {
                     link,
                     epoch,
-                    backup_synced,
+                    synced_backup,
                     echo: 0,
                 } => Input::Heartbeat {
                     link,
                     epoch,
-                    backup_synced,
+                    synced_backup,
                     echo: self.w.members.get(&link).map_or(0, |m| m.acks_sent),
                 },
                 other => other,
             };
-            self.w.step(self.t0 + Duration::from_millis(ms), i)
+            self.w.step(ms, i)
         }
         /// Primary link 1 and synced backup link 2 at epoch 1.
         fn pair() -> Fx {
@@ -572,7 +807,8 @@ mod tests {
         Input::Heartbeat {
             link,
             epoch,
-            backup_synced: synced,
+            // In these tests the backup is link 2 (handle "2") unless a test says otherwise.
+            synced_backup: synced.then(|| "2".to_string()),
             echo: 0,
         }
     }
@@ -591,7 +827,7 @@ mod tests {
                 Input::Heartbeat {
                     link: 1,
                     epoch: 1,
-                    backup_synced: true,
+                    synced_backup: Some("2".into()),
                     echo: stuck,
                 },
             ));
@@ -822,10 +1058,15 @@ mod tests {
     fn primary_link_down_without_backup_means_no_primary() {
         let mut f = Fx::new();
         f.at(0, hello(1, Role::Primary, 0));
-        let a = f.at(5, Input::LinkDown { link: 1 });
-        assert!(has(&a, |x| *x == Action::NoPrimary));
+        assert!(f.at(5, Input::LinkDown { link: 1 }).is_empty());
+        let a = f.at(10, Input::Tick);
+        assert!(has(&a, |x| *x == Action::NoPrimary), "{a:?}");
+        assert!(
+            !has(&a, |x| matches!(x, Action::Fence { .. })),
+            "the only copy is never fenced: {a:?}"
+        );
         // The same primary reconnecting (a cut link healed) is accepted back: nobody replaced it.
-        let a = f.at(10, hello(2, Role::Primary, 1));
+        let a = f.at(20, hello(2, Role::Primary, 1));
         assert!(has(&a, |x| matches!(x, Action::RouteTo { link: 2, .. })));
         assert_eq!(f.w.epoch(), 1);
     }

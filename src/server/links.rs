@@ -3,12 +3,14 @@
 //! stream or channel ends; each reports to the replica's event loop through `Event`s.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::store::{SpaceCopy, StoreMsg};
 use crate::config::Config;
+use crate::ha::replica::BackupId;
 use crate::net::endpoint;
 use crate::net::stream::{FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
@@ -17,24 +19,32 @@ use crate::wire::node::{
     Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Role, StreamKind, ToProxy, ToServer,
 };
 
-/// Everything the stream tasks tell the replica's event loop.
+/// Everything the stream tasks tell the replica's event loop. Proxy events carry the link's
+/// generation and backup events the backup's id, so that news from a link already replaced is
+/// recognised as such.
 #[derive(Debug)]
 pub enum Event {
-    Control(ToServer),
-    ProxyDown,
+    Control(u64, ToServer),
+    ProxyDown(u64),
+    /// The background attempt to reach the proxy ended.
+    ProxyConnected(Result<(ProxyLink, u64), ConnectOutcome>),
     /// Primary side.
-    BackupAck(u64),
-    BackupSynced(u64),
-    BackupDown(String),
+    BackupAck(BackupId, u64),
+    BackupSynced(BackupId, u64, String),
+    BackupDown(BackupId, String),
     Ping,
+    BackupConnected(BackupId, BackupLink),
+    BackupStartFailed(BackupId, String),
+    /// A promotion took the primary's SAPs.
+    PromotionDone {
+        control: quinn::Endpoint,
+        heartbeat: quinn::Endpoint,
+    },
     /// Backup side.
     Pong,
     PrimaryStop,
-    ReplicationUp,
     ReplicationDown,
     Terminate(u64),
-    BackupConnected(BackupLink),
-    BackupStartFailed(String),
 }
 
 /// Primary side: a connected backup.
@@ -54,11 +64,21 @@ pub type Events = mpsc::UnboundedSender<Event>;
 
 /// Handles to a live proxy link.
 pub struct ProxyLink {
+    pub generation: u64,
     pub control: mpsc::UnboundedSender<ToProxy>,
     pub relay_out: mpsc::UnboundedSender<RelayReply>,
     pub conn: quinn::Connection,
 }
 
+impl std::fmt::Debug for ProxyLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyLink")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
 pub enum ConnectOutcome {
     Fenced(u64),
     Failed(String),
@@ -74,7 +94,7 @@ pub async fn connect_proxy(
     cfg: &Arc<Config>,
     role: Role,
     epoch: u64,
-    synced: bool,
+    generation: u64,
     info: &ReplicaInfo,
     primary_handle: Option<&str>,
     store: &std::sync::mpsc::Sender<StoreMsg>,
@@ -98,7 +118,6 @@ pub async fn connect_proxy(
         role,
         epoch,
         info: info.clone(),
-        synced,
         primary: primary_handle.map(str::to_owned),
     });
     out.flush().await.map_err(|e| fail(e.to_string()))?;
@@ -127,14 +146,14 @@ pub async fn connect_proxy(
         while let Ok(Some(b)) = input.next().await {
             match frame::decode::<ToServer>(&b) {
                 Ok(m) => {
-                    if ev.send(Event::Control(m)).is_err() {
+                    if ev.send(Event::Control(generation, m)).is_err() {
                         return;
                     }
                 }
                 Err(e) => warn!("bad control frame from the proxy: {e}"),
             }
         }
-        let _ = ev.send(Event::ProxyDown);
+        let _ = ev.send(Event::ProxyDown(generation));
     });
     tokio::spawn(async move { rout.pump(&mut rel_rx, |_| true).await });
     let store = store.clone();
@@ -162,6 +181,7 @@ pub async fn connect_proxy(
     });
     Ok((
         ProxyLink {
+            generation,
             control: ctl_tx,
             relay_out: rel_tx,
             conn,
@@ -185,6 +205,7 @@ pub async fn connect_backup(
     cfg: &Arc<Config>,
     epoch: u64,
     info: &ReplicaInfo,
+    id: BackupId,
     events: &Events,
 ) -> Result<
     (
@@ -265,21 +286,21 @@ pub async fn connect_backup(
                     for m in batch {
                         match m {
                             Ok(ReplAck::Ack { seq }) => last = Some(seq),
-                            Ok(ReplAck::Synced { seq }) => {
-                                let _ = ev.send(Event::BackupSynced(seq));
+                            Ok(ReplAck::Synced { seq, handle }) => {
+                                let _ = ev.send(Event::BackupSynced(id, seq, handle));
                             }
                             Err(e) => warn!("bad ack frame from the backup: {e}"),
                         }
                     }
                     if let Some(s) = last {
-                        let _ = ev.send(Event::BackupAck(s));
+                        let _ = ev.send(Event::BackupAck(id, s));
                     }
                 }
                 Ok(None) => break "backup ended the replication stream".to_string(),
                 Err(e) => break format!("replication stream failed: {e}"),
             }
         };
-        let _ = ev.send(Event::BackupDown(why));
+        let _ = ev.send(Event::BackupDown(id, why));
     });
     Ok((conn, tx, snap_tx))
 }
@@ -290,7 +311,8 @@ pub async fn serve_replication(
     ep: quinn::Endpoint,
     cfg: Arc<Config>,
     store: std::sync::mpsc::Sender<StoreMsg>,
-    min_epoch: u64,
+    min_epoch: Arc<AtomicU64>,
+    handle: String,
     events: Events,
 ) {
     while let Some(incoming) = ep.accept().await {
@@ -311,7 +333,9 @@ pub async fn serve_replication(
         );
         match input.next().await {
             Ok(Some(b)) => match frame::decode::<Repl>(&b) {
-                Ok(Repl::Hello { epoch, primary }) if epoch >= min_epoch => {
+                Ok(Repl::Hello { epoch, primary })
+                    if epoch >= min_epoch.load(Ordering::Relaxed) =>
+                {
                     debug!(epoch, primary = %primary.handle, "replication from the primary");
                 }
                 other => {
@@ -322,7 +346,6 @@ pub async fn serve_replication(
             },
             _ => continue,
         }
-        let _ = events.send(Event::ReplicationUp);
         let mut first_chunk = true;
         'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
             let mut last = None;
@@ -343,7 +366,10 @@ pub async fn serve_replication(
                             });
                         }
                         let _ = store.send(StoreMsg::Synced { seq, dedupe });
-                        out.queue(&ReplAck::Synced { seq });
+                        out.queue(&ReplAck::Synced {
+                            seq,
+                            handle: handle.clone(),
+                        });
                     }
                     Ok(Repl::Update {
                         seq,

@@ -3,16 +3,19 @@
 //! over when the proxy (the witness) grants it.
 //!
 //! Tasks: the store thread (`store`), stream tasks (`links`), and this module's event loop, which
-//! owns the role, the epoch and the release of replies. All end when asked.
+//! feeds the replica state machine (`ha::replica`: role, epoch, commit and release of replies,
+//! backups, promotion) and carries out its actions. Nothing slow (connecting, binding, starting
+//! or stopping processes, saving) runs in the event loop: it is spawned and reports back as an
+//! event. All tasks end when asked.
 
 pub mod args;
 pub mod links;
 pub mod store;
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -20,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::ha::Millis;
+use crate::ha::replica::{self, Action, BackupId, Input, Timing};
 use crate::net::endpoint::{self, LinkParams, NetError};
 use crate::net::tls::{self, Identity};
 use crate::notify::notify;
@@ -45,17 +50,7 @@ pub enum ServerError {
 }
 
 /// How a server run ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// Shut down on request (SHUTDOWN or signal), after saving (primary).
-    Shutdown,
-    /// Lost the proxy for longer than proxy_loss_timeout.
-    ProxyLost,
-    /// Deposed or refused by the witness, or terminated by a newer primary.
-    Fenced,
-    /// Could not (re)start a backup within the configured retries; saved and stopped.
-    BackupRetriesExhausted,
-}
+pub use crate::ha::replica::ExitReason as Exit;
 
 struct Replica {
     cfg: Arc<Config>,
@@ -67,46 +62,24 @@ struct Replica {
     store: std::sync::mpsc::Sender<StoreMsg>,
     stats: StoreStats,
     events: mpsc::UnboundedSender<Event>,
-    role: Role,
-    epoch: u64,
+    machine: replica::Replica<RelayReply>,
+    origin: Instant,
+    actions: Vec<Action<RelayReply>>,
+    /// Our epoch, shared with the replication listener (refuses older primaries).
+    epoch: Arc<AtomicU64>,
     info: ReplicaInfo,
-    // proxy link
     proxy: Option<ProxyLink>,
-    proxy_lost_since: Option<Instant>,
-    reconnect_at: Instant,
-    /// Last heartbeat-ack number from the proxy, echoed back in our heartbeats.
-    proxy_echo: u64,
-    // primary side
+    proxy_generation: u64,
     control_ep: Option<quinn::Endpoint>,
     heartbeat_ep: Option<quinn::Endpoint>,
-    backup: Option<BackupState>,
-    /// Acknowledge writes without a backup (no synchronised backup, with the witness's consent).
-    solo: bool,
-    /// Lost a synchronised backup: writes wait until the witness grants solo service.
-    awaiting_grant: bool,
-    latest_seq: u64,
-    committed: u64,
-    solo_hw: u64,
-    release: VecDeque<(u64, RelayReply)>,
-    backup_attempts: u32,
-    next_backup_at: Option<Instant>,
-    backup_connecting: bool,
-    backup_child: Option<tokio::process::Child>,
-    // backup side
     backup_ep: Option<quinn::Endpoint>,
-    last_pong: Instant,
-    peer_lost_sent: bool,
+    /// The attached backup's replication link.
+    backup: Option<(BackupId, BackupLink)>,
+    /// Backup processes started here, by id.
+    children: HashMap<BackupId, tokio::process::Child>,
     ping_stop: CancellationToken,
-}
-
-struct BackupState {
-    link: BackupLink,
-    synced: bool,
-    acked: u64,
-    last_ping: Instant,
-    /// Last time an acknowledgement arrived or the backup was fully caught up.
-    last_ack: Instant,
-    since: Instant,
+    exit: Option<(Exit, bool)>,
+    shutdown_from_proxy: bool,
 }
 
 fn bind(
@@ -122,23 +95,46 @@ fn bind(
 }
 
 /// Binds `sap`, retrying while a previous owner (a killed primary, a promoted backup) lets go.
+/// `wait: None` = until it succeeds (logging every few seconds).
 async fn bind_retry(
     id: &Identity,
     params: &LinkParams,
     sap: std::net::SocketAddr,
     what: &str,
-    wait: Duration,
+    wait: Option<Duration>,
+    pause: Duration,
 ) -> Result<quinn::Endpoint, ServerError> {
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
+    let mut next_log = start + Duration::from_secs(2);
     loop {
         match bind(id, params, sap, what) {
             Ok(ep) => return Ok(ep),
-            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) if wait.is_some_and(|w| start.elapsed() >= w) => return Err(e),
             Err(e) => {
-                debug!("{e}; retrying");
-                tokio::time::sleep(Duration::from_millis(20)).await
+                if Instant::now() >= next_log {
+                    warn!("{e}; still retrying (the previous owner has not let go)");
+                    next_log = Instant::now() + Duration::from_secs(2);
+                } else {
+                    debug!("{e}; retrying");
+                }
+                tokio::time::sleep(pause).await
             }
         }
+    }
+}
+
+/// Pause between two attempts to bind a SAP that a previous owner still holds.
+const BIND_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// The replica state machine's timing, from the configuration.
+pub fn timing(cfg: &Config) -> Timing {
+    Timing {
+        heartbeat_timeout: cfg.heartbeat_timeout_ms,
+        proxy_loss_timeout: cfg.proxy_loss_timeout_ms,
+        backup_sync_timeout: cfg.backup_sync_timeout_ms,
+        backup_retry_backoff: cfg.backup_retry_backoff_ms,
+        backup_retry_doublings: cfg.backup_start_retries,
+        reconnect_pause: cfg.heartbeat_interval_ms * 2,
     }
 }
 
@@ -172,12 +168,14 @@ pub async fn run(
             (Some(c), Some(h), None)
         }
         Role::Backup => {
+            // A previous backup may still hold the SAP for a moment (it is being stopped).
             let b = bind_retry(
                 &id,
                 &params,
                 args.backup_sap,
                 "BACKUP_SAP",
-                cfg.connect_timeout(),
+                Some(cfg.connect_timeout()),
+                BIND_RETRY_PAUSE,
             )
             .await?;
             (None, None, Some(b))
@@ -226,6 +224,7 @@ pub async fn run(
         },
         pid: std::process::id(),
     };
+    let origin = Instant::now();
     let mut r = Replica {
         cfg: cfg.clone(),
         args,
@@ -236,87 +235,63 @@ pub async fn run(
         store: store_tx.clone(),
         stats,
         events: ev_tx.clone(),
-        role,
-        epoch: 0,
+        machine: replica::Replica::new(role, timing(&cfg), 0),
+        origin,
+        actions: Vec::new(),
+        epoch: Arc::new(AtomicU64::new(0)),
         info,
         proxy: None,
-        proxy_lost_since: Some(Instant::now()),
-        reconnect_at: Instant::now(),
-        proxy_echo: 0,
+        proxy_generation: 0,
         control_ep,
         heartbeat_ep,
-        backup: None,
-        solo: true,
-        awaiting_grant: false,
-        latest_seq: 0,
-        committed: 0,
-        solo_hw: 0,
-        release: VecDeque::new(),
-        backup_attempts: 0,
-        next_backup_at: None,
-        backup_connecting: false,
-        backup_child: None,
         backup_ep,
-        last_pong: Instant::now(),
-        peer_lost_sent: false,
+        backup: None,
+        children: HashMap::new(),
         ping_stop: CancellationToken::new(),
+        exit: None,
+        shutdown_from_proxy: false,
     };
     r.start_listeners();
     let mut hb = tokio::time::interval(cfg.heartbeat_interval());
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let exit = loop {
-        if r.proxy.is_none() && Instant::now() >= r.reconnect_at {
-            match r.connect_proxy().await {
-                Ok(()) => {}
-                Err(ConnectOutcome::Fenced(e)) => {
-                    r.notify(
-                        "fenced",
-                        &format!("the proxy refused this server (epoch {e})"),
-                    );
-                    break Exit::Fenced;
-                }
-                Err(ConnectOutcome::Failed(msg)) => {
-                    debug!("cannot reach the proxy: {msg}");
-                    r.reconnect_at = Instant::now() + Duration::from_millis(100);
-                }
-            }
-        }
-        if let Some(since) = r.proxy_lost_since
-            && since.elapsed() >= cfg.proxy_loss_timeout()
-        {
-            r.notify(
-                "proxy-lost",
-                &format!(
-                    "no proxy at {} for {} ms: stopping",
-                    r.args.proxy_sap_text, cfg.proxy_loss_timeout_ms
-                ),
-            );
-            break Exit::ProxyLost;
+    let (exit, save) = loop {
+        if let Some(e) = r.exit {
+            break e;
         }
         tokio::select! {
             Some(o) = out_rx.recv() => {
                 r.on_store(o);
                 while let Ok(o) = out_rx.try_recv() { r.on_store(o); }
-                r.try_release();
             }
-            Some(ev) = ev_rx.recv() => {
-                if let Some(exit) = r.on_event(ev).await { break exit; }
+            Some(ev) = ev_rx.recv() => r.on_event(ev),
+            _ = hb.tick() => r.step(Input::Tick),
+            _ = stop.cancelled() => {
+                let save = r.machine.role() == Role::Primary;
+                break (Exit::Shutdown, save);
             }
-            _ = hb.tick() => {
-                if let Some(exit) = r.on_tick().await { break exit; }
-            }
-            _ = stop.cancelled() => break Exit::Shutdown,
         }
     };
-    if r.role == Role::Primary
-        && matches!(
-            exit,
-            Exit::Shutdown | Exit::ProxyLost | Exit::BackupRetriesExhausted
-        )
-    {
+    if save {
         r.stop_backup().await;
-        r.save().await;
+        let saved = r.save().await;
+        if r.shutdown_from_proxy
+            && let Some(l) = &r.proxy
+        {
+            let _ = l.control.send(ToProxy::ShutdownDone {
+                saved: if saved {
+                    r.args.save_file.as_ref().map(|p| p.display().to_string())
+                } else {
+                    None
+                },
+                pairs: r.stats.pairs.load(Ordering::Relaxed),
+            });
+            // Wait (bounded) for the proxy to read the answer and close the link.
+            let _ = tokio::time::timeout(Duration::from_secs(2), l.conn.closed()).await;
+        }
+    } else {
+        // Never kill a backup here: it may be the promoted primary now.
+        r.release_children();
     }
     r.ping_stop.cancel();
     let _ = store_tx.send(StoreMsg::Stop);
@@ -335,9 +310,91 @@ pub async fn run(
 }
 
 impl Replica {
+    fn now(&self) -> Millis {
+        self.origin.elapsed().as_millis() as Millis
+    }
+
     fn notify(&self, kind: &str, detail: &str) {
-        let who = format!("server {} ({:?})", self.info.pid, self.role);
+        let who = format!("server {} ({:?})", self.info.pid, self.machine.role());
         notify(self.cfg.notify_command.as_deref(), &who, kind, detail);
+    }
+
+    /// Feeds the state machine and carries out what it decides.
+    fn step(&mut self, input: Input<RelayReply>) {
+        let now = self.now();
+        let mut actions = std::mem::take(&mut self.actions);
+        self.machine.step(now, input, &mut actions);
+        self.epoch.store(self.machine.epoch(), Ordering::Relaxed);
+        for a in actions.drain(..) {
+            self.apply(a);
+        }
+        self.actions = actions;
+    }
+
+    fn apply(&mut self, a: Action<RelayReply>) {
+        match a {
+            Action::Release(r) => {
+                if let Some(p) = &self.proxy {
+                    let _ = p.relay_out.send(r);
+                }
+            }
+            Action::Heartbeat {
+                epoch,
+                synced_backup,
+                echo,
+            } => {
+                if let Some(p) = &self.proxy {
+                    let _ = p.control.send(ToProxy::Heartbeat {
+                        epoch,
+                        info: self.info.clone(),
+                        pairs: self.stats.pairs.load(Ordering::Relaxed),
+                        synced_backup,
+                        echo,
+                    });
+                }
+            }
+            Action::PeerLost { epoch } => {
+                if let Some(p) = &self.proxy {
+                    let _ = p.control.send(ToProxy::PeerLost { epoch });
+                }
+            }
+            Action::ConnectProxy { role, epoch } => self.connect_proxy(role, epoch),
+            Action::StartBackup { id, attempt } => self.start_backup(id, attempt),
+            Action::SendSnapshot { id } => {
+                if let Some((bid, b)) = &self.backup
+                    && *bid == id
+                {
+                    info!("backup connected: sending the space");
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let _ = self.store.send(StoreMsg::Snapshot(tx));
+                    let snap_tx = b.snap_tx.clone();
+                    tokio::spawn(async move {
+                        if let Ok(s) = rx.await {
+                            let _ = snap_tx.send(s);
+                        }
+                    });
+                }
+            }
+            Action::CloseBackup { id } => {
+                if self.backup.as_ref().is_some_and(|(b, _)| *b == id)
+                    && let Some((_, b)) = self.backup.take()
+                {
+                    b.conn.close(0u32.into(), b"backup dropped");
+                }
+                // Not killed: it may have been promoted (we may be the one cut off).
+            }
+            Action::KillBackup { id } => {
+                if let Some(mut c) = self.children.remove(&id) {
+                    let _ = c.start_kill();
+                    tokio::spawn(async move {
+                        let _ = c.wait().await;
+                    });
+                }
+            }
+            Action::Promote { epoch } => self.promote(epoch),
+            Action::Exit { reason, save } => self.exit = Some((reason, save)),
+            Action::Notify { kind, detail } => self.notify(kind, &detail),
+        }
     }
 
     fn start_listeners(&mut self) {
@@ -353,7 +410,8 @@ impl Replica {
                 ep.clone(),
                 self.cfg.clone(),
                 self.store.clone(),
-                0,
+                self.epoch.clone(),
+                self.info.handle.clone(),
                 self.events.clone(),
             ));
             tokio::spawn(links::ping_primary(
@@ -368,38 +426,40 @@ impl Replica {
         }
     }
 
-    async fn connect_proxy(&mut self) -> Result<(), ConnectOutcome> {
-        let (link, epoch) = links::connect_proxy(
-            &self.dial_ep,
-            &self.client_cfg,
-            self.args.proxy_sap,
-            &self.args.proxy_sap_text,
-            &self.cfg,
-            self.role,
-            self.epoch,
-            self.role == Role::Primary,
-            &self.info,
-            match self.role {
-                Role::Backup => self.args.primary_handle.as_deref(),
-                Role::Primary => None,
-            },
-            &self.store,
-            &self.events,
-        )
-        .await?;
-        info!(epoch, role = ?self.role, "registered with the proxy");
-        if self.role == Role::Primary
-            && self.epoch == 0
-            && self.next_backup_at.is_none()
-            && self.backup.is_none()
-        {
-            // First registration of a primary: now start its backup.
-            self.next_backup_at = Some(Instant::now());
-        }
-        self.epoch = self.epoch.max(epoch);
-        self.proxy = Some(link);
-        self.proxy_lost_since = None;
-        Ok(())
+    /// Reaches the proxy in the background; the outcome comes back as an event.
+    fn connect_proxy(&mut self, role: Role, epoch: u64) {
+        self.proxy_generation += 1;
+        let generation = self.proxy_generation;
+        let ep = self.dial_ep.clone();
+        let ccfg = self.client_cfg.clone();
+        let sap = self.args.proxy_sap;
+        let sap_text = self.args.proxy_sap_text.clone();
+        let cfg = self.cfg.clone();
+        let info = self.info.clone();
+        let primary = match role {
+            Role::Backup => self.args.primary_handle.clone(),
+            Role::Primary => None,
+        };
+        let store = self.store.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let r = links::connect_proxy(
+                &ep,
+                &ccfg,
+                sap,
+                &sap_text,
+                &cfg,
+                role,
+                epoch,
+                generation,
+                &info,
+                primary.as_deref(),
+                &store,
+                &events,
+            )
+            .await;
+            let _ = events.send(Event::ProxyConnected(r));
+        });
     }
 
     fn on_store(&mut self, o: StoreOut) {
@@ -410,332 +470,110 @@ impl Replica {
                 change,
                 reply,
             } => {
-                self.latest_seq = seq;
-                if let Some(b) = &self.backup {
-                    let _ = b.link.tx.send(Repl::Update {
+                if let Some((_, b)) = &self.backup {
+                    let _ = b.tx.send(Repl::Update {
                         seq,
                         rid,
                         change,
                         reply: reply.clone(),
                     });
                 }
-                if self.solo && !self.awaiting_grant {
-                    self.committed = seq;
-                    self.solo_hw = seq;
-                }
-                self.release.push_back((seq, RelayReply { rid, reply }));
+                self.step(Input::Write {
+                    seq,
+                    reply: RelayReply { rid, reply },
+                });
             }
             StoreOut::Read { after_seq, reply } | StoreOut::Dedup { after_seq, reply } => {
-                self.release.push_back((after_seq, reply));
+                self.step(Input::Read { after_seq, reply });
             }
             StoreOut::Watermark(w) => {
-                if let Some(b) = &self.backup {
-                    let _ = b.link.tx.send(Repl::Watermark(w));
+                if let Some((_, b)) = &self.backup {
+                    let _ = b.tx.send(Repl::Watermark(w));
                 }
             }
         }
     }
 
-    /// Releases answers whose writes (and every write they may have observed) are durable.
-    fn try_release(&mut self) {
-        while let Some((need, _)) = self.release.front() {
-            if *need > self.committed {
-                break;
-            }
-            if let Some((_, reply)) = self.release.pop_front()
-                && let Some(p) = &self.proxy
-            {
-                let _ = p.relay_out.send(reply);
-            }
-        }
-    }
-
-    fn backup_promotable(&self) -> bool {
-        self.backup
-            .as_ref()
-            .is_some_and(|b| b.synced && b.acked >= self.solo_hw)
-    }
-
-    async fn on_tick(&mut self) -> Option<Exit> {
-        let now = Instant::now();
-        if let Some(p) = &self.proxy {
-            let _ = p.control.send(ToProxy::Heartbeat {
-                epoch: self.epoch,
-                info: self.info.clone(),
-                pairs: self.stats.pairs.load(Ordering::Relaxed),
-                backup_synced: self.role == Role::Primary && self.backup_promotable(),
-                backup: None,
-                echo: self.proxy_echo,
-            });
-        }
-        match self.role {
-            Role::Primary => {
-                let latest = self.latest_seq;
-                if let Some(b) = &mut self.backup
-                    && b.acked >= latest
-                {
-                    b.last_ack = now;
-                }
-                if let Some(b) = &self.backup
-                    && now.duration_since(b.last_ping) > self.cfg.heartbeat_timeout()
-                {
-                    self.lose_backup("backup heartbeats lapsed");
-                }
-                if let Some(b) = &self.backup
-                    && b.synced
-                    && b.acked < self.latest_seq
-                    && now.duration_since(b.last_ack) > self.cfg.heartbeat_timeout()
-                {
-                    // Pings flow but updates are not acknowledged: the replication direction is cut.
-                    self.lose_backup("backup stopped acknowledging updates");
-                }
-                if let Some(b) = &self.backup
-                    && !b.synced
-                    && now.duration_since(b.since)
-                        > Duration::from_millis(self.cfg.backup_sync_timeout_ms)
-                {
-                    self.lose_backup("backup did not synchronise within backup_sync_timeout_ms");
-                }
-                if let Some(at) = self.next_backup_at
-                    && now >= at
-                    && !self.backup_connecting
-                    && self.proxy.is_some()
-                {
-                    self.next_backup_at = None;
-                    if self.backup_attempts > self.cfg.backup_start_retries {
-                        self.notify(
-                            "backup-retries-exhausted",
-                            &format!("could not start a backup after {} attempts: saving and shutting down", self.backup_attempts),
-                        );
-                        return Some(Exit::BackupRetriesExhausted);
-                    }
-                    self.start_backup().await;
-                }
-            }
-            Role::Backup => {
-                if now.duration_since(self.last_pong) > self.cfg.heartbeat_timeout()
-                    && !self.peer_lost_sent
-                {
-                    self.peer_lost_sent = true;
-                    self.notify("primary-unreachable", "no heartbeat answer from the primary; asking the proxy (witness) to decide");
-                    if let Some(p) = &self.proxy {
-                        let _ = p.control.send(ToProxy::PeerLost { epoch: self.epoch });
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    async fn on_event(&mut self, ev: Event) -> Option<Exit> {
+    fn on_event(&mut self, ev: Event) {
+        let current = |g: u64, s: &Self| s.proxy.as_ref().is_some_and(|p| p.generation == g);
         match ev {
-            Event::Control(ToServer::Shutdown) => {
-                info!("shutdown requested by the proxy");
-                self.stop_backup().await;
-                let saved = self.save().await;
-                let pairs = self.stats.pairs.load(Ordering::Relaxed);
-                if let Some(l) = &self.proxy {
-                    let _ = l.control.send(ToProxy::ShutdownDone {
-                        saved: if saved {
-                            self.args
-                                .save_file
-                                .as_ref()
-                                .map(|p| p.display().to_string())
-                        } else {
-                            None
-                        },
-                        pairs,
-                    });
-                    // Wait (bounded) for the proxy to read the answer and close the link.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), l.conn.closed()).await;
+            Event::ProxyConnected(Ok((link, epoch))) => {
+                if link.generation != self.proxy_generation {
+                    link.conn.close(0u32.into(), b"superseded");
+                    return;
                 }
-                // Already saved: skip the save on the way out.
-                self.role = Role::Backup;
-                return Some(Exit::Shutdown);
+                info!(epoch, role = ?self.machine.role(), "registered with the proxy");
+                self.proxy = Some(link);
+                self.step(Input::ProxyUp { epoch });
             }
-            Event::Control(ToServer::Fence { epoch }) => {
-                self.notify(
-                    "fenced",
-                    &format!("deposed by the proxy at epoch {epoch}: stopping without serving"),
-                );
-                // Never kill the backup here: it may be the promoted primary now.
-                self.release_backup_child();
-                return Some(Exit::Fenced);
+            Event::ProxyConnected(Err(ConnectOutcome::Fenced(epoch))) => {
+                self.step(Input::ProxyRefused { epoch })
             }
-            Event::Control(ToServer::Grant { epoch }) => {
-                if epoch <= self.epoch && self.role == Role::Primary && !self.awaiting_grant {
-                    return None;
+            Event::ProxyConnected(Err(ConnectOutcome::Failed(msg))) => {
+                debug!("cannot reach the proxy: {msg}");
+                self.step(Input::ProxyConnectFailed);
+            }
+            Event::ProxyDown(g) => {
+                if current(g, self) {
+                    self.proxy = None;
+                    self.step(Input::ProxyDown);
                 }
-                match self.role {
-                    Role::Primary => {
-                        info!(epoch, "witness grants solo service");
-                        self.epoch = epoch;
-                        if self.backup.is_some() {
-                            // The witness dropped our backup (e.g. it lost the proxy).
-                            self.lose_backup("the witness dropped the backup");
-                        }
-                        self.go_solo();
+            }
+            Event::Control(g, msg) => {
+                if !current(g, self) {
+                    return;
+                }
+                match msg {
+                    ToServer::Shutdown => {
+                        info!("shutdown requested by the proxy");
+                        self.shutdown_from_proxy = true;
+                        self.step(Input::Shutdown);
                     }
-                    Role::Backup => self.promote(epoch).await,
+                    ToServer::Fence { epoch } => self.step(Input::Fence { epoch }),
+                    ToServer::Grant { epoch } => self.step(Input::Grant { epoch }),
+                    ToServer::HeartbeatAck { n, .. } => self.step(Input::HeartbeatAck { n }),
+                    ToServer::Welcome { .. } => {}
                 }
             }
-            Event::Control(ToServer::HeartbeatAck { n, .. }) => self.proxy_echo = n,
-            Event::Control(ToServer::Welcome { .. }) => {}
-            Event::ProxyDown => {
-                if self.proxy.take().is_some() {
-                    self.notify("proxy-link-down", "link to the proxy closed; reconnecting");
-                    self.proxy_lost_since = Some(Instant::now());
-                    self.reconnect_at = Instant::now();
-                }
-            }
-            Event::Terminate(epoch) => {
-                if epoch > self.epoch {
-                    self.notify(
-                        "terminated",
-                        &format!("terminated by the primary of epoch {epoch}"),
-                    );
-                    self.release_backup_child();
-                    return Some(Exit::Fenced);
-                }
-            }
-            Event::Ping => {
-                if let Some(b) = &mut self.backup {
-                    b.last_ping = Instant::now();
-                }
-            }
-            Event::BackupConnected(link) => {
-                self.backup_connecting = false;
-                if self.role != Role::Primary {
-                    return None;
-                }
-                info!("backup connected: sending the space");
-                let now = Instant::now();
-                self.backup = Some(BackupState {
-                    link,
-                    synced: false,
-                    acked: 0,
-                    last_ping: now,
-                    last_ack: now,
-                    since: now,
-                });
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let _ = self.store.send(StoreMsg::Snapshot(tx));
-                if let Some(b) = &self.backup {
-                    let snap_tx = b.link.snap_tx.clone();
-                    tokio::spawn(async move {
-                        if let Ok(s) = rx.await {
-                            let _ = snap_tx.send(s);
-                        }
-                    });
-                }
-            }
-            Event::BackupStartFailed(why) => {
-                self.backup_connecting = false;
-                warn!("backup start failed: {why}");
-                self.kill_backup_child();
-                self.schedule_backup();
-            }
-            Event::BackupSynced(seq) => {
-                if let Some(b) = &mut self.backup {
-                    b.synced = true;
-                    b.acked = b.acked.max(seq);
-                    // From now on every write waits for the backup's acknowledgement.
-                    self.solo = false;
-                    self.backup_attempts = 0;
-                    self.notify(
-                        "backup-synced",
-                        &format!(
-                            "backup holds the space as of update {seq}; replication is synchronous"
-                        ),
-                    );
-                }
-            }
-            Event::BackupAck(seq) => {
-                if let Some(b) = &mut self.backup {
-                    b.acked = b.acked.max(seq);
-                    b.last_ack = Instant::now();
-                    if b.synced && !self.solo && !self.awaiting_grant {
-                        self.committed = self.committed.max(b.acked);
-                        self.try_release();
-                    }
-                }
-            }
-            Event::BackupDown(why) => {
-                if self.backup.is_some() {
-                    self.lose_backup(&why);
-                }
-            }
-            Event::Pong => {
-                self.last_pong = Instant::now();
-                self.peer_lost_sent = false;
-            }
+            Event::Terminate(epoch) => self.step(Input::Terminate { epoch }),
+            Event::Ping => self.step(Input::Ping),
+            Event::Pong => self.step(Input::Pong),
             Event::PrimaryStop => {
                 info!("the primary is shutting the service down");
-                return Some(Exit::Shutdown);
+                self.step(Input::ReplicationDown { stop: true });
             }
-            Event::ReplicationUp => {}
-            Event::ReplicationDown => {
-                if self.role == Role::Backup && !self.peer_lost_sent {
-                    self.peer_lost_sent = true;
-                    if let Some(p) = &self.proxy {
-                        let _ = p.control.send(ToProxy::PeerLost { epoch: self.epoch });
-                    }
+            Event::ReplicationDown => self.step(Input::ReplicationDown { stop: false }),
+            Event::BackupConnected(id, link) => {
+                let attach = self.machine.backup_id().is_none();
+                if attach {
+                    self.backup = Some((id, link));
+                } else {
+                    link.conn.close(0u32.into(), b"not wanted");
                 }
+                self.step(Input::BackupConnected { id });
+            }
+            Event::BackupStartFailed(id, why) => {
+                warn!("backup start failed: {why}");
+                self.step(Input::BackupStartFailed { id, why });
+            }
+            Event::BackupSynced(id, seq, handle) => {
+                self.step(Input::BackupSynced { id, seq, handle })
+            }
+            Event::BackupAck(id, seq) => self.step(Input::BackupAck { id, seq }),
+            Event::BackupDown(id, why) => self.step(Input::BackupDown { id, why }),
+            Event::PromotionDone { control, heartbeat } => {
+                self.control_ep = Some(control);
+                self.heartbeat_ep = Some(heartbeat);
+                self.start_listeners();
+                info!(shutdown_sap = %self.args.shutdown_sap_text, "serving on the primary's SAPs");
+                self.step(Input::PromotionDone);
             }
         }
-        None
     }
 
-    fn go_solo(&mut self) {
-        self.awaiting_grant = false;
-        self.solo = true;
-        self.committed = self.latest_seq;
-        self.solo_hw = self.latest_seq;
-        self.try_release();
-    }
-
-    fn lose_backup(&mut self, why: &str) {
-        let Some(b) = self.backup.take() else { return };
-        b.link.conn.close(0u32.into(), b"backup dropped");
-        // Not killed: a backup we lost may have been promoted by the witness (we may be the one
-        // cut off). A fenced backup stops by itself; a stale one gives up its SAP when it exits.
-        self.release_backup_child();
-        if b.synced && !self.solo {
-            // Writes now wait for the witness: only it may let this primary go on alone.
-            self.awaiting_grant = true;
-        }
-        self.notify(
-            "backup-lost",
-            &format!("{why}; asking the witness to go on alone, then starting a new backup"),
-        );
-        if let Some(p) = &self.proxy {
-            let _ = p.control.send(ToProxy::PeerLost { epoch: self.epoch });
-        }
-        self.schedule_backup();
-    }
-
-    fn schedule_backup(&mut self) {
-        let backoff = self
-            .cfg
-            .backup_retry_backoff_ms
-            .saturating_mul(1 << self.backup_attempts.min(10));
-        self.next_backup_at = Some(Instant::now() + Duration::from_millis(backoff));
-    }
-
-    /// Stops tracking the backup process (reaped in the background when it exits).
-    fn release_backup_child(&mut self) {
-        if let Some(mut c) = self.backup_child.take() {
-            tokio::spawn(async move {
-                let _ = c.wait().await;
-            });
-        }
-    }
-
-    /// Kills a backup process that never got to replicate (start failed): it cannot have been
-    /// promoted, since only a synchronised backup can be.
-    fn kill_backup_child(&mut self) {
-        if let Some(mut c) = self.backup_child.take() {
-            let _ = c.start_kill();
+    /// Stops tracking backup processes (reaped in the background when they exit).
+    fn release_children(&mut self) {
+        for (_, mut c) in self.children.drain() {
             tokio::spawn(async move {
                 let _ = c.wait().await;
             });
@@ -744,8 +582,7 @@ impl Replica {
 
     /// Starts a backup (local child, launch command, or none: an operator starts it) and connects
     /// to its BACKUP_SAP in the background.
-    async fn start_backup(&mut self) {
-        self.backup_attempts += 1;
+    fn start_backup(&mut self, id: BackupId, attempt: u32) {
         let a = &self.args;
         let positional = [
             a.shutdown_sap_text.clone(),
@@ -778,17 +615,17 @@ impl Replica {
                             "backup-start",
                             &format!(
                                 "starting backup (attempt {}) as pid {}",
-                                self.backup_attempts,
+                                attempt,
                                 c.id().unwrap_or(0)
                             ),
                         );
-                        self.backup_child = Some(c);
+                        self.children.insert(id, c);
                     }
                     Err(e) => {
-                        let _ = self.events.send(Event::BackupStartFailed(format!(
-                            "cannot start a backup process: {e}"
-                        )));
-                        self.backup_connecting = true;
+                        let _ = self.events.send(Event::BackupStartFailed(
+                            id,
+                            format!("cannot start a backup process: {e}"),
+                        ));
                         return;
                     }
                 }
@@ -801,9 +638,6 @@ impl Replica {
                         a.backup_sap_text
                     ),
                 );
-                // Nothing was started here, so nothing failed: waiting for an operator does not
-                // use up the start retries.
-                self.backup_attempts = 0;
             }
             Some(t) => {
                 let quoted: Vec<String> = argv
@@ -821,10 +655,7 @@ impl Replica {
                     .replace("{args}", &quoted.join(" "));
                 self.notify(
                     "backup-start",
-                    &format!(
-                        "launching backup (attempt {}): {line}",
-                        self.backup_attempts
-                    ),
+                    &format!("launching backup (attempt {}): {line}", attempt),
                 );
                 match tokio::process::Command::new("sh")
                     .arg("-c")
@@ -832,24 +663,25 @@ impl Replica {
                     .stdin(std::process::Stdio::null())
                     .spawn()
                 {
-                    Ok(c) => self.backup_child = Some(c),
+                    Ok(c) => {
+                        self.children.insert(id, c);
+                    }
                     Err(e) => {
-                        let _ = self.events.send(Event::BackupStartFailed(format!(
-                            "cannot run the launch command: {e}"
-                        )));
-                        self.backup_connecting = true;
+                        let _ = self.events.send(Event::BackupStartFailed(
+                            id,
+                            format!("cannot run the launch command: {e}"),
+                        ));
                         return;
                     }
                 }
             }
         }
-        self.backup_connecting = true;
         let ep = self.dial_ep.clone();
         let ccfg = self.client_cfg.clone();
         let sap = a.backup_sap;
         let sap_text = a.backup_sap_text.clone();
         let cfg = self.cfg.clone();
-        let epoch = self.epoch;
+        let epoch = self.machine.epoch();
         let info = self.info.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -859,18 +691,21 @@ impl Replica {
                 Duration::from_millis(cfg.backup_sync_timeout_ms).min(cfg.connect_timeout() * 5);
             let deadline = Instant::now() + reach;
             loop {
-                match links::connect_backup(&ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, &events)
-                    .await
+                match links::connect_backup(
+                    &ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, id, &events,
+                )
+                .await
                 {
                     Ok((conn, tx, snap_tx)) => {
-                        let _ =
-                            events.send(Event::BackupConnected(BackupLink { conn, tx, snap_tx }));
+                        let _ = events
+                            .send(Event::BackupConnected(id, BackupLink { conn, tx, snap_tx }));
                         return;
                     }
                     Err(e) if Instant::now() >= deadline => {
-                        let _ = events.send(Event::BackupStartFailed(format!(
-                            "backup at {sap_text} unreachable: {e}"
-                        )));
+                        let _ = events.send(Event::BackupStartFailed(
+                            id,
+                            format!("backup at {sap_text} unreachable: {e}"),
+                        ));
                         return;
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -881,24 +716,23 @@ impl Replica {
 
     /// Tells the backup to stop (service shutdown).
     async fn stop_backup(&mut self) {
-        if let Some(b) = self.backup.take() {
-            let _ = b.link.tx.send(Repl::Stop);
-            let _ = tokio::time::timeout(Duration::from_secs(2), b.link.conn.closed()).await;
+        if let Some((_, b)) = self.backup.take() {
+            let _ = b.tx.send(Repl::Stop);
+            let _ = tokio::time::timeout(Duration::from_secs(2), b.conn.closed()).await;
         }
-        if let Some(mut c) = self.backup_child.take()
-            && tokio::time::timeout(Duration::from_secs(3), c.wait())
+        for (_, mut c) in self.children.drain() {
+            if tokio::time::timeout(Duration::from_secs(3), c.wait())
                 .await
                 .is_err()
-        {
-            let _ = c.kill().await;
+            {
+                let _ = c.kill().await;
+            }
         }
     }
 
-    /// Backup -> primary, on the witness's grant.
-    async fn promote(&mut self, epoch: u64) {
-        let t0 = Instant::now();
-        self.epoch = epoch;
-        self.role = Role::Primary;
+    /// Backup -> primary, on the witness's grant (the state machine has already switched roles
+    /// and serves). Fencing the old primary and taking its SAPs run in the background.
+    fn promote(&mut self, epoch: u64) {
         self.ping_stop.cancel();
         // Fence the old primary: SIGKILL when local (also ends a SIGSTOPped process), an
         // authenticated terminate when remote.
@@ -942,60 +776,47 @@ impl Replica {
                 let _ = ep.rebind(sock);
             }
         }
-        // Take the primary's SAPs (freed once the old primary is gone).
-        let wait = Duration::from_secs(3);
-        match bind_retry(
-            &self.id,
-            &self.params,
-            self.args.shutdown_sap,
-            "SHUTDOWN_SAP",
-            wait,
-        )
-        .await
-        {
-            Ok(ep) => self.control_ep = Some(ep),
-            Err(e) => error!("{e}"),
-        }
-        match bind_retry(
-            &self.id,
-            &self.params,
-            self.args.heartbeat_sap,
-            "HEARTBEAT_SAP",
-            wait,
-        )
-        .await
-        {
-            Ok(ep) => self.heartbeat_ep = Some(ep),
-            Err(e) => error!("{e}"),
-        }
-        self.start_listeners();
-        self.latest_seq = self.stats.seq.load(Ordering::Relaxed);
         self.info.sap = self.args.shutdown_sap_text.clone();
-        // Tell the witness our new SAP at once: the next backup names us by it.
-        if let Some(p) = &self.proxy {
-            let _ = p.control.send(ToProxy::Heartbeat {
-                epoch,
-                info: self.info.clone(),
-                pairs: self.stats.pairs.load(Ordering::Relaxed),
-                backup_synced: false,
-                backup: None,
-                echo: self.proxy_echo,
-            });
-        }
-        self.go_solo();
         // The new primary saves to SAVE_FILE from now on.
         let _ = self
             .store
             .send(StoreMsg::SetSaveFile(self.args.save_file.clone()));
-        self.notify(
-            "promoted",
-            &format!(
-                "backup promoted to primary at epoch {epoch} in {} ms; old primary {handle} fenced",
-                t0.elapsed().as_millis()
-            ),
-        );
-        self.backup_attempts = 0;
-        self.next_backup_at = Some(Instant::now());
+        // Take the primary's SAPs once the old primary lets go (at once when it was killed
+        // here; a paused remote one holds them until its host's terminate lands).
+        let id = self.id.clone();
+        let params = self.params;
+        let (shutdown_sap, heartbeat_sap) = (self.args.shutdown_sap, self.args.heartbeat_sap);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let control = bind_retry(
+                &id,
+                &params,
+                shutdown_sap,
+                "SHUTDOWN_SAP",
+                None,
+                BIND_RETRY_PAUSE,
+            )
+            .await;
+            let heartbeat = bind_retry(
+                &id,
+                &params,
+                heartbeat_sap,
+                "HEARTBEAT_SAP",
+                None,
+                BIND_RETRY_PAUSE,
+            )
+            .await;
+            match (control, heartbeat) {
+                (Ok(control), Ok(heartbeat)) => {
+                    let _ = events.send(Event::PromotionDone { control, heartbeat });
+                }
+                (c, h) => {
+                    for e in [c.err(), h.err()].into_iter().flatten() {
+                        error!("{e}");
+                    }
+                }
+            }
+        });
     }
 
     async fn save(&self) -> bool {

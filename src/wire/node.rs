@@ -13,14 +13,14 @@ use crate::space::{Change, Pair};
 use crate::wire::client::Command;
 
 /// What a server believes it is when it says hello.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
     Primary,
     Backup,
 }
 
 /// Description of a replica as the proxy reports it in STATUS.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReplicaInfo {
     /// SPEC §2 handle: pid when local, SHUTDOWN_SAP when remote.
     pub handle: String,
@@ -43,8 +43,6 @@ pub enum ToProxy {
         role: Role,
         epoch: u64,
         info: ReplicaInfo,
-        /// A backup that already holds a full copy (true for a primary).
-        synced: bool,
         /// A backup's PRIMARY_HANDLE: which primary started it.
         primary: Option<String>,
     },
@@ -53,9 +51,9 @@ pub enum ToProxy {
         /// The sender as it is now (a promoted backup serves on the primary's SAPs).
         info: ReplicaInfo,
         pairs: u64,
-        /// Backup currently attached and synchronised (primary only).
-        backup_synced: bool,
-        backup: Option<ReplicaInfo>,
+        /// Primary only: the handle of its backup when that backup holds every acknowledged
+        /// update and acknowledges synchronously (it may be promoted).
+        synced_backup: Option<String>,
         /// The last `HeartbeatAck::n` received from the proxy.
         echo: u64,
     },
@@ -155,8 +153,14 @@ pub enum Repl {
 /// Backup -> primary on the replication stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ReplAck {
-    Synced { seq: u64 },
-    Ack { seq: u64 },
+    /// The initial copy is in; `handle` is the backup's own (as it registers with the proxy).
+    Synced {
+        seq: u64,
+        handle: String,
+    },
+    Ack {
+        seq: u64,
+    },
 }
 
 /// Either direction on the primary<->backup heartbeat stream.
