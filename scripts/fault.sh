@@ -10,11 +10,28 @@ Processes (pids from the proxy's STATUS, else from the namespaces):
   kill9 primary|backup|proxy      SIGKILL the current primary / backup / the proxy
   stop  primary|backup|proxy      SIGSTOP it (pause); the pid is remembered for `cont`
   cont  primary|backup|proxy|all  SIGCONT what `stop` paused (the role it had then), or all
+  stop-for primary|backup|proxy SECONDS
+                                  SIGSTOP it, wait SECONDS (decimals allowed) in the foreground,
+                                  SIGCONT it (also if interrupted)
+  cont-after-failover [SECS]      wait (default 30 s) until STATUS shows a new primary (a higher
+                                  epoch than when `stop primary` paused the old one, another
+                                  pid), then SIGCONT the paused old primary; after SECS it is
+                                  resumed anyway and the exit status is 1
+  proxy-restart [DELAY]           SIGKILL the proxy, wait until it is gone, wait DELAY seconds
+                                  (default 0) and start it again with the command line
+                                  netns-up.sh recorded ($TS_STATE_DIR/proxy.cmd): same
+                                  arguments, namespace, directory, RUST_LOG, log file. Prints
+                                  how long the proxy was down; exit 1 if the new proxy is not
+                                  running 0.5 s after its start
+  proxy-start                     start the proxy with that command line unless it is running
 
 Links (iptables DROP rules in the receiving host's namespace, chain TSFAULT, by peer address):
   cut HOST1 HOST2 [both|HOST1->HOST2]   drop packets between two hosts: both directions
-                                        (default), or only those sent from HOST1 to HOST2
+                                        (default), or only those sent from HOST1 to HOST2.
+                                        HOST2 may be a comma list (cut proxy a,b: the proxy
+                                        from both server hosts, all rules in one go)
   heal HOST1 HOST2                      remove every cut/loss rule between the two hosts
+                                        (HOST2 may be a comma list)
   loss HOST1 HOST2 PERCENT              drop PERCENT % of the packets, each direction
   loss-all PERCENT                      drop PERCENT % of the packets on every link
   heal-all                              remove every link rule, clear the relay's faults, and
@@ -145,21 +162,21 @@ do_signal() {
   where=$(describe_pid "$pid")
   kill "-$sig" "$pid"
   echo "$role ($where): SIG$sig (epoch was $epoch)"
-  [[ "$sig" == STOP ]] && echo "$pid $role" >>"$TS_STATE_DIR/pids/stopped"
+  [[ "$sig" == STOP ]] && echo "$pid $role $epoch" >>"$TS_STATE_DIR/pids/stopped"
   return 0
 }
 
 do_cont() {
-  local role=$1 pid r done_any=0 rest=()
+  local role=$1 pid r ep done_any=0 rest=()
   if [[ -f "$TS_STATE_DIR/pids/stopped" ]]; then
-    while read -r pid r; do
+    while read -r pid r ep; do
       if [[ "$role" == all || "$role" == "$r" ]]; then
         if kill -CONT "$pid" 2>/dev/null; then
           echo "$r ($(describe_pid "$pid")): SIGCONT"
           done_any=1
         fi
       else
-        rest+=("$pid $r")
+        rest+=("$pid $r${ep:+ $ep}")
       fi
     done <"$TS_STATE_DIR/pids/stopped"
     if [[ ${#rest[@]} -gt 0 ]]; then printf '%s\n' "${rest[@]}" >"$TS_STATE_DIR/pids/stopped"; else rm -f "$TS_STATE_DIR/pids/stopped"; fi
@@ -178,6 +195,172 @@ do_cont() {
   [[ $done_any == 1 ]] || echo "nothing to continue for $role"
 }
 
+# proc_state PID: the state letter of a process (R, S, T, Z, ...), empty if there is none.
+proc_state() { sed -n 's/^.*) \([A-Za-z]\).*$/\1/p' "/proc/$1/stat" 2>/dev/null || true; }
+
+# alive PID: the process exists and is not a zombie.
+alive() { local st; st=$(proc_state "$1"); [[ -n "$st" && "$st" != Z && "$st" != X ]]; }
+
+do_stop_for() {
+  [[ $# -eq 2 ]] || ts_die "usage: stop-for primary|backup|proxy SECONDS"
+  local role=$1 secs=$2
+  [[ "$secs" =~ ^[0-9]+(\.[0-9]+)?$ ]] || ts_die "stop-for: \`$secs\` is not a number of seconds"
+  do_signal STOP "$role"
+  # Resumed even if this is interrupted (the sleep runs in the background so a trapped signal
+  # is handled at once).
+  trap 'kill "$!" 2>/dev/null; do_cont "$role"; exit 130' INT TERM
+  sleep "$secs" &
+  wait $!
+  trap - INT TERM
+  ts_log "stop-for: ${secs}s are over"
+  do_cont "$role"
+}
+
+do_cont_after_failover() {
+  local max=${1:-30} line pid r ep st="" epoch ppid deadline t0
+  [[ $# -le 1 && "$max" =~ ^[0-9]+$ ]] || ts_die "usage: cont-after-failover [SECS]"
+  line=$(awk '$2 == "primary"' "$TS_STATE_DIR/pids/stopped" 2>/dev/null | tail -n1)
+  if [[ -z "$line" ]]; then
+    echo "cont-after-failover: no primary was paused by \`fault.sh stop primary\`" >&2
+    return 1
+  fi
+  read -r pid r ep <<<"$line"
+  [[ "$ep" =~ ^[0-9]+$ ]] || ep=-1
+  t0=$(date +%s%N)
+  deadline=$((SECONDS + max))
+  while :; do
+    if st=$(ts_status_json); then
+      epoch=$(ts_json_get cluster.epoch <<<"$st")
+      ppid=$(ts_json_get cluster.primary.pid <<<"$st")
+      if [[ -n "$ppid" && "$ppid" != "$pid" && ${epoch:-0} -gt $ep ]]; then
+        echo "failover seen after $((($(date +%s%N) - t0) / 1000000)) ms of waiting: $(ts_status_summary "$st")"
+        do_cont primary
+        return 0
+      fi
+    else
+      st=""
+    fi
+    if ((SECONDS >= deadline)); then
+      local seen=unavailable
+      [[ -n "$st" ]] && seen=$(ts_status_summary "$st")
+      echo "cont-after-failover: no new primary after ${max}s (STATUS: $seen); resuming the old primary anyway" >&2
+      do_cont primary
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+# ---- the proxy: restart with the command line netns-up.sh recorded ------------------------
+
+PROXY_CMD_FILE="$TS_STATE_DIR/proxy.cmd"
+
+# proxy_pid: the running proxy's pid (none: empty output).
+proxy_pid() {
+  local pid
+  pid=$(cat "$TS_STATE_DIR/pids/proxy.pid" 2>/dev/null || true)
+  if [[ -n "$pid" ]] && alive "$pid"; then
+    echo "$pid"
+    return 0
+  fi
+  for pid in $(ts_tuplespace_pids proxy); do
+    alive "$pid" && { echo "$pid"; return 0; }
+  done
+  return 0
+}
+
+# start_proxy WHY: starts the proxy in its namespace with the recorded command line, from the
+# state directory, appending to logs/proxy.log; records and prints its pid.
+start_proxy() {
+  [[ -s "$PROXY_CMD_FILE" ]] ||
+    ts_die "no recorded proxy command line ($PROXY_CMD_FILE): bring the topology up with this version of netns-up.sh"
+  local argv=() pid exe i
+  mapfile -d '' -t argv <"$PROXY_CMD_FILE"
+  echo "=== $(date '+%F %T') proxy started by fault.sh $1: ${argv[*]:2}" >>"$TS_STATE_DIR/logs/proxy.log"
+  # setsid: a session of its own, so that neither a terminal's Ctrl-C nor a `timeout` that kills
+  # the process group of whoever ran fault.sh (e.g. nemesis) reaches the new proxy. The
+  # background subshell is not a group leader, so setsid does not fork: $! is the proxy's pid
+  # (ip netns exec and env exec too).
+  (cd "$TS_STATE_DIR" && exec setsid ip netns exec "$(ts_ns proxy)" "${argv[@]}" \
+    </dev/null >>"$TS_STATE_DIR/logs/proxy.log" 2>&1) &
+  pid=$!
+  disown
+  echo "$pid" >"$TS_STATE_DIR/pids/proxy.pid"
+  # Check (not on the restart's critical path) that $! did become tuplespace.
+  for i in $(seq 1 100); do
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
+    [[ -z "$exe" || "$(basename "$exe")" == tuplespace* ]] && break
+    sleep 0.01
+  done
+  if [[ -n "$exe" && "$(basename "$exe")" != tuplespace* ]]; then
+    local p
+    p=$(ts_tuplespace_pids proxy | head -n1)
+    [[ -n "$p" ]] && pid=$p && echo "$pid" >"$TS_STATE_DIR/pids/proxy.pid"
+  fi
+  echo "$pid"
+}
+
+# check_proxy_up PID START_NS: fails (with the log's tail) if the proxy is not running 0.5 s
+# after START_NS.
+check_proxy_up() {
+  local pid=$1 t0=$2 left
+  left=$((500 - ($(date +%s%N) - t0) / 1000000))
+  ((left > 0)) && sleep "$(printf '0.%03d' "$left")"
+  if ! alive "$pid"; then
+    echo "the restarted proxy (pid $pid) is not running; last lines of $TS_STATE_DIR/logs/proxy.log:" >&2
+    tail -n 15 "$TS_STATE_DIR/logs/proxy.log" >&2
+    return 1
+  fi
+}
+
+do_proxy_start() {
+  [[ $# -eq 0 ]] || ts_die "usage: proxy-start"
+  local pid t0
+  pid=$(proxy_pid)
+  if [[ -n "$pid" ]]; then
+    echo "proxy already running (pid $pid)"
+    return 0
+  fi
+  t0=$(date +%s%N)
+  pid=$(start_proxy proxy-start)
+  check_proxy_up "$pid" "$t0" || return 1
+  echo "proxy started (pid $pid, $(describe_pid "$pid"))"
+}
+
+do_proxy_restart() {
+  [[ $# -le 1 ]] || ts_die "usage: proxy-restart [DELAY_SECONDS]"
+  local delay=${1:-0} old new st epoch t_kill t_start i down
+  [[ "$delay" =~ ^[0-9]+(\.[0-9]+)?$ ]] || ts_die "proxy-restart: \`$delay\` is not a number of seconds"
+  epoch=$(st=$(ts_status_json) && ts_json_get cluster.epoch <<<"$st" || echo '?')
+  old=$(proxy_pid)
+  t_kill=$(date +%s%N)
+  if [[ -n "$old" ]]; then
+    kill -KILL "$old"
+    for i in $(seq 1 500); do
+      alive "$old" || break
+      sleep 0.01
+    done
+    alive "$old" && ts_die "the proxy (pid $old) is still running 5 s after SIGKILL"
+    # A paused proxy that was killed is no longer to be resumed.
+    if [[ -f "$TS_STATE_DIR/pids/stopped" ]]; then
+      awk -v p="$old" '$1 != p' "$TS_STATE_DIR/pids/stopped" >"$TS_STATE_DIR/pids/stopped.tmp"
+      mv -f "$TS_STATE_DIR/pids/stopped.tmp" "$TS_STATE_DIR/pids/stopped"
+      [[ -s "$TS_STATE_DIR/pids/stopped" ]] || rm -f "$TS_STATE_DIR/pids/stopped"
+    fi
+  else
+    echo "proxy-restart: no proxy running; starting one"
+  fi
+  [[ "$delay" =~ ^0*(\.0*)?$ ]] || sleep "$delay"
+  t_start=$(date +%s%N)
+  new=$(start_proxy proxy-restart)
+  down=$(((t_start - t_kill) / 1000000))
+  echo "proxy: SIGKILL to pid ${old:-none} (epoch was $epoch), restarted as pid $new with the same command line ${down} ms later"
+  if ((down >= 1000)); then
+    echo "proxy-restart: WARNING: the proxy was down ${down} ms (1 s or more)" >&2
+  fi
+  check_proxy_up "$new" "$t_start"
+}
+
 # ---- links --------------------------------------------------------------------------------
 
 # parse_direction H1 H2 SPEC -> "H1 H2" pairs (sender receiver) on stdout
@@ -193,24 +376,47 @@ directions() {
 
 do_cut() {
   if [[ $# -eq 1 && "$1" == *"->"* ]]; then set -- "${1%%->*}" "${1#*->}" "$1"; fi
-  [[ $# -ge 2 && $# -le 3 ]] || ts_die "usage: cut HOST1 HOST2 [both|HOST1->HOST2]"
-  local h1=$1 h2=$2 tx rx
-  need_host "$h1"; need_host "$h2"
-  [[ "$h1" != "$h2" ]] || ts_die "cut: two different hosts"
+  [[ $# -ge 2 && $# -le 3 ]] || ts_die "usage: cut HOST1 HOST2[,HOST...] [both|HOST1->HOST2|HOST2->HOST1]"
+  local h1=$1 list=$2 spec=${3:-both} h spec_h tx rx pairs=()
+  local -a peers
+  IFS=',' read -ra peers <<<"$list"
+  [[ ${#peers[@]} -ge 1 ]] || ts_die "cut: no second host"
+  need_host "$h1"
+  for h in "${peers[@]}"; do
+    need_host "$h"
+    [[ "$h1" != "$h" ]] || ts_die "cut: two different hosts"
+    # A direction written with the whole list applies to each of its hosts.
+    spec_h=$spec
+    [[ "$spec" == "$h1->$list" ]] && spec_h="$h1->$h"
+    [[ "$spec" == "$list->$h1" ]] && spec_h="$h->$h1"
+    while read -r tx rx; do pairs+=("$tx $rx"); done < <(directions "$h1" "$h" "$spec_h")
+  done
   ts_ensure_iptables
-  while read -r tx rx; do
-    drop_rule "$rx" "$tx"
+  # Chains first, then the DROP rules back to back, so that the cuts start (nearly) together.
+  for h in "$h1" "${peers[@]}"; do ensure_chain "$h"; done
+  for h in "${pairs[@]}"; do
+    read -r tx rx <<<"$h"
+    ipt "$rx" -A "$TS_CHAIN" -s "${TS_IP[$tx]}/32" -j DROP
+  done
+  for h in "${pairs[@]}"; do
+    read -r tx rx <<<"$h"
     echo "cut: $tx -> $rx (${TS_IP[$tx]} -> ${TS_IP[$rx]}) dropped"
-  done < <(directions "$h1" "$h2" "${3:-both}")
+  done
 }
 
 do_heal() {
-  [[ $# -eq 2 ]] || ts_die "usage: heal HOST1 HOST2"
-  need_host "$1"; need_host "$2"
+  [[ $# -eq 2 ]] || ts_die "usage: heal HOST1 HOST2[,HOST...]"
+  local h
+  local -a peers
+  IFS=',' read -ra peers <<<"$2"
+  need_host "$1"
+  for h in "${peers[@]}"; do need_host "$h"; done
   ts_ensure_iptables
-  clear_rules "$1" "$2"
-  clear_rules "$2" "$1"
-  echo "healed: $1 <-> $2"
+  for h in "${peers[@]}"; do
+    clear_rules "$1" "$h"
+    clear_rules "$h" "$1"
+    echo "healed: $1 <-> $h"
+  done
 }
 
 do_loss() {
@@ -320,7 +526,7 @@ do_status() {
     for pid in $(ip netns pids "$(ts_ns "$h")" 2>/dev/null); do
       state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo '?')
       printf '  %-7s pid %-7s state %s  %s\n' "$h" "$pid" "$state" \
-        "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-110)"
+        "$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | cut -c1-110)"
     done
   done
   local rules line
@@ -335,6 +541,16 @@ do_status() {
     echo "relay: pid $(relay_pid), $TS_RELAY_SAP -> $TS_PROXY_SAP, faults $(cat "$TS_STATE_DIR/relay/control.json" 2>/dev/null)"
   else
     echo "relay: not running"
+  fi
+  if [[ -s "$PROXY_CMD_FILE" ]]; then
+    local pcmd=()
+    mapfile -d '' -t pcmd <"$PROXY_CMD_FILE"
+    echo "proxy command line (proxy-restart): ${pcmd[*]}"
+  fi
+  echo "proxy state file: ${TS_PROXY_STATE_USED:-not recorded}"
+  if [[ -s "$TS_STATE_DIR/pids/stopped" ]]; then
+    echo "paused by fault.sh stop (pid role epoch):"
+    while read -r line; do echo "    $line"; done <"$TS_STATE_DIR/pids/stopped"
   fi
 }
 
@@ -395,6 +611,10 @@ case "$cmd" in
   kill9 | kill) [[ $# -eq 1 ]] || ts_die "usage: kill9 primary|backup|proxy"; do_signal KILL "$1" ;;
   stop) [[ $# -eq 1 ]] || ts_die "usage: stop primary|backup|proxy"; do_signal STOP "$1" ;;
   cont) do_cont "${1:-all}" ;;
+  stop-for) do_stop_for "$@" ;;
+  cont-after-failover) do_cont_after_failover "$@" ;;
+  proxy-restart) do_proxy_restart "$@" ;;
+  proxy-start) do_proxy_start "$@" ;;
   cut) do_cut "$@" ;;
   heal) do_heal "$@" ;;
   loss) do_loss "$@" ;;

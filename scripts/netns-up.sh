@@ -23,7 +23,9 @@ TS_SET (space-separated KEY=VALUE overrides), RUST_LOG (info), TS_NO_BIN_COPY (s
 TUPLESPACE_BIN in place instead of a copy in the state directory), TS_LAUNCH_MODE (exec: the pid
 the primary tracks for its backup is the backup itself, as for a local child; detach: the
 backup runs under a launcher, a SIGKILL of the tracked pid leaves it running; see
-ns-exec-by-ip.sh --help).
+ns-exec-by-ip.sh --help), TS_PROXY_STATE (auto: give the proxy
+`--set proxy_state_file=$TS_STATE_DIR/data/proxy/proxy.state` if the binary's configuration
+accepts that key, which older builds refuse; on: always; off: never).
 
 Layout of the state directory:
   env                 the settings used (read back by fault.sh, netns-down.sh)
@@ -33,7 +35,10 @@ Layout of the state directory:
   certs/client/       client and admin certificates (for ts-client)
   logs/               proxy.log, server-a.log, server-b.log (every server that ran on that host), relay.log
   pids/               proxy.pid, primary.pid, relay.pid, launched (every backup started)
+  proxy.cmd           the proxy's command line (NUL-separated; run in ts-proxy from the state
+                      directory), so that `fault.sh proxy-restart` starts it again exactly so
   data/space.json     SAVE_FILE of the servers
+  data/proxy/         the proxy host's data directory (proxy.state, see TS_PROXY_STATE)
 EOF
 }
 
@@ -58,6 +63,13 @@ export TS_IGNORE_STATE_ENV=1
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 TS_LAUNCH_MODE=${TS_LAUNCH_MODE:-exec}
 [[ "$TS_LAUNCH_MODE" == exec || "$TS_LAUNCH_MODE" == detach ]] || ts_die "TS_LAUNCH_MODE must be exec or detach"
+TS_PROXY_STATE=${TS_PROXY_STATE:-auto}
+case "$TS_PROXY_STATE" in
+  auto | on | off) ;;
+  1 | yes | true) TS_PROXY_STATE=on ;;
+  0 | no | false) TS_PROXY_STATE=off ;;
+  *) ts_die "TS_PROXY_STATE must be auto, on or off (got \`$TS_PROXY_STATE\`)" ;;
+esac
 
 ts_need_root
 ts_check_bin
@@ -97,8 +109,8 @@ trap on_fail ERR
 trap 'echo "netns-up.sh: interrupted" >&2; (exit 130); on_fail' INT TERM
 
 # ---- state directory ------------------------------------------------------------------------
-rm -rf "${TS_STATE_DIR:?}"/{ca,certs,pids,data,relay,env,env.last}
-mkdir -p "$TS_STATE_DIR"/{ca,certs,logs,pids,data,relay,bin}
+rm -rf "${TS_STATE_DIR:?}"/{ca,certs,pids,data,relay,env,env.last,proxy.cmd}
+mkdir -p "$TS_STATE_DIR"/{ca,certs,logs,pids,data,data/proxy,relay,bin}
 # Every process (and every backup launched later) runs one copy of the binary: a rebuild of
 # target/release while the topology is up must not mix two builds in one cluster.
 if [[ -z "${TS_NO_BIN_COPY:-}" && "$TUPLESPACE_BIN" != "$TS_STATE_DIR/bin/tuplespace" ]]; then
@@ -117,6 +129,25 @@ fi
 set_flags=()
 for s in $TS_SET "${extra_set[@]}"; do set_flags+=(--set "$s"); done
 
+# The proxy's durable state file (the configuration key `proxy_state_file`, which builds from
+# before it existed refuse as an unknown key). auto: pass it if this binary accepts it.
+proxy_state_file="$TS_STATE_DIR/data/proxy/proxy.state"
+proxy_state_flags=()
+proxy_state_note=""
+if [[ " $TS_SET ${extra_set[*]} " == *" proxy_state_file="* ]]; then
+  proxy_state_note="proxy_state_file given in TS_SET/--set"
+elif [[ "$TS_PROXY_STATE" == on ]]; then
+  proxy_state_flags=(--set "proxy_state_file=$proxy_state_file")
+elif [[ "$TS_PROXY_STATE" == auto ]]; then
+  if probe=$(ts_config_accepts "proxy_state_file=$proxy_state_file"); then
+    proxy_state_flags=(--set "proxy_state_file=$proxy_state_file")
+  else
+    proxy_state_note="not passed: this tuplespace does not accept proxy_state_file ($probe)"
+    ts_log "proxy_state_file $proxy_state_note"
+  fi
+fi
+[[ ${#proxy_state_flags[@]} -gt 0 ]] && proxy_state_note="$proxy_state_file"
+
 {
   echo "# written by netns-up.sh $(date '+%F %T'); fills variables the environment leaves unset"
   for v in TS_NET_PREFIX TS_NS_PREFIX TUPLESPACE_BIN TS_CONFIG TS_LAUNCH_MODE; do
@@ -124,6 +155,7 @@ for s in $TS_SET "${extra_set[@]}"; do set_flags+=(--set "$s"); done
     printf '[[ -n "${%s:-}" ]] || %s=%q\n' "$v" "$v" "${!v}"
   done
   printf 'TS_SET_USED=%q\n' "$TS_SET ${extra_set[*]}"
+  printf 'TS_PROXY_STATE_USED=%q\n' "${proxy_state_note:-off}"
 } >"$TS_STATE_DIR/env"
 
 # ---- namespaces and links -------------------------------------------------------------------
@@ -166,10 +198,14 @@ export RUST_LOG=${RUST_LOG:-info}
 cd "$TS_STATE_DIR"
 
 ts_log "starting the proxy in $(ts_ns proxy): clients $TS_PROXY_SAP, servers ${TS_IP[proxy]}:$TS_PORT_SERVER, admin $TS_ADMIN_SAP"
-ip netns exec "$(ts_ns proxy)" "$TUPLESPACE_BIN" --certs "$TS_STATE_DIR/certs/proxy" \
-  --config "$TS_CONFIG" "${set_flags[@]}" \
-  proxy "$TS_PROXY_SAP" "${TS_IP[proxy]}:$TS_PORT_SERVER" "$TS_ADMIN_SAP" \
-  </dev/null >>"$TS_STATE_DIR/logs/proxy.log" 2>&1 &
+# The command line is recorded (NUL-separated) so that fault.sh proxy-restart can start the
+# proxy again exactly so, from the same directory with the same RUST_LOG.
+proxy_cmd=(env "RUST_LOG=$RUST_LOG" "$TUPLESPACE_BIN" --certs "$TS_STATE_DIR/certs/proxy"
+  --config "$TS_CONFIG" "${set_flags[@]}" "${proxy_state_flags[@]}"
+  proxy "$TS_PROXY_SAP" "${TS_IP[proxy]}:$TS_PORT_SERVER" "$TS_ADMIN_SAP")
+printf '%s\0' "${proxy_cmd[@]}" >"$TS_STATE_DIR/proxy.cmd"
+echo "=== $(date '+%F %T') proxy started by netns-up.sh: ${proxy_cmd[*]:2}" >>"$TS_STATE_DIR/logs/proxy.log"
+ip netns exec "$(ts_ns proxy)" "${proxy_cmd[@]}" </dev/null >>"$TS_STATE_DIR/logs/proxy.log" 2>&1 &
 echo $! >"$TS_STATE_DIR/pids/proxy.pid"
 disown
 

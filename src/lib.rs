@@ -13,6 +13,7 @@ pub mod net;
 pub mod notify;
 pub mod proxy;
 pub mod server;
+pub mod sim;
 pub mod space;
 pub mod up;
 pub mod wire;

@@ -95,6 +95,9 @@ enum Cmd {
     Bench(BenchArgs),
     /// Random operations under a fault; checks linearizability, lost and duplicated writes.
     Nemesis(NemesisArgs),
+    /// Deterministic simulation of the failover protocol (the real state machines on a simulated
+    /// network with random faults); every seed is one reproducible run.
+    Simulate(SimulateArgs),
     /// Start proxy and primary on loopback with development certificates; Ctrl-C saves and stops.
     Up {
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -146,6 +149,25 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// How many seeds to run (from --start).
+    #[arg(long, default_value_t = 10_000)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Replay one seed (prints its faults, violations, and with --verbose every event).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// With --seed: print the trace of the run.
+    #[arg(long)]
+    verbose: bool,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(clap::Args)]
@@ -458,6 +480,46 @@ fn run(cli: Cli) -> Result<u8, String> {
                 print!("{}", runner::summary(&report));
             }
             Ok(if report.verdict == "PASS" { 0 } else { 1 })
+        }
+        Cmd::Simulate(a) => {
+            use tuplespace::sim;
+            let mut params = sim::SimParams::default();
+            if let Some(seed) = a.seed {
+                params.trace = a.verbose;
+                let r = sim::run(seed, &params, &sim::Plan::Random);
+                print!("{}", r.describe());
+                println!("{}", if r.ok() { "PASS" } else { "FAIL" });
+                return Ok(if r.ok() { 0 } else { 1 });
+            }
+            let threads = if a.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                a.threads
+            };
+            let t0 = std::time::Instant::now();
+            let progress = |d: u64| {
+                eprintln!("  {d} seeds ({:.0} s)", t0.elapsed().as_secs_f64());
+            };
+            let (ran, failures) = sim::run_many(a.start, a.seeds, threads, &params, 20, &progress);
+            for (_, r) in &failures {
+                print!("{}", r.describe());
+            }
+            println!(
+                "simulated seeds {}..{}: {ran} runs, {} failing, {:.1} s on {threads} threads{}",
+                a.start,
+                a.start + a.seeds,
+                failures.len(),
+                t0.elapsed().as_secs_f64(),
+                if failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; replay one with: tuplespace simulate --seed {} --verbose",
+                        failures[0].0
+                    )
+                }
+            );
+            Ok(if failures.is_empty() { 0 } else { 1 })
         }
         Cmd::Up {
             client_sap,

@@ -185,3 +185,27 @@ ts_tuplespace_pids() {
   done
   return 0
 }
+
+# ts_config_accepts KEY=VALUE: succeeds if TUPLESPACE_BIN's configuration accepts this override
+# (a key newer than the binary is refused as unknown); otherwise prints why and fails. Uses a
+# `config-check` subcommand if the binary has one; else compares what `proxy` says about three
+# unusable SAPs with and without the override (it fails on the configuration first, or on the
+# SAPs, before it starts anything).
+ts_config_accepts() {
+  local kv=$1 key=${1%%=*} with without
+  if "$TUPLESPACE_BIN" config-check --help >/dev/null 2>&1; then
+    with=$(RUST_LOG=off "$TUPLESPACE_BIN" --config "$TS_CONFIG" --set "$kv" config-check 2>&1 </dev/null) &&
+      return 0
+    echo "$with" | tr '\n' ' ' | cut -c1-200
+    return 1
+  fi
+  without=$(RUST_LOG=off "$TUPLESPACE_BIN" --config "$TS_CONFIG" proxy - - - 2>&1 </dev/null) || true
+  with=$(RUST_LOG=off "$TUPLESPACE_BIN" --config "$TS_CONFIG" --set "$kv" proxy - - - 2>&1 </dev/null) || true
+  [[ "$with" == "$without" || "$with" != *"$key"* ]] && return 0
+  if [[ "$with" == *"unknown field"* ]]; then
+    echo "unknown configuration key \`$key\`"
+  else
+    echo "$with" | tr '\n' ' ' | cut -c1-160
+  fi
+  return 1
+}

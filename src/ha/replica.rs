@@ -263,6 +263,10 @@ impl<R> Replica<R> {
     pub fn backup_id(&self) -> Option<BackupId> {
         self.backup.as_ref().map(|b| b.id)
     }
+    /// Whether a backup holds every acknowledged write (it may be promoted).
+    pub fn has_promotable_backup(&self) -> bool {
+        self.promotable_backup().is_some()
+    }
     /// Replies held until their writes are replicated.
     pub fn held(&self) -> usize {
         self.release.len()
@@ -494,11 +498,12 @@ impl<R> Replica<R> {
                 if epoch < self.epoch || (epoch == self.epoch && !self.awaiting_grant) {
                     return;
                 }
-                self.epoch = epoch;
                 if self.backup.is_some() {
-                    // The witness dropped our backup (it lost it): so do we.
+                    // The witness dropped our backup (it lost it): so do we (at the old epoch, so
+                    // that this grant proves it cannot be the primary).
                     self.lose_backup(now, "the witness dropped the backup", out);
                 }
+                self.epoch = epoch;
                 // The lost backups were dropped by the witness before this epoch: none of them
                 // can be the primary, so they may be stopped (they would hold BACKUP_SAP).
                 let (dead, keep): (Vec<_>, Vec<_>) =
@@ -510,7 +515,9 @@ impl<R> Replica<R> {
                 self.go_solo(out);
             }
             Role::Backup => {
-                if epoch <= self.epoch && self.epoch != 0 {
+                // The witness grants a backup only to promote it (a welcome may already have
+                // told it the new epoch).
+                if epoch < self.epoch {
                     return;
                 }
                 self.epoch = epoch;

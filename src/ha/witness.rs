@@ -32,6 +32,12 @@ pub struct Durable {
     pub primary: Option<(String, String)>,
     /// Handle of a backup known to hold every acknowledged write at `epoch`.
     pub synced_backup: Option<String>,
+    /// A promotion not yet confirmed by the promoted replica (no heartbeat at the new epoch and
+    /// no answer from it reached us): the previous holder (handle, SAP) and its office epoch.
+    /// Until confirmed, nothing was acknowledged at the new epoch, so if the promoted replica
+    /// fails the previous holder, which still has every acknowledged write, takes the office
+    /// back instead of being fenced.
+    pub unconfirmed_from: Option<(String, String, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,6 +66,10 @@ pub enum Input {
     },
     /// The connection to `link` closed.
     LinkDown {
+        link: LinkId,
+    },
+    /// An answer from `link` reached the proxy (the router tells us).
+    Answered {
         link: LinkId,
     },
     Tick,
@@ -125,16 +135,23 @@ pub struct Witness {
     backup_synced: bool,
     members: BTreeMap<LinkId, Member>,
     heartbeat_timeout: Millis,
+    /// After a restart, how long the office holder has to come back before a backup known to
+    /// hold every acknowledged write is promoted in its place.
+    restart_grace: Millis,
+    started: Option<Millis>,
     last_tick: Option<Millis>,
 }
 
 impl Witness {
     pub fn new(heartbeat_timeout: Millis) -> Self {
-        Self::restore(heartbeat_timeout, Durable::default())
+        Self::restore(heartbeat_timeout, heartbeat_timeout, Durable::default())
     }
 
     /// A witness that starts from what a previous incarnation of the proxy persisted.
-    pub fn restore(heartbeat_timeout: Millis, durable: Durable) -> Self {
+    /// `restart_grace`: how long after the start the office holder may take to reconnect (its
+    /// link to the previous proxy must time out first) before its synchronised backup, if that
+    /// registers, is promoted instead.
+    pub fn restore(heartbeat_timeout: Millis, restart_grace: Millis, durable: Durable) -> Self {
         Witness {
             durable,
             primary: None,
@@ -142,6 +159,8 @@ impl Witness {
             backup_synced: false,
             members: BTreeMap::new(),
             heartbeat_timeout,
+            restart_grace,
+            started: None,
             last_tick: None,
         }
     }
@@ -183,6 +202,7 @@ impl Witness {
     /// Feeds one input observed at `now`; returns what the proxy must do, in order.
     pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
         let before = self.durable.clone();
+        self.started.get_or_insert(now);
         let mut out = Vec::new();
         match input {
             Input::Hello {
@@ -210,6 +230,7 @@ impl Witness {
                     self.members.remove(&link);
                 }
             }
+            Input::Answered { link } => self.confirm(link),
             Input::Tick => self.tick(now, &mut out),
         }
         if self.durable != before {
@@ -260,6 +281,9 @@ impl Witness {
             return;
         }
         m.last_heard = now;
+        if Some(link) == self.primary && epoch == self.durable.epoch {
+            self.confirm(link);
+        }
         if Some(link) == self.primary {
             let ours = match (
                 self.backup.and_then(|b| self.members.get(&b)),
@@ -328,6 +352,38 @@ impl Witness {
             }
             return;
         }
+        if self.primary.is_none()
+            && self.durable.unconfirmed_from.is_some()
+            && self
+                .started
+                .is_some_and(|t| now.saturating_sub(t) >= self.restart_grace)
+        {
+            // We restarted during an unconfirmed promotion and the promoted replica never came
+            // back: the previous holder may.
+            self.revert(out);
+        }
+        if self.primary.is_none()
+            && let Some(b) = self.backup
+            && self.backup_synced
+            && self.heard_recently(b, now)
+            && self
+                .started
+                .is_some_and(|t| now.saturating_sub(t) >= self.restart_grace)
+            && self
+                .members
+                .get(&b)
+                .is_some_and(|m| now.saturating_sub(m.echo_at) <= self.heartbeat_timeout)
+        {
+            // We restarted, and the primary that held the office never came back; its backup
+            // holds every acknowledged write (we recorded that before the restart).
+            self.promote(
+                None,
+                b,
+                "the primary did not come back after the proxy restarted",
+                out,
+            );
+            return;
+        }
         let primary_lapsed = self.primary.is_some_and(|p| !self.heard_recently(p, now));
         let backup_lapsed = self.backup.is_some_and(|b| !self.heard_recently(b, now));
         if primary_lapsed && backup_lapsed {
@@ -351,6 +407,42 @@ impl Witness {
             };
             self.drop_backup(b, why, out);
         }
+    }
+
+    /// The primary at `link` has shown it serves at the current epoch.
+    fn confirm(&mut self, link: LinkId) {
+        if Some(link) == self.primary {
+            self.durable.unconfirmed_from = None;
+        }
+    }
+
+    /// The promoted replica failed before it confirmed: the previous holder gets the office back.
+    fn revert(&mut self, out: &mut Vec<Action>) {
+        if let Some((h, sap, office)) = self.durable.unconfirmed_from.take() {
+            out.push(Action::Notify {
+                kind: "promotion-reverted",
+                detail: format!(
+                    "the promoted replica failed before serving at epoch {}; primary {h} keeps the office",
+                    self.durable.epoch
+                ),
+            });
+            // The promoted replica was its synchronised backup and acknowledged nothing since:
+            // it still holds every acknowledged write (and may be promoted again).
+            self.durable.synced_backup = self
+                .durable
+                .primary
+                .as_ref()
+                .map(|(promoted, _)| promoted.clone());
+            self.durable.primary = Some((h, sap));
+            self.durable.office_epoch = office;
+        }
+    }
+
+    fn is_previous_holder(&self, info: &ReplicaInfo) -> bool {
+        self.durable
+            .unconfirmed_from
+            .as_ref()
+            .is_some_and(|(h, _, _)| *h == info.handle)
     }
 
     fn heard_recently(&self, link: LinkId, now: Millis) -> bool {
@@ -405,6 +497,11 @@ impl Witness {
                         self.welcome_primary(link, epoch, out);
                         return;
                     }
+                    if self.is_previous_holder(&info) {
+                        // Until the promoted replica confirms, this one may get the office back.
+                        out.push(Action::Drop { link });
+                        return;
+                    }
                     self.refuse(
                         link,
                         &info,
@@ -413,6 +510,12 @@ impl Witness {
                         "another primary is serving",
                         out,
                     );
+                    return;
+                }
+                if self.is_previous_holder(&info) {
+                    // The promoted replica is not registered (we restarted): wait for it, or for
+                    // the grace period after which this one gets the office back.
+                    out.push(Action::Drop { link });
                     return;
                 }
                 let holder = self.is_office_holder(&info);
@@ -503,7 +606,11 @@ impl Witness {
                     (Some(h), None, Some((ph, ps))) => h == ph || h == ps,
                     _ => false,
                 };
-                let stale = epoch != 0 && epoch < self.durable.epoch;
+                // A backup of an older epoch was dropped since, unless it is the one we recorded
+                // as holding every acknowledged write (a promotion of it was reverted).
+                let stale = epoch != 0
+                    && epoch < self.durable.epoch
+                    && self.durable.synced_backup.as_ref() != Some(&info.handle);
                 if !ours || self.backup.is_some() || stale {
                     if self.primary.is_none() && !stale {
                         // Nobody to judge it by yet: let it try again later, unharmed.
@@ -520,9 +627,12 @@ impl Witness {
                     );
                     return;
                 }
+                // Before its primary registers (we restarted), a backup we recorded as holding
+                // every acknowledged write at this epoch still does.
+                self.backup_synced = self.primary.is_none()
+                    && self.durable.synced_backup.as_ref() == Some(&info.handle);
                 self.members.insert(link, Member::new(info.clone(), now));
                 self.backup = Some(link);
-                self.backup_synced = false;
                 out.push(Action::Welcome {
                     link,
                     role: Role::Backup,
@@ -627,6 +737,51 @@ impl Witness {
         });
     }
 
+    /// The synchronised backup `b` takes the office at a new epoch; the failed primary `p` (if
+    /// registered) is fenced.
+    fn promote(&mut self, p: Option<LinkId>, b: LinkId, why: &str, out: &mut Vec<Action>) {
+        let handle = p
+            .and_then(|p| self.members.remove(&p))
+            .map(|m| m.info.handle)
+            .or_else(|| self.durable.primary.as_ref().map(|(h, _)| h.clone()))
+            .unwrap_or_default();
+        self.primary = Some(b);
+        self.backup = None;
+        self.backup_synced = false;
+        self.durable.unconfirmed_from = self
+            .durable
+            .primary
+            .clone()
+            .map(|(h, sap)| (h, sap, self.durable.office_epoch));
+        self.durable.epoch += 1;
+        self.durable.office_epoch = self.durable.epoch;
+        let info = self.members.get(&b).map(|m| m.info.clone());
+        self.durable.primary = info.as_ref().map(|i| (i.handle.clone(), i.sap.clone()));
+        self.durable.synced_backup = None;
+        if let Some(p) = p {
+            // Not fenced: until the promoted replica confirms, the old primary may be the only
+            // full copy. The promoted replica fences it (kill or terminate) once it serves, and
+            // the witness refuses it once the promotion is confirmed.
+            out.push(Action::Drop { link: p });
+        }
+        out.push(Action::Grant {
+            link: b,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::RouteTo {
+            link: b,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::Notify {
+            kind: "failover",
+            detail: format!(
+                "{why}: primary {handle} failed; backup {} promoted at epoch {}",
+                info.map(|i| i.handle).unwrap_or_default(),
+                self.durable.epoch
+            ),
+        });
+    }
+
     fn primary_failed(&mut self, p: LinkId, why: &str, out: &mut Vec<Action>) {
         let handle = self
             .members
@@ -634,38 +789,7 @@ impl Witness {
             .map(|m| m.info.handle.clone())
             .unwrap_or_default();
         match self.backup {
-            Some(b) if self.backup_synced => {
-                self.members.remove(&p);
-                self.primary = None;
-                self.backup = None;
-                self.backup_synced = false;
-                self.durable.epoch += 1;
-                self.durable.office_epoch = self.durable.epoch;
-                let info = self.members.get(&b).map(|m| m.info.clone());
-                self.durable.primary = info.as_ref().map(|i| (i.handle.clone(), i.sap.clone()));
-                self.durable.synced_backup = None;
-                self.primary = Some(b);
-                out.push(Action::Fence {
-                    link: p,
-                    epoch: self.durable.epoch,
-                });
-                out.push(Action::Grant {
-                    link: b,
-                    epoch: self.durable.epoch,
-                });
-                out.push(Action::RouteTo {
-                    link: b,
-                    epoch: self.durable.epoch,
-                });
-                out.push(Action::Notify {
-                    kind: "failover",
-                    detail: format!(
-                        "{why}: primary {handle} failed; backup {} promoted at epoch {}",
-                        info.map(|i| i.handle).unwrap_or_default(),
-                        self.durable.epoch
-                    ),
-                });
-            }
+            Some(b) if self.backup_synced => self.promote(Some(p), b, why, out),
             other => {
                 // Nobody can be promoted: the failed primary holds the only full copy. It is not
                 // fenced; it may come back (a cut link healed) and is taken back then.
@@ -685,6 +809,7 @@ impl Witness {
                         epoch: self.durable.epoch,
                     });
                 }
+                self.revert(out);
                 out.push(Action::NoPrimary);
                 out.push(Action::Notify {
                     kind: "primary-lost",
@@ -838,7 +963,7 @@ mod tests {
             has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }),
             "{a:?}"
         );
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 1, .. })));
+        assert!(has(&a, |x| *x == Action::Drop { link: 1 }));
         // Every heartbeat, counted or not, is acknowledged with a rising number.
         let acks: Vec<u64> = a
             .iter()
@@ -883,7 +1008,18 @@ mod tests {
         let a = f.at(320, Input::Tick);
         assert!(has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }));
         assert!(has(&a, |x| *x == Action::RouteTo { link: 2, epoch: 2 }));
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 1, .. })));
+        // The old primary is let go, not fenced: until the new one confirms, it may be needed.
+        assert!(has(&a, |x| *x == Action::Drop { link: 1 }));
+        assert!(!has(&a, |x| matches!(x, Action::Fence { .. })));
+        assert!(f.w.durable().unconfirmed_from.is_some());
+        let a = f.at(330, hb(2, 2, false));
+        assert!(
+            has(
+                &a,
+                |x| matches!(x, Action::Persist(d) if d.unconfirmed_from.is_none())
+            ),
+            "{a:?}"
+        );
         assert_eq!(f.w.epoch(), 2);
         assert_eq!(f.w.primary(), Some(2));
         assert_eq!(f.w.backup(), None);

@@ -98,6 +98,7 @@ pub async fn connect_proxy(
     info: &ReplicaInfo,
     primary_handle: Option<&str>,
     store: &std::sync::mpsc::Sender<StoreMsg>,
+    serving: &tokio::sync::watch::Receiver<bool>,
     events: &Events,
 ) -> Result<(ProxyLink, u64), ConnectOutcome> {
     let fail = |e: String| ConnectOutcome::Failed(e);
@@ -158,7 +159,17 @@ pub async fn connect_proxy(
     tokio::spawn(async move { rout.pump(&mut rel_rx, |_| true).await });
     let store = store.clone();
     let max = cfg.max_request_bytes * 2 + 4096;
+    let mut serving = serving.clone();
+    let relay_conn = conn.clone();
     tokio::spawn(async move {
+        // A backup the proxy routes to has been granted the office, but the grant travels on the
+        // control stream and may arrive after the first requests: they wait for it here.
+        while !*serving.borrow_and_update() {
+            tokio::select! {
+                r = serving.changed() => if r.is_err() { return },
+                _ = relay_conn.closed() => return,
+            }
+        }
         let mut input = FramedRecv::new(rrecv, max);
         while let Ok(Some(batch)) = input.next_batch::<Relay>().await {
             let mut reqs = Vec::with_capacity(batch.len());

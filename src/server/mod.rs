@@ -80,6 +80,8 @@ struct Replica {
     ping_stop: CancellationToken,
     exit: Option<(Exit, bool)>,
     shutdown_from_proxy: bool,
+    /// True once this replica is the primary: relayed requests reach the store only then.
+    serving: tokio::sync::watch::Sender<bool>,
 }
 
 fn bind(
@@ -250,6 +252,7 @@ pub async fn run(
         ping_stop: CancellationToken::new(),
         exit: None,
         shutdown_from_proxy: false,
+        serving: tokio::sync::watch::Sender::new(role == Role::Primary),
     };
     r.start_listeners();
     let mut hb = tokio::time::interval(cfg.heartbeat_interval());
@@ -325,6 +328,8 @@ impl Replica {
         let mut actions = std::mem::take(&mut self.actions);
         self.machine.step(now, input, &mut actions);
         self.epoch.store(self.machine.epoch(), Ordering::Relaxed);
+        self.serving
+            .send_if_modified(|s| std::mem::replace(s, self.machine.role() == Role::Primary) != *s);
         for a in actions.drain(..) {
             self.apply(a);
         }
@@ -441,6 +446,7 @@ impl Replica {
             Role::Primary => None,
         };
         let store = self.store.clone();
+        let serving = self.serving.subscribe();
         let events = self.events.clone();
         tokio::spawn(async move {
             let r = links::connect_proxy(
@@ -455,6 +461,7 @@ impl Replica {
                 &info,
                 primary.as_deref(),
                 &store,
+                &serving,
                 &events,
             )
             .await;

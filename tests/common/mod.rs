@@ -160,6 +160,79 @@ pub fn spawn_logged(args: &[String], cwd: &Path, log: &Path) -> Child {
         .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"))
 }
 
+/// Like [`spawn_logged`], but appends to `log` (after a line saying why) instead of truncating
+/// it: for a process started again with the same command line, whose earlier output is kept.
+pub fn spawn_logged_append(args: &[String], cwd: &Path, log: &Path, why: &str) -> Child {
+    use std::io::Write;
+    let mut err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open log file for appending");
+    let _ = writeln!(err, "==== {why} ====");
+    let out = err.try_clone().expect("clone log file");
+    Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"))
+}
+
+/// A process stopped with SIGSTOP; SIGCONT is sent by [`Stopped::resume`], or on drop (so that a
+/// failing test never leaves a process stopped).
+#[must_use = "the process is continued when this is dropped"]
+pub struct Stopped {
+    pid: u32,
+    resumed: bool,
+}
+
+/// Sends SIGSTOP to `pid` (a process of the test's clusters).
+pub fn stop_process(pid: u32) -> Stopped {
+    signal(pid, Signal::SIGSTOP);
+    Stopped {
+        pid,
+        resumed: false,
+    }
+}
+
+impl Stopped {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends SIGCONT.
+    /// Sends SIGCONT; a process that is gone already (killed while stopped, e.g. a lost backup
+    /// stopped by its primary) has nothing to continue.
+    pub fn resume(mut self) {
+        self.resumed = true;
+        match kill(Pid::from_raw(self.pid as i32), Signal::SIGCONT) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => panic!("cannot send SIGCONT to {}: {e}", self.pid),
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.resumed {
+            // The process may be gone already (killed while stopped): nothing to continue.
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGCONT);
+        }
+    }
+}
+
+/// SIGSTOP `pid`, hold it stopped for `hold`, then SIGCONT.
+pub async fn pause_for(pid: u32, hold: Duration) {
+    let stopped = stop_process(pid);
+    tokio::time::sleep(hold).await;
+    stopped.resume();
+}
+
 /// Runs `tuplespace ARGS` to completion (bounded by `timeout`; killed after), in `cwd`.
 pub fn run_to_end(
     args: &[String],
@@ -543,6 +616,8 @@ pub struct ClusterBuilder {
     max_clients: Option<usize>,
     init_file: Option<PathBuf>,
     no_server: bool,
+    /// `(KEY, NAME)`: `--set KEY=<the cluster's temporary directory>/NAME` for the proxy only.
+    proxy_path_sets: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
@@ -569,6 +644,12 @@ impl ClusterBuilder {
         self.init_file = Some(p.to_owned());
         self
     }
+    /// `--set KEY=<the cluster's temporary directory>/NAME` for the proxy only (the directory
+    /// exists only once the cluster starts; the file is not created here).
+    pub fn proxy_set_path(mut self, key: &str, name: &str) -> Self {
+        self.proxy_path_sets.push((key.to_owned(), name.to_owned()));
+        self
+    }
     /// A proxy alone: no server is started.
     pub fn no_server(mut self) -> Self {
         self.no_server = true;
@@ -592,6 +673,7 @@ impl ClusterBuilder {
             server_log: dir.path().join("server.log"),
             proxy: None,
             server: None,
+            proxy_args: Vec::new(),
             dir,
         };
         let with_sets = |mut args: Vec<String>, extra: &[String]| {
@@ -603,6 +685,10 @@ impl ClusterBuilder {
             }
             args
         };
+        let mut proxy_sets = self.proxy_sets.clone();
+        for (key, name) in &self.proxy_path_sets {
+            proxy_sets.push(format!("{key}={}", c.dir.path().join(name).display()));
+        }
         let mut proxy_args = with_sets(
             vec![
                 "proxy".into(),
@@ -610,13 +696,14 @@ impl ClusterBuilder {
                 c.server_sap.clone(),
                 c.shutdown_sap.clone(),
             ],
-            &self.proxy_sets,
+            &proxy_sets,
         );
         if let Some(n) = self.max_clients {
             proxy_args.push("--max-clients".into());
             proxy_args.push(n.to_string());
         }
         c.proxy = Some(spawn_logged(&proxy_args, c.dir.path(), &c.proxy_log));
+        c.proxy_args = proxy_args;
         if !self.no_server {
             let init = self
                 .init_file
@@ -658,6 +745,8 @@ pub struct Cluster {
     pub server_log: PathBuf,
     pub proxy: Option<Child>,
     pub server: Option<Child>,
+    /// The proxy's command line (after the binary), to start it again the same way.
+    pub proxy_args: Vec<String>,
 }
 
 impl Cluster {
@@ -803,6 +892,37 @@ impl Cluster {
         raw_connect(&self.client_sap, &self.certs, "client", ALPN)
             .await
             .unwrap_or_else(|e| panic!("raw connect: {e}\n{}", self.logs()))
+    }
+
+    /// `kill -9` of the proxy (only the proxy: it has no children), waiting until it is gone.
+    pub fn kill_proxy(&mut self) {
+        let mut proxy = self.proxy.take().expect("proxy running");
+        let _ = kill(Pid::from_raw(proxy.id() as i32), Signal::SIGKILL);
+        let _ = proxy.wait();
+    }
+
+    /// Starts the proxy again with the command line it was first started with (same SAPs, same
+    /// `--set`s); its output is appended to `proxy_log`. Does not wait for it to be ready.
+    pub fn start_proxy_again(&mut self, why: &str) {
+        assert!(self.proxy.is_none(), "the proxy is still running");
+        self.proxy = Some(spawn_logged_append(
+            &self.proxy_args,
+            self.dir.path(),
+            &self.proxy_log,
+            why,
+        ));
+    }
+
+    /// `kill -9` of the proxy, then the same command line again at once. Returns how long no
+    /// proxy process existed (from the kill to the new process being started).
+    pub fn restart_proxy(&mut self) -> Duration {
+        let old = self.proxy_pid();
+        let t0 = Instant::now();
+        self.kill_proxy();
+        self.start_proxy_again(&format!(
+            "proxy pid {old} killed with SIGKILL by the test; started again with the same command line"
+        ));
+        t0.elapsed()
     }
 
     /// Sends SIGKILL to every process group we started.
