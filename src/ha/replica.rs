@@ -58,7 +58,9 @@ pub enum Input<R> {
     Fence {
         epoch: u64,
     },
+    /// The witness acknowledged our heartbeat at `epoch` (it takes us for who we said we are).
     HeartbeatAck {
+        epoch: u64,
         n: u64,
     },
     /// The proxy asks the service to stop.
@@ -150,9 +152,15 @@ pub enum Action<R> {
     KillBackup {
         id: BackupId,
     },
-    /// Become the primary at `epoch`: stop pinging, terminate the old primary, give up BACKUP_SAP,
-    /// take the primary's SAPs and save file in the background; answer with `PromotionDone`.
+    /// Become the primary at `epoch`: stop pinging, give up BACKUP_SAP and the replication
+    /// stream, take over the save file, and serve.
     Promote {
+        epoch: u64,
+    },
+    /// The promotion is confirmed by the witness: stop the old primary (kill by pid, or an
+    /// authenticated terminate) and take its SAPs in the background; answer `PromotionDone`.
+    /// (Not before: until confirmed, the witness may give the office back to the old primary.)
+    TakeOver {
         epoch: u64,
     },
     /// Stop the process (after stopping the backup and saving, if `save`).
@@ -201,12 +209,16 @@ pub struct Replica<R> {
     /// Backups lost, with the epoch at which they were lost: killed once the witness grants an
     /// epoch past that (proof that it did not promote them).
     lost: Vec<(BackupId, u64)>,
+    /// Lost backups to stop once the witness confirms our epoch.
+    kill_pending: Vec<BackupId>,
     /// Acknowledge writes without a backup (no synchronised backup, with the witness's consent).
     solo: bool,
     /// Lost a synchronised backup: nothing is released until the witness grants solo service.
     awaiting_grant: bool,
     /// The primary's SAPs are bound (false while a promotion takes them over).
     saps_ready: bool,
+    /// Promoted, waiting for the witness to confirm before stopping the old primary.
+    takeover_pending: bool,
     latest_seq: u64,
     committed: u64,
     solo_hw: u64,
@@ -235,9 +247,11 @@ impl<R> Replica<R> {
             next_backup_at: None,
             attempts: 0,
             lost: Vec::new(),
+            kill_pending: Vec::new(),
             solo: true,
             awaiting_grant: false,
             saps_ready: true,
+            takeover_pending: false,
             latest_seq: 0,
             committed: 0,
             solo_hw: 0,
@@ -339,7 +353,20 @@ impl<R> Replica<R> {
                     });
                 }
             }
-            Input::HeartbeatAck { n } => self.echo = n,
+            Input::HeartbeatAck { epoch, n } => {
+                self.echo = n;
+                if self.role == Role::Primary && epoch == self.epoch {
+                    for id in std::mem::take(&mut self.kill_pending) {
+                        out.push(Action::KillBackup { id });
+                    }
+                }
+                if self.takeover_pending && self.role == Role::Primary && epoch == self.epoch {
+                    // The witness took our heartbeat as the primary's at our epoch: the
+                    // promotion is confirmed (and recorded), so the old primary may be stopped.
+                    self.takeover_pending = false;
+                    out.push(Action::TakeOver { epoch });
+                }
+            }
             Input::Grant { epoch } => self.grant(now, epoch, out),
             Input::Fence { epoch } => {
                 out.push(Action::Notify {
@@ -506,12 +533,13 @@ impl<R> Replica<R> {
                 self.epoch = epoch;
                 // The lost backups were dropped by the witness before this epoch: none of them
                 // can be the primary, so they may be stopped (they would hold BACKUP_SAP).
+                // They are stopped once the witness confirms us as the primary at this epoch
+                // (our next heartbeat acknowledged): until then it might still give the office
+                // to one of them, if we failed first.
                 let (dead, keep): (Vec<_>, Vec<_>) =
                     self.lost.drain(..).partition(|(_, at)| *at < epoch);
                 self.lost = keep;
-                for (id, _) in dead {
-                    out.push(Action::KillBackup { id });
-                }
+                self.kill_pending.extend(dead.into_iter().map(|(id, _)| id));
                 self.go_solo(out);
             }
             Role::Backup => {
@@ -523,6 +551,7 @@ impl<R> Replica<R> {
                 self.epoch = epoch;
                 self.role = Role::Primary;
                 self.saps_ready = false;
+                self.takeover_pending = true;
                 self.peer_lost = false;
                 out.push(Action::Promote { epoch });
                 out.push(Action::Notify {
@@ -776,8 +805,14 @@ mod tests {
         assert!(a.contains(&Action::PeerLost { epoch: 1 }), "{a:?}");
         let a = run(&mut r, 15, Input::Grant { epoch: 2 });
         assert_eq!(released(&a), vec![1, 2]);
-        assert!(a.contains(&Action::KillBackup { id: 1 }), "{a:?}");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::KillBackup { .. })),
+            "{a:?}"
+        );
         assert_eq!(r.epoch(), 2);
+        // Stopped once the witness acknowledges us as the primary at the new epoch.
+        let a = run(&mut r, 16, Input::HeartbeatAck { epoch: 2, n: 1 });
+        assert!(a.contains(&Action::KillBackup { id: 1 }), "{a:?}");
     }
 
     #[test]
@@ -845,7 +880,15 @@ mod tests {
         assert_eq!(r.role(), Role::Backup);
         let a = run(&mut r, 410, Input::Grant { epoch: 2 });
         assert!(a.contains(&Action::Promote { epoch: 2 }));
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::TakeOver { .. })),
+            "{a:?}"
+        );
         assert_eq!(r.role(), Role::Primary);
+        // The old primary is stopped only once the witness confirms us at the new epoch.
+        assert!(run(&mut r, 412, Input::HeartbeatAck { epoch: 1, n: 1 }).is_empty());
+        let a = run(&mut r, 413, Input::HeartbeatAck { epoch: 2, n: 2 });
+        assert_eq!(a, vec![Action::TakeOver { epoch: 2 }]);
         assert_eq!(
             released(&run(
                 &mut r,
@@ -874,7 +917,7 @@ mod tests {
     #[test]
     fn heartbeats_echo_the_new_links_acks_only() {
         let mut r = primary_with_backup();
-        run(&mut r, 5, Input::HeartbeatAck { n: 900 });
+        run(&mut r, 5, Input::HeartbeatAck { epoch: 1, n: 900 });
         run(&mut r, 6, Input::ProxyDown);
         run(&mut r, 7, Input::ProxyUp { epoch: 1 });
         let a = run(&mut r, 8, Input::Tick);

@@ -153,9 +153,10 @@ impl<P: Clone, R> Router<P, R> {
                     // A deposed or replaced link's late answers: the requests were re-sent.
                     return;
                 }
-                if self.witness.durable().unconfirmed_from.is_some() {
-                    // The first answer from a promoted replica confirms its promotion; that must
-                    // be on disk before any of its answers is passed on.
+                if self.witness.awaits_confirmation() {
+                    // The first answer from the primary after a promotion or a dropped backup
+                    // confirms that it serves at the new epoch; that must be on disk before any
+                    // of its answers is passed on.
                     let actions = self.witness.step(now, witness::Input::Answered { link });
                     self.witness_actions(actions, out);
                 }

@@ -38,6 +38,10 @@ pub struct Durable {
     /// fails the previous holder, which still has every acknowledged write, takes the office
     /// back instead of being fenced.
     pub unconfirmed_from: Option<(String, String, u64)>,
+    /// A synchronised backup dropped so that the primary could go on alone, while the primary
+    /// has not yet shown it serves at the new epoch: if the primary fails first, this backup
+    /// still holds every acknowledged write and may be promoted.
+    pub unconfirmed_drop: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -304,10 +308,7 @@ impl Witness {
                 self.durable.synced_backup = if synced { synced_backup } else { None };
             } else if epoch < self.durable.epoch {
                 // The primary missed our last grant (it was lost with a link): say it again.
-                out.push(Action::Grant {
-                    link,
-                    epoch: self.durable.epoch,
-                });
+                self.grant_solo(link, out);
             }
         }
     }
@@ -320,10 +321,7 @@ impl Witness {
                 self.drop_backup(b, "primary lost its backup", out);
             } else {
                 // Already without a backup (it missed the grant): grant again.
-                out.push(Action::Grant {
-                    link,
-                    epoch: self.durable.epoch,
-                });
+                self.grant_solo(link, out);
             }
         } else if Some(link) == self.backup && epoch >= self.durable.epoch {
             // The backup lost its primary. It may simply notice a dead primary before we do, so
@@ -399,7 +397,12 @@ impl Witness {
             };
             self.primary_failed(p, why, out);
         }
-        if backup_lapsed && let Some(b) = self.backup {
+        // Without a primary there is nobody to go on alone: a silent backup (perhaps the only
+        // full copy) is kept, and taken back when it reconnects.
+        if backup_lapsed
+            && self.primary.is_some()
+            && let Some(b) = self.backup
+        {
             let why = if self.members.get(&b).is_some_and(|m| m.down) {
                 "connection to the backup closed"
             } else {
@@ -413,7 +416,13 @@ impl Witness {
     fn confirm(&mut self, link: LinkId) {
         if Some(link) == self.primary {
             self.durable.unconfirmed_from = None;
+            self.durable.unconfirmed_drop = None;
         }
+    }
+
+    /// Whether the witness waits for the primary at `link` to confirm its epoch.
+    pub fn awaits_confirmation(&self) -> bool {
+        self.durable.unconfirmed_from.is_some() || self.durable.unconfirmed_drop.is_some()
     }
 
     /// The promoted replica failed before it confirmed: the previous holder gets the office back.
@@ -434,7 +443,11 @@ impl Witness {
                 .as_ref()
                 .map(|(promoted, _)| promoted.clone());
             self.durable.primary = Some((h, sap));
-            self.durable.office_epoch = office;
+            // A fresh epoch for the reinstated holder: the promoted replica may have released
+            // answers at the old one (none reached us), and must never be taken back at it.
+            let _ = office;
+            self.durable.epoch += 1;
+            self.durable.office_epoch = self.durable.epoch;
         }
     }
 
@@ -518,6 +531,22 @@ impl Witness {
                     out.push(Action::Drop { link });
                     return;
                 }
+                let full_copy = [&self.durable.synced_backup, &self.durable.unconfirmed_drop]
+                    .iter()
+                    .any(|h| h.as_ref() == Some(&info.handle));
+                if full_copy && !self.is_office_holder(&info) {
+                    // A replica recorded as holding every acknowledged write (a backup whose
+                    // promotion was reverted, or that was dropped before its primary served
+                    // alone), while the office holder is away: it takes the office.
+                    self.members.insert(link, Member::new(info.clone(), now));
+                    self.take_office(
+                        link,
+                        &info,
+                        "a full copy came back while the primary is away",
+                        out,
+                    );
+                    return;
+                }
                 let holder = self.is_office_holder(&info);
                 if !(holder || epoch == 0 || epoch >= self.durable.office_epoch) {
                     // A deposed primary coming back.
@@ -598,6 +627,11 @@ impl Witness {
                     });
                     return;
                 }
+                if self.durable.unconfirmed_drop.as_ref() == Some(&info.handle) {
+                    // Dropped, but possibly still needed: come back later.
+                    out.push(Action::Drop { link });
+                    return;
+                }
                 let current = self.primary.and_then(|p| self.members.get(&p));
                 let ours = match (&primary_of_backup, current, &self.durable.primary) {
                     (Some(h), Some(m), _) => *h == m.info.handle || *h == m.info.sap,
@@ -671,12 +705,26 @@ impl Witness {
         });
         if claimed != 0 && claimed < self.durable.epoch {
             // It missed a grant (its backup was dropped, or an incomplete one fenced).
-            out.push(Action::Grant {
-                link,
-                epoch: self.durable.epoch,
-            });
+            self.grant_solo(link, out);
         }
         out.push(Action::RouteTo {
+            link,
+            epoch: self.durable.epoch,
+        });
+    }
+
+    /// Lets the primary at `link` acknowledge alone at the current epoch. A backup recorded as
+    /// holding every acknowledged write but not attached to it stops being one once the primary
+    /// confirms; until then it may still be promoted.
+    fn grant_solo(&mut self, link: LinkId, out: &mut Vec<Action>) {
+        let attached = self
+            .backup
+            .and_then(|b| self.members.get(&b))
+            .map(|m| m.info.handle.clone());
+        if self.durable.synced_backup.is_some() && self.durable.synced_backup != attached {
+            self.durable.unconfirmed_drop = self.durable.synced_backup.take();
+        }
+        out.push(Action::Grant {
             link,
             epoch: self.durable.epoch,
         });
@@ -709,6 +757,7 @@ impl Witness {
     }
 
     fn drop_backup(&mut self, b: LinkId, why: &str, out: &mut Vec<Action>) {
+        let was_synced = self.backup_synced;
         self.backup = None;
         self.backup_synced = false;
         self.durable.synced_backup = None;
@@ -718,10 +767,18 @@ impl Witness {
             .map(|m| m.info.handle)
             .unwrap_or_default();
         self.durable.epoch += 1;
-        out.push(Action::Fence {
-            link: b,
-            epoch: self.durable.epoch,
-        });
+        if was_synced && self.primary.is_some() {
+            // Until the primary shows it serves alone at the new epoch, nothing was acknowledged
+            // without this backup: if the primary fails first, the backup is still a full copy.
+            // So it is let go, not fenced (the primary stops it once it has our grant).
+            self.durable.unconfirmed_drop = Some(handle.clone());
+            out.push(Action::Drop { link: b });
+        } else {
+            out.push(Action::Fence {
+                link: b,
+                epoch: self.durable.epoch,
+            });
+        }
         if let Some(p) = self.primary {
             out.push(Action::Grant {
                 link: p,
@@ -737,8 +794,44 @@ impl Witness {
         });
     }
 
+    /// The replica at `link`, known to hold every acknowledged write, takes the office at a new
+    /// epoch (the holder it replaces may get it back until it confirms).
+    fn take_office(&mut self, link: LinkId, info: &ReplicaInfo, why: &str, out: &mut Vec<Action>) {
+        self.durable.unconfirmed_from = self
+            .durable
+            .primary
+            .clone()
+            .map(|(h, sap)| (h, sap, self.durable.office_epoch));
+        self.durable.epoch += 1;
+        self.durable.office_epoch = self.durable.epoch;
+        self.durable.primary = Some((info.handle.clone(), info.sap.clone()));
+        self.durable.synced_backup = None;
+        self.durable.unconfirmed_drop = None;
+        self.primary = Some(link);
+        out.push(Action::Welcome {
+            link,
+            role: Role::Primary,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::Grant {
+            link,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::RouteTo {
+            link,
+            epoch: self.durable.epoch,
+        });
+        out.push(Action::Notify {
+            kind: "failover",
+            detail: format!(
+                "{why}: {} takes the office at epoch {}",
+                info.handle, self.durable.epoch
+            ),
+        });
+    }
+
     /// The synchronised backup `b` takes the office at a new epoch; the failed primary `p` (if
-    /// registered) is fenced.
+    /// registered) is let go.
     fn promote(&mut self, p: Option<LinkId>, b: LinkId, why: &str, out: &mut Vec<Action>) {
         let handle = p
             .and_then(|p| self.members.remove(&p))
@@ -810,6 +903,11 @@ impl Witness {
                     });
                 }
                 self.revert(out);
+                if let Some(h) = self.durable.unconfirmed_drop.take() {
+                    // The primary failed before serving alone: the backup it lost still holds
+                    // every acknowledged write.
+                    self.durable.synced_backup = Some(h);
+                }
                 out.push(Action::NoPrimary);
                 out.push(Action::Notify {
                     kind: "primary-lost",
@@ -1113,9 +1211,22 @@ mod tests {
     fn primary_backup_cut_primary_goes_alone_backup_replaced() {
         let mut f = Fx::pair();
         let a = f.at(50, Input::PeerLost { link: 1, epoch: 1 });
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 2, .. })));
+        // A synchronised backup is let go, not fenced, until the primary confirms the new epoch.
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
         assert_eq!(f.w.backup(), None);
+        assert_eq!(f.w.durable().unconfirmed_drop.as_deref(), Some("2"));
+        // Until then it is told to come back later.
+        let a = f.at(55, hello(2, Role::Backup, 1));
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }), "{a:?}");
+        // The primary heartbeats at the new epoch: the drop is final, the old backup is refused.
+        f.at(56, hb(1, 2, false));
+        assert_eq!(f.w.durable().unconfirmed_drop, None);
+        let a = f.at(57, hello(2, Role::Backup, 1));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 2, .. })),
+            "{a:?}"
+        );
         // The backup's own complaint, arriving later at an old epoch, changes nothing.
         let a = f.at(60, Input::PeerLost { link: 2, epoch: 1 });
         assert!(!has(&a, |x| matches!(
@@ -1154,7 +1265,7 @@ mod tests {
         let mut f = Fx::pair();
         f.at(40, Input::PeerLost { link: 2, epoch: 1 });
         let a = f.at(50, Input::PeerLost { link: 1, epoch: 1 });
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 2, .. })));
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
     }
 
@@ -1163,9 +1274,47 @@ mod tests {
         let mut f = Fx::pair();
         f.at(250, hb(1, 1, true));
         let a = f.at(320, Input::Tick);
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 2, .. })));
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
         assert_eq!(f.w.primary(), Some(1));
+    }
+
+    #[test]
+    fn a_primary_that_fails_before_serving_alone_leaves_its_dropped_backup_promotable() {
+        // The backup is cut from the proxy and dropped; the primary dies before it gets the grant.
+        let mut f = Fx::pair();
+        f.at(250, hb(1, 1, true));
+        let a = f.at(320, Input::Tick);
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
+        let mut a = vec![];
+        for t in (350..=700).step_by(50) {
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert!(has(&a, |x| *x == Action::NoPrimary), "{a:?}");
+        assert_eq!(f.w.durable().synced_backup.as_deref(), Some("2"));
+        // The backup comes back (its primary is pid "1"): it is taken and promoted.
+        let a = f.at(
+            800,
+            Input::Hello {
+                link: 5,
+                role: Role::Backup,
+                epoch: 1,
+                info: info("2"),
+                primary: Some("1".into()),
+            },
+        );
+        let a2 = f.at(810, hello_hb(5, 1));
+        let a3 = f.at(820, Input::Tick);
+        let all: Vec<_> = a.into_iter().chain(a2).chain(a3).collect();
+        assert!(
+            has(&all, |x| matches!(x, Action::Grant { link: 5, .. })),
+            "{all:?}"
+        );
+    }
+
+    /// A heartbeat of a backup at `epoch` (not synced: backups never claim it).
+    fn hello_hb(link: LinkId, epoch: u64) -> Input {
+        hb(link, epoch, false)
     }
 
     #[test]

@@ -397,6 +397,7 @@ impl Replica {
                 }
             }
             Action::Promote { epoch } => self.promote(epoch),
+            Action::TakeOver { epoch } => self.take_over(epoch),
             Action::Exit { reason, save } => self.exit = Some((reason, save)),
             Action::Notify { kind, detail } => self.notify(kind, &detail),
         }
@@ -538,7 +539,9 @@ impl Replica {
                     }
                     ToServer::Fence { epoch } => self.step(Input::Fence { epoch }),
                     ToServer::Grant { epoch } => self.step(Input::Grant { epoch }),
-                    ToServer::HeartbeatAck { n, .. } => self.step(Input::HeartbeatAck { n }),
+                    ToServer::HeartbeatAck { epoch, n } => {
+                        self.step(Input::HeartbeatAck { epoch, n })
+                    }
                     ToServer::Welcome { .. } => {}
                 }
             }
@@ -738,32 +741,10 @@ impl Replica {
     }
 
     /// Backup -> primary, on the witness's grant (the state machine has already switched roles
-    /// and serves). Fencing the old primary and taking its SAPs run in the background.
+    /// and serves): stop pinging, give up BACKUP_SAP, take over the save file.
     fn promote(&mut self, epoch: u64) {
+        info!(epoch, "promoted: serving as the primary");
         self.ping_stop.cancel();
-        // Fence the old primary: SIGKILL when local (also ends a SIGSTOPped process), an
-        // authenticated terminate when remote.
-        let handle = self.args.primary_handle.clone().unwrap_or_default();
-        match handle.parse::<i32>() {
-            Ok(pid) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            Err(_) => {
-                let ep = self.dial_ep.clone();
-                let ccfg = self.client_cfg.clone();
-                let cfg = self.cfg.clone();
-                let target = handle.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = links::terminate_remote(&ep, &ccfg, &target, epoch, &cfg).await
-                    {
-                        warn!("could not send terminate to the old primary at {target}: {e}");
-                    }
-                });
-            }
-        }
         // Multi-host: roles swap hosts. This host takes the primary's ports on its own address,
         // and the next backup goes to the old primary's host.
         if self.args.shutdown_sap.ip() != self.args.backup_sap.ip() {
@@ -788,8 +769,33 @@ impl Replica {
         let _ = self
             .store
             .send(StoreMsg::SetSaveFile(self.args.save_file.clone()));
-        // Take the primary's SAPs once the old primary lets go (at once when it was killed
-        // here; a paused remote one holds them until its host's terminate lands).
+    }
+
+    /// The witness confirmed the promotion: fence the old primary (SIGKILL when local, which also
+    /// ends a SIGSTOPped process; an authenticated terminate when remote) and take its SAPs in
+    /// the background, once it lets go of them.
+    fn take_over(&mut self, epoch: u64) {
+        let handle = self.args.primary_handle.clone().unwrap_or_default();
+        match handle.parse::<i32>() {
+            Ok(pid) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(_) => {
+                let ep = self.dial_ep.clone();
+                let ccfg = self.client_cfg.clone();
+                let cfg = self.cfg.clone();
+                let target = handle.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = links::terminate_remote(&ep, &ccfg, &target, epoch, &cfg).await
+                    {
+                        warn!("could not send terminate to the old primary at {target}: {e}");
+                    }
+                });
+            }
+        }
         let id = self.id.clone();
         let params = self.params;
         let (shutdown_sap, heartbeat_sap) = (self.args.shutdown_sap, self.args.heartbeat_sap);

@@ -131,7 +131,7 @@ impl Report {
             if self.liveness_checked {
                 "checked"
             } else {
-                "exempt (the only full copy was killed, or a double fault)"
+                "exempt (the only full copy was killed, a double fault, or servers stopped after losing the proxy)"
             }
         );
         for v in &self.violations {
@@ -288,6 +288,7 @@ enum Msg {
         epoch: u64,
     },
     HbAck {
+        epoch: u64,
         n: u64,
     },
     Grant {
@@ -360,6 +361,12 @@ struct Conn {
     link: Option<LinkId>,
     /// Last delivery time per direction (0: a->b, 1: b->a) and stream, to keep streams in order.
     last: [[Millis; STREAMS]; 2],
+    /// The proxy incarnation at the time the connection was made (news of a previous
+    /// incarnation's connections never reaches a restarted proxy).
+    proxy_gen: u64,
+    /// Messages sent and delivered per direction and stream.
+    sent: [[u64; STREAMS]; 2],
+    delivered: [[u64; STREAMS]; 2],
     blocked_since: Option<Millis>,
 }
 
@@ -369,6 +376,8 @@ enum Ev {
         conn: ConnId,
         to: Addr,
         stream: usize,
+        /// Position in its stream (streams deliver in order).
+        no: u64,
         msg: Msg,
     },
     /// The other end of `conn` learns it is gone.
@@ -507,6 +516,7 @@ struct World {
     replica_kills: u32,
     only_copy_killed: bool,
     stateless_restarts: u32,
+    proxy_loss_exits: u32,
     /// (epoch, pid) of every release of a write reply.
     write_epochs: BTreeMap<u64, Pid>,
     violations: Vec<String>,
@@ -579,6 +589,7 @@ pub fn run(seed: u64, p: &SimParams, plan: &Plan) -> Report {
         replica_kills: 0,
         only_copy_killed: false,
         stateless_restarts: 0,
+        proxy_loss_exits: 0,
         write_epochs: BTreeMap::new(),
         violations: Vec::new(),
         trace: Vec::new(),
@@ -815,6 +826,9 @@ impl World {
             open: true,
             link: None,
             last: [[0; STREAMS]; 2],
+            proxy_gen: self.proxy_starts,
+            sent: [[0; STREAMS]; 2],
+            delivered: [[0; STREAMS]; 2],
             blocked_since: None,
         });
         if !self.exists(b) {
@@ -858,6 +872,7 @@ impl World {
         if !conn.open {
             return;
         }
+        let kind = conn.kind;
         let (to, dir) = if conn.a == from {
             (conn.b, 0)
         } else {
@@ -865,42 +880,42 @@ impl World {
         };
         let delay = self.rng.range(1, 4);
         let at = (self.now + delay).max(conn.last[dir][stream]);
-        self.conns[c as usize].last[dir][stream] = at;
-        let dup = stream == CONTROL && self.duplicate > 0 && !matches!(msg, Msg::Hello { .. });
+        let cn = &mut self.conns[c as usize];
+        cn.last[dir][stream] = at;
+        cn.sent[dir][stream] += 1;
+        let no = cn.sent[dir][stream];
+        // Duplicates model re-sent reports and decisions between proxy and replicas (a stream
+        // itself never duplicates nor reorders: replication updates are never duplicated).
+        let dup = stream == CONTROL
+            && kind == ConnKind::Proxy
+            && self.duplicate > 0
+            && !matches!(msg, Msg::Hello { .. });
         if dup {
             self.duplicate -= 1;
             let again = msg.clone();
             let at2 = at + self.rng.range(1, 20);
             self.conns[c as usize].last[dir][stream] = at2;
             self.at(
-                at,
-                Ev::Deliver {
-                    conn: c,
-                    to,
-                    stream,
-                    msg,
-                },
-            );
-            self.at(
                 at2,
                 Ev::Deliver {
                     conn: c,
                     to,
                     stream,
+                    no,
                     msg: again,
                 },
             );
-        } else {
-            self.at(
-                at,
-                Ev::Deliver {
-                    conn: c,
-                    to,
-                    stream,
-                    msg,
-                },
-            );
         }
+        self.at(
+            at,
+            Ev::Deliver {
+                conn: c,
+                to,
+                stream,
+                no,
+                msg,
+            },
+        );
     }
 
     fn close(&mut self, c: ConnId) {
@@ -924,6 +939,7 @@ impl World {
                 conn,
                 to,
                 stream,
+                no,
                 msg,
             } => {
                 let Some(cn) = self.conns.get(conn as usize) else {
@@ -933,20 +949,25 @@ impl World {
                     return;
                 }
                 let from = if cn.a == to { cn.b } else { cn.a };
-                if self.blocked(from, to) {
-                    // Held (retransmitted later) while the path is cut or a side is paused.
-                    let at = self.now + 20;
+                let dir = usize::from(cn.a == to);
+                // Held while the path is cut or a side is paused (retransmitted later), and
+                // never ahead of an earlier message of its stream.
+                if self.blocked(from, to) || no > cn.delivered[dir][stream] + 1 {
+                    let at = self.now + if self.blocked(from, to) { 20 } else { 1 };
                     self.at(
                         at,
                         Ev::Deliver {
                             conn,
                             to,
                             stream,
+                            no,
                             msg,
                         },
                     );
                     return;
                 }
+                let d = &mut self.conns[conn as usize].delivered[dir][stream];
+                *d = (*d).max(no);
                 self.deliver(conn, to, stream, msg);
             }
             Ev::Down { conn, to } => {
@@ -1223,6 +1244,7 @@ impl World {
             outcome: HistOutcome::Unknown,
         });
         self.clients[c as usize].inflight = Some(op);
+        self.log(|| format!("client {c}: op {op} {kv:?}"));
         self.send(conn, Addr::Client(c), RELAY, Msg::ClientReq { op, kv });
     }
 
@@ -1247,6 +1269,8 @@ impl World {
         if h.outcome != HistOutcome::Unknown {
             h.complete = Some(ns);
         }
+        let o = h.outcome.clone();
+        self.log(|| format!("client {c}: op {op} -> {o:?}"));
         let think = self.rng.range(0, 30);
         self.at(self.now + think, Ev::ClientNext(c));
     }
@@ -1270,6 +1294,7 @@ impl World {
         match to {
             Addr::Proxy => {
                 if kind == ConnKind::Proxy
+                    && self.conns[conn as usize].proxy_gen == self.proxy_starts
                     && let Some(link) = self.conns[conn as usize].link
                     && let Some(p) = self.proxy.as_mut()
                     && p.links.remove(&link).is_some()
@@ -1464,9 +1489,9 @@ impl World {
                             self.disk = Some((p.incarnation, d));
                         }
                     }
-                    W::HeartbeatAck { link, n, .. } => {
+                    W::HeartbeatAck { link, epoch, n } => {
                         if let Some(c) = self.proxy_conn(link) {
-                            self.send(c, Addr::Proxy, CONTROL, Msg::HbAck { n });
+                            self.send(c, Addr::Proxy, CONTROL, Msg::HbAck { epoch, n });
                         }
                     }
                     W::Welcome { link, epoch, .. } => {
@@ -1533,9 +1558,9 @@ impl World {
                     self.rep_step(pid, replica::Input::Grant { epoch });
                 }
             }
-            Msg::HbAck { n } => {
+            Msg::HbAck { epoch, n } => {
                 if r.proxy_conn == Some(conn) && r.welcomed {
-                    self.rep_step(pid, replica::Input::HeartbeatAck { n });
+                    self.rep_step(pid, replica::Input::HeartbeatAck { epoch, n });
                 }
             }
             Msg::Request { rid, op } => {
@@ -1581,6 +1606,17 @@ impl World {
                 reply,
             } => {
                 if r.inbound == Some(conn) {
+                    let kseq = r.kv.seq;
+                    if self.p.trace {
+                        let line = format!(
+                            "{:>6} replica {pid} update seq {seq} (have {kseq}) {change:?}",
+                            self.now
+                        );
+                        self.trace.push(line);
+                    }
+                    let Some(r) = self.reps.get_mut(&pid) else {
+                        return;
+                    };
                     if seq > r.kv.seq {
                         r.kv.apply(&change);
                         r.kv.seq = seq;
@@ -1801,8 +1837,7 @@ impl World {
                     self.kill(Addr::Rep(child), false);
                 }
             }
-            A::Promote { epoch } => {
-                let old = r.primary_handle;
+            A::Promote { .. } => {
                 if let Some(c) = r.inbound.take() {
                     self.close(c);
                 }
@@ -1814,6 +1849,9 @@ impl World {
                 if self.backup_sap == Some(pid) {
                     self.backup_sap = None;
                 }
+            }
+            A::TakeOver { epoch } => {
+                let old = r.primary_handle;
                 if let Some(old) = old.filter(|o| self.exists(Addr::Rep(*o))) {
                     if self.remote {
                         // A terminate message; a paused old primary never answers the handshake.
@@ -1827,7 +1865,14 @@ impl World {
                 }
                 self.at(self.now + 1, Ev::TakePrimarySaps { pid });
             }
-            A::Exit { .. } => self.kill(me, true),
+            A::Exit { reason, .. } => {
+                if reason == replica::ExitReason::ProxyLost {
+                    // By design (SPEC §3): a server that loses the proxy for longer than
+                    // proxy_loss_timeout saves (primary) and stops; an operator restarts it.
+                    self.proxy_loss_exits += 1;
+                }
+                self.kill(me, true)
+            }
             A::Notify { .. } => {}
         }
     }
@@ -1919,6 +1964,7 @@ impl World {
         // killed as well, that is a double fault too.)
         let liveness_checked = self.replica_kills < 2
             && !self.only_copy_killed
+            && self.proxy_loss_exits == 0
             && !(self.stateless_restarts > 0 && self.replica_kills > 0);
         let from = (last_heal.max(self.p.fault_window.1) + self.p.settle / 2) * 1_000_000;
         if liveness_checked {
@@ -1949,6 +1995,12 @@ impl World {
                     )
             })
             .count();
+        if self.p.trace
+            && let Some(px) = &self.proxy
+        {
+            let w = px.router.witness();
+            self.trace.push(format!("end: witness {w:?}"));
+        }
         let end_epoch = self
             .proxy
             .as_ref()
