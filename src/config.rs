@@ -79,7 +79,8 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// Pause between attempts to (re)start a backup, doubled at each failed attempt.
     pub backup_retry_backoff_ms: u64,
-    /// Attempts to start a backup before the primary saves and shuts down.
+    /// Doublings of the backup retry pause (after this many failed attempts in a row it stops
+    /// growing); the primary serves alone and keeps retrying.
     pub backup_start_retries: u32,
     /// How long a new backup may take to start, connect and synchronise.
     pub backup_sync_timeout_ms: u64,
