@@ -7,7 +7,11 @@
 use tuplespace::sim::{self, Fault, Plan, Report, SimParams, Target};
 
 fn scripted(seed: u64, faults: Vec<(u64, Fault)>, remote: bool) -> Report {
-    let r = sim::run(seed, &SimParams::default(), &Plan::Scripted { faults, remote });
+    let r = sim::run(
+        seed,
+        &SimParams::default(),
+        &Plan::Scripted { faults, remote },
+    );
     assert!(
         r.ok(),
         "{}\nreplay with the trace: a test calling sim::run with SimParams {{ trace: true, .. }}",
@@ -189,4 +193,29 @@ fn proxy_restart_without_state_file() {
         )],
         false,
     );
+}
+
+/// Found by the simulator (seed 565667 of the first million): the primary killed while cut from
+/// the proxy one way, the proxy paused right after granting the backup the office. The backup,
+/// which never heard the grant, comes back as a backup: it is the office holder all the same.
+#[test]
+fn the_office_holder_that_missed_its_grant_comes_back_as_a_backup() {
+    let r = scripted(
+        565_667,
+        vec![
+            (
+                2197,
+                Fault::Cut {
+                    a: Target::Primary,
+                    b: Target::Proxy,
+                    one_way: true,
+                    ms: 1538,
+                },
+            ),
+            (2434, Fault::Kill(Target::Primary)),
+            (2476, Fault::Pause(Target::Proxy, 1053)),
+        ],
+        false,
+    );
+    assert!(r.liveness_checked, "{}", r.describe());
 }

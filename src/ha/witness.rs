@@ -607,9 +607,13 @@ impl Witness {
                         self.drop_backup(b, "backup replaced by a new one", out);
                     }
                 }
-                if self.primary.is_none() && self.is_office_holder(&info) {
+                if self.is_office_holder(&info) {
                     // We granted it the office and it never heard (we restarted, or the link
-                    // was cut): it is the primary.
+                    // was cut): it is the primary, on this new link.
+                    if let Some(old) = self.primary.take() {
+                        self.members.remove(&old);
+                        out.push(Action::Drop { link: old });
+                    }
                     self.members.insert(link, Member::new(info.clone(), now));
                     self.primary = Some(link);
                     out.push(Action::Welcome {
