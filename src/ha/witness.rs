@@ -616,19 +616,7 @@ impl Witness {
                     }
                     self.members.insert(link, Member::new(info.clone(), now));
                     self.primary = Some(link);
-                    out.push(Action::Welcome {
-                        link,
-                        role: Role::Primary,
-                        epoch: self.durable.epoch,
-                    });
-                    out.push(Action::Grant {
-                        link,
-                        epoch: self.durable.epoch,
-                    });
-                    out.push(Action::RouteTo {
-                        link,
-                        epoch: self.durable.epoch,
-                    });
+                    self.seat_primary(link, out);
                     return;
                 }
                 if self.durable.unconfirmed_drop.as_ref() == Some(&info.handle) {
@@ -798,6 +786,19 @@ impl Witness {
         });
     }
 
+    /// Tells the replica at `link` it is the primary at the current epoch, lets it serve, and
+    /// routes requests to it.
+    fn seat_primary(&self, link: LinkId, out: &mut Vec<Action>) {
+        let epoch = self.durable.epoch;
+        out.push(Action::Welcome {
+            link,
+            role: Role::Primary,
+            epoch,
+        });
+        out.push(Action::Grant { link, epoch });
+        out.push(Action::RouteTo { link, epoch });
+    }
+
     /// The replica at `link`, known to hold every acknowledged write, takes the office at a new
     /// epoch (the holder it replaces may get it back until it confirms).
     fn take_office(&mut self, link: LinkId, info: &ReplicaInfo, why: &str, out: &mut Vec<Action>) {
@@ -812,19 +813,7 @@ impl Witness {
         self.durable.synced_backup = None;
         self.durable.unconfirmed_drop = None;
         self.primary = Some(link);
-        out.push(Action::Welcome {
-            link,
-            role: Role::Primary,
-            epoch: self.durable.epoch,
-        });
-        out.push(Action::Grant {
-            link,
-            epoch: self.durable.epoch,
-        });
-        out.push(Action::RouteTo {
-            link,
-            epoch: self.durable.epoch,
-        });
+        self.seat_primary(link, out);
         out.push(Action::Notify {
             kind: "failover",
             detail: format!(
