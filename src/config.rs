@@ -100,6 +100,26 @@ pub struct Config {
     /// its incarnation for request ids). Without it a restarted proxy cannot recognise a deposed
     /// primary. `up` puts it next to the save file.
     pub proxy_state_file: Option<PathBuf>,
+    /// A proxy started without a state file waits this long (or until a primary and a backup
+    /// have said hello) to learn the replicas' epochs before it accepts a primary, so that it
+    /// never seats a deposed one.
+    pub proxy_fresh_wait_ms: u64,
+
+    // ---- durability ----
+    /// Where replicas keep their logs and snapshots (one `replica-*` directory per process).
+    /// Empty = `<SAVE_FILE>.d`; with neither, a replica keeps the space in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// When the log is synced: "always" (before a write is acknowledged; survives a power cut),
+    /// "interval" (every `fsync_interval_ms`), "never" (the OS decides; survives a process crash).
+    pub fsync: crate::durable::FsyncPolicy,
+    /// Sync period of the "interval" policy.
+    pub fsync_interval_ms: u64,
+    /// A snapshot is written (and the log truncated) after this many logged changes (0 = never).
+    pub snapshot_every_changes: u64,
+    /// ... or after this many bytes of log (0 = never).
+    pub snapshot_every_bytes: u64,
+    /// Log records queued for the log writer before the store waits for it (back-pressure).
+    pub wal_queue_records: usize,
 }
 
 impl Default for Config {
@@ -133,6 +153,13 @@ impl Default for Config {
             notify_command: None,
             backup_launch_command: None,
             proxy_state_file: None,
+            proxy_fresh_wait_ms: 10_000,
+            data_dir: None,
+            fsync: crate::durable::FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            snapshot_every_changes: 1_000_000,
+            snapshot_every_bytes: 256 << 20,
+            wal_queue_records: 65_536,
         }
     }
 }
@@ -218,6 +245,12 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
         ];
+        if self.fsync_interval_ms == 0 {
+            return bad("fsync_interval_ms", "must be greater than 0");
+        }
+        if self.wal_queue_records == 0 {
+            return bad("wal_queue_records", "must be greater than 0");
+        }
         for (key, v) in positive {
             if v == 0 {
                 return bad(key, "must be greater than 0");

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod ha;
 pub mod nemesis;
 pub mod net;

@@ -659,7 +659,8 @@ pub async fn run(
     // A primary alive through our restart reconnects once its link to the previous proxy times
     // out: that long it keeps the office before its synchronised backup is promoted instead.
     let grace = cfg.node_idle_timeout_ms + cfg.heartbeat_timeout_ms;
-    let witness = Witness::restore(cfg.heartbeat_timeout_ms, grace, durable);
+    let witness = Witness::restore(cfg.heartbeat_timeout_ms, grace, durable)
+        .learning(cfg.proxy_fresh_wait_ms);
     let router = Router {
         cfg: cfg.clone(),
         machine: router::Router::new(witness, incarnation, cfg.request_timeout_ms),

@@ -36,6 +36,8 @@ pub enum ExitReason {
     ProxyLost,
     /// Deposed or refused by the witness, or terminated by a newer primary.
     Fenced,
+    /// The log could not be written or synced: nothing more can be made durable here.
+    StorageFailed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +76,16 @@ pub enum Input<R> {
     Read {
         after_seq: u64,
         reply: R,
+    },
+    /// The local log holds every record up to update `seq` and epoch `epoch` (per the fsync
+    /// policy). Only with a log (see [`Replica::with_log`]).
+    LogDurable {
+        epoch: u64,
+        seq: u64,
+    },
+    /// The local log failed (write or sync error).
+    StorageFailed {
+        why: String,
     },
     // ---- primary side ----
     BackupConnected {
@@ -223,6 +235,10 @@ pub struct Replica<R> {
     committed: u64,
     solo_hw: u64,
     release: VecDeque<(u64, R)>,
+    /// With a local log: the epoch and update it holds durably. A primary releases a reply only
+    /// once its own log holds what the reply depends on, and heartbeats as the primary of an
+    /// epoch only once its log records that epoch (so a confirmed promotion survives a power cut).
+    log: Option<(u64, u64)>,
     // backup side
     last_pong: Millis,
     peer_lost: bool,
@@ -256,9 +272,26 @@ impl<R> Replica<R> {
             committed: 0,
             solo_hw: 0,
             release: VecDeque::new(),
+            log: None,
             last_pong: now,
             peer_lost: false,
         }
+    }
+
+    /// A replica with a local log that recovered a copy at `epoch` and update `seq` (0, 0 for a
+    /// new one): it claims that epoch when it says hello, and its updates continue from `seq`.
+    pub fn with_log(mut self, epoch: u64, seq: u64) -> Self {
+        self.log = Some((epoch, seq));
+        self.epoch = epoch;
+        self.latest_seq = seq;
+        self.committed = seq;
+        self.solo_hw = seq;
+        self
+    }
+
+    /// True when the local log holds this replica's current epoch (or there is no log).
+    fn epoch_durable(&self) -> bool {
+        self.log.is_none_or(|(e, _)| e >= self.epoch)
     }
 
     pub fn role(&self) -> Role {
@@ -409,6 +442,20 @@ impl<R> Replica<R> {
                 }
                 self.release.push_back((after_seq, reply));
                 self.release_committed(out);
+            }
+            Input::LogDurable { epoch, seq } => {
+                if let Some((e, s)) = &mut self.log {
+                    *e = (*e).max(epoch);
+                    *s = (*s).max(seq);
+                }
+                self.release_committed(out);
+            }
+            Input::StorageFailed { why } => {
+                out.push(Action::Notify {
+                    kind: "storage-failed",
+                    detail: format!("{why}: stopping (nothing more can be made durable here)"),
+                });
+                self.exit(ExitReason::StorageFailed, false, out);
             }
             Input::BackupConnected { id } => {
                 if self.starting == Some(id) {
@@ -584,11 +631,12 @@ impl<R> Replica<R> {
     }
 
     fn release_committed(&mut self, out: &mut Vec<Action<R>>) {
-        while self
-            .release
-            .front()
-            .is_some_and(|(need, _)| *need <= self.committed)
-        {
+        let limit = match self.log {
+            None => self.committed,
+            Some(_) if self.role == Role::Primary && !self.epoch_durable() => return,
+            Some((_, s)) => self.committed.min(s),
+        };
+        while self.release.front().is_some_and(|(need, _)| *need <= limit) {
             if let Some((_, r)) = self.release.pop_front() {
                 out.push(Action::Release(r));
             }
@@ -641,7 +689,8 @@ impl<R> Replica<R> {
             self.exit(ExitReason::ProxyLost, save, out);
             return;
         }
-        if self.proxy_up {
+        // A primary speaks for an epoch only once its log records it.
+        if self.proxy_up && (self.role == Role::Backup || self.epoch_durable()) {
             out.push(Action::Heartbeat {
                 epoch: self.epoch,
                 synced_backup: if self.role == Role::Primary {

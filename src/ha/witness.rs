@@ -144,6 +144,19 @@ pub struct Witness {
     restart_grace: Millis,
     started: Option<Millis>,
     last_tick: Option<Millis>,
+    /// A proxy without durable state learning the replicas' epochs before it seats a primary.
+    learning: Option<Learning>,
+}
+
+/// What a fresh witness has heard while it learns (see [`Witness::learning`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Learning {
+    wait: Millis,
+    /// Set by the first hello that claims an epoch (evidence of a history).
+    until: Option<Millis>,
+    max_claim: u64,
+    saw_primary: bool,
+    saw_backup: bool,
 }
 
 impl Witness {
@@ -166,6 +179,90 @@ impl Witness {
             restart_grace,
             started: None,
             last_tick: None,
+            learning: None,
+        }
+    }
+
+    /// A witness with no durable state (a proxy on a new host, or without its state file) that
+    /// hears a replica claim an epoch waits up to `wait` (or until a primary and a backup have
+    /// both said hello) and then seats only a primary of the highest epoch it heard, so that it
+    /// never seats a deposed one. A first primary of epoch 0 (a new deployment) is seated at once.
+    pub fn learning(mut self, wait: Millis) -> Self {
+        if self.durable == Durable::default() && wait > 0 {
+            self.learning = Some(Learning {
+                wait,
+                until: None,
+                max_claim: 0,
+                saw_primary: false,
+                saw_backup: false,
+            });
+        }
+        self
+    }
+
+    /// Ends learning: epochs below the highest claimed are deposed from now on.
+    fn end_learning(&mut self, out: &mut Vec<Action>) {
+        if let Some(l) = self.learning.take()
+            && l.max_claim > 0
+        {
+            self.durable.epoch = self.durable.epoch.max(l.max_claim);
+            self.durable.office_epoch = self.durable.office_epoch.max(l.max_claim);
+            out.push(Action::Notify {
+                kind: "epochs-learned",
+                detail: format!(
+                    "no durable state: the highest epoch the replicas claimed is {}; older primaries are refused",
+                    l.max_claim
+                ),
+            });
+        }
+    }
+
+    /// While learning, whether this hello must wait (it is dropped, and retried by the replica).
+    fn still_learning(
+        &mut self,
+        now: Millis,
+        role: Role,
+        epoch: u64,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(l) = &mut self.learning else {
+            return false;
+        };
+        if role == Role::Primary && epoch == 0 && l.until.is_none() {
+            // A new deployment: nothing to learn.
+            self.learning = None;
+            return false;
+        }
+        if l.until.is_none() {
+            l.until = Some(now + l.wait);
+            out.push(Action::Notify {
+                kind: "learning-epochs",
+                detail: format!(
+                    "no durable state and a replica claims epoch {epoch}: waiting up to {} ms for the primary and its backup before seating a primary",
+                    l.wait
+                ),
+            });
+        }
+        l.max_claim = l.max_claim.max(epoch);
+        match role {
+            Role::Primary => l.saw_primary = true,
+            Role::Backup => l.saw_backup = true,
+        }
+        let done = (l.saw_primary && l.saw_backup) || l.until.is_some_and(|u| now >= u);
+        if done {
+            self.end_learning(out);
+            return false;
+        }
+        true
+    }
+
+    /// The office epoch a returning primary must have reached. During an unconfirmed promotion
+    /// nothing was acknowledged at the new epoch, so a copy of the previous office epoch holds
+    /// every acknowledged write.
+    fn effective_office_epoch(&self) -> u64 {
+        match &self.durable.unconfirmed_from {
+            Some((_, _, e)) => *e,
+            None => self.durable.office_epoch,
         }
     }
 
@@ -343,6 +440,13 @@ impl Witness {
             .last_tick
             .is_some_and(|t| now.saturating_sub(t) > self.heartbeat_timeout / 2);
         self.last_tick = Some(now);
+        if self
+            .learning
+            .as_ref()
+            .is_some_and(|l| l.until.is_some_and(|u| now >= u))
+        {
+            self.end_learning(out);
+        }
         if stalled {
             for m in self.members.values_mut() {
                 m.last_heard = now;
@@ -496,6 +600,10 @@ impl Witness {
         primary_of_backup: Option<String>,
         out: &mut Vec<Action>,
     ) {
+        if self.still_learning(now, role, epoch, out) {
+            out.push(Action::Drop { link });
+            return;
+        }
         let handle_of = |w: &Witness, l: Option<LinkId>| {
             l.and_then(|l| w.members.get(&l).map(|m| (l, m.info.handle.clone())))
         };
@@ -548,7 +656,7 @@ impl Witness {
                     return;
                 }
                 let holder = self.is_office_holder(&info);
-                if !(holder || epoch == 0 || epoch >= self.durable.office_epoch) {
+                if !(holder || epoch == 0 || epoch >= self.effective_office_epoch()) {
                     // A deposed primary coming back.
                     self.refuse(link, &info, "primary", epoch, "it was deposed", out);
                     return;
@@ -1347,5 +1455,95 @@ mod tests {
         let a = f.at(20, hello(2, Role::Primary, 1));
         assert!(has(&a, |x| matches!(x, Action::RouteTo { link: 2, .. })));
         assert_eq!(f.w.epoch(), 1);
+    }
+
+    #[test]
+    fn a_witness_without_state_learns_epochs_before_seating_a_primary() {
+        // A new deployment (first primary at epoch 0) is seated at once.
+        let mut w = Witness::new(HB).learning(1000);
+        let a = w.step(0, hello(1, Role::Primary, 0));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 1, .. })),
+            "{a:?}"
+        );
+
+        // A proxy on a new host: a deposed primary (epoch 3) says hello first and must wait;
+        // the current primary (epoch 4) and its backup come; the deposed one is then refused.
+        let mut w = Witness::new(HB).learning(1000);
+        let a = w.step(0, hello(1, Role::Primary, 3));
+        assert!(has(&a, |x| *x == Action::Drop { link: 1 }), "{a:?}");
+        let a = w.step(10, hello(2, Role::Primary, 4));
+        assert!(has(&a, |x| *x == Action::Drop { link: 2 }), "{a:?}");
+        let a = w.step(20, hello(3, Role::Backup, 4));
+        assert!(
+            has(
+                &a,
+                |x| matches!(x, Action::Persist(d) if d.office_epoch == 4)
+            ),
+            "{a:?}"
+        );
+        let a = w.step(30, hello(4, Role::Primary, 3));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 4, .. })),
+            "{a:?}"
+        );
+        let a = w.step(40, hello(5, Role::Primary, 4));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 5, .. })),
+            "{a:?}"
+        );
+
+        // Alone, a recovered primary is seated once the wait is over.
+        let mut w = Witness::new(HB).learning(1000);
+        assert!(has(&w.step(0, hello(1, Role::Primary, 2)), |x| *x
+            == Action::Drop { link: 1 }));
+        w.step(500, Input::Tick);
+        w.step(1001, Input::Tick);
+        let a = w.step(1010, hello(2, Role::Primary, 2));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 2, epoch: 2 })),
+            "{a:?}"
+        );
+        // A witness with durable state never learns.
+        let d = Durable {
+            epoch: 5,
+            office_epoch: 5,
+            ..Durable::default()
+        };
+        let mut w = Witness::restore(HB, HB, d).learning(1000);
+        let a = w.step(0, hello(1, Role::Primary, 5));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 1, .. })),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn during_an_unconfirmed_promotion_a_copy_of_the_previous_office_epoch_may_serve() {
+        // The proxy restarted while the promotion of "b" at epoch 3 was unconfirmed; after a
+        // power cut both come back with new handles, the newest copy still at epoch 2.
+        let d = Durable {
+            epoch: 3,
+            office_epoch: 3,
+            primary: Some(("b".into(), "sap-b".into())),
+            synced_backup: None,
+            unconfirmed_from: Some(("a".into(), "sap-a".into(), 2)),
+            unconfirmed_drop: None,
+        };
+        let mut w = Witness::restore(HB, HB, d.clone());
+        let a = w.step(0, hello(7, Role::Primary, 2));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 7, .. })),
+            "{a:?}"
+        );
+        // Once confirmed, an epoch-2 copy is deposed.
+        let mut d2 = d;
+        d2.unconfirmed_from = None;
+        let mut w = Witness::restore(HB, HB, d2);
+        let a = w.step(0, hello(7, Role::Primary, 2));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 7, .. })),
+            "{a:?}"
+        );
     }
 }

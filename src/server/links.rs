@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::store::{SpaceCopy, StoreMsg};
 use crate::config::Config;
+use crate::durable::wal::Durable;
 use crate::ha::replica::BackupId;
 use crate::net::endpoint;
 use crate::net::stream::{FramedRecv, FramedSend};
@@ -45,6 +46,8 @@ pub enum Event {
     PrimaryStop,
     ReplicationDown,
     Terminate(u64),
+    /// The log writer failed.
+    StorageFailed(String),
 }
 
 /// Primary side: a connected backup.
@@ -324,6 +327,7 @@ pub async fn serve_replication(
     store: std::sync::mpsc::Sender<StoreMsg>,
     min_epoch: Arc<AtomicU64>,
     handle: String,
+    durable: Option<watch::Receiver<Durable>>,
     events: Events,
 ) {
     while let Some(incoming) = ep.accept().await {
@@ -337,7 +341,7 @@ pub async fn serve_replication(
         let Ok((send, recv)) = conn.accept_bi().await else {
             continue;
         };
-        let mut out = FramedSend::new(send);
+        let out = FramedSend::new(send);
         let mut input = FramedRecv::new(
             recv,
             2 * cfg.max_response_bytes + 2 * cfg.max_request_bytes + SNAPSHOT_CHUNK_BYTES * 2,
@@ -357,6 +361,8 @@ pub async fn serve_replication(
             },
             _ => continue,
         }
+        let (acks, need) = mpsc::unbounded_channel::<AckNeed>();
+        let acker = tokio::spawn(acknowledge(out, need, durable.clone(), handle.clone()));
         let mut first_chunk = true;
         'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
             let mut last = None;
@@ -377,10 +383,7 @@ pub async fn serve_replication(
                             });
                         }
                         let _ = store.send(StoreMsg::Synced { seq, dedupe });
-                        out.queue(&ReplAck::Synced {
-                            seq,
-                            handle: handle.clone(),
-                        });
+                        let _ = acks.send(AckNeed::Synced(seq));
                     }
                     Ok(Repl::Update {
                         seq,
@@ -408,15 +411,85 @@ pub async fn serve_replication(
                 }
             }
             if let Some(seq) = last {
-                // Acknowledged once in this process's memory, in order: the backup holds it.
-                out.queue(&ReplAck::Ack { seq });
+                let _ = acks.send(AckNeed::Upto(seq));
             }
-            if out.flush().await.is_err() {
+            if acker.is_finished() {
                 break;
             }
         }
+        drop(acks);
+        let _ = acker.await;
         let _ = events.send(Event::ReplicationDown);
     }
+}
+
+/// What the backup owes the primary an acknowledgement for.
+enum AckNeed {
+    /// The initial copy up to this update.
+    Synced(u64),
+    /// Updates up to this one.
+    Upto(u64),
+}
+
+/// Backup side: acknowledges the initial copy and the updates once this replica holds them: in
+/// its log (per the fsync policy) when it keeps one, else once queued to its store in order.
+/// Ends when the reader is done (or the stream fails).
+async fn acknowledge(
+    mut out: FramedSend,
+    mut need: mpsc::UnboundedReceiver<AckNeed>,
+    mut durable: Option<watch::Receiver<Durable>>,
+    handle: String,
+) {
+    let mut synced: Option<u64> = None;
+    let mut want = 0u64;
+    let mut acked = 0u64;
+    let mut open = true;
+    while open {
+        tokio::select! {
+            n = need.recv() => match n {
+                Some(AckNeed::Synced(seq)) => synced = Some(seq),
+                Some(AckNeed::Upto(seq)) => want = want.max(seq),
+                None => open = false,
+            },
+            Ok(()) = async {
+                match &mut durable {
+                    Some(d) => d.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        while let Ok(n) = need.try_recv() {
+            match n {
+                AckNeed::Synced(seq) => synced = Some(seq),
+                AckNeed::Upto(seq) => want = want.max(seq),
+            }
+        }
+        let held = durable.as_ref().map(|d| *d.borrow());
+        if let Some(seq) = synced {
+            if held.is_some_and(|d| !d.base || d.pos.seq < seq) {
+                continue;
+            }
+            synced = None;
+            acked = acked.max(seq);
+            out.queue(&ReplAck::Synced {
+                seq,
+                handle: handle.clone(),
+            });
+        }
+        let upto = match held {
+            Some(d) => want.min(d.pos.seq),
+            None => want,
+        };
+        if upto > acked {
+            acked = upto;
+            out.queue(&ReplAck::Ack { seq: upto });
+        }
+        if out.flush().await.is_err() {
+            return;
+        }
+    }
+    // The reader ended: say what is held before the stream closes.
+    let _ = out.flush().await;
 }
 
 /// Backup side: pings the primary's HEARTBEAT_SAP; each pong is an event. Reconnects until

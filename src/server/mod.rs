@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::durable::wal::{self, Durable, WalHooks, WalOptions};
+use crate::durable::{self as dur, Position, recover};
 use crate::ha::Millis;
 use crate::ha::replica::{self, Action, BackupId, Input, Timing};
 use crate::net::endpoint::{self, LinkParams, NetError};
@@ -34,7 +36,7 @@ use crate::wire::node::{RelayReply, Repl, ReplicaInfo, Role, ToProxy, ToServer};
 
 pub use args::ServerArgs;
 use links::{BackupLink, ConnectOutcome, Event, ProxyLink};
-use store::{StoreMsg, StoreOut, StoreStats};
+use store::{StoreInit, StoreMsg, StoreOut, StoreStats};
 
 /// Errors that stop a server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ pub enum ServerError {
     Init(#[from] space::SnapshotError),
     #[error("cannot start the store thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Durable(#[from] crate::durable::DurableError),
 }
 
 /// How a server run ended.
@@ -82,6 +86,21 @@ struct Replica {
     shutdown_from_proxy: bool,
     /// True once this replica is the primary: relayed requests reach the store only then.
     serving: tokio::sync::watch::Sender<bool>,
+    /// What the local log holds durably (None: no log).
+    durable: Option<tokio::sync::watch::Receiver<Durable>>,
+    /// The highest epoch handed to the store (and so to the log).
+    logged_epoch: u64,
+    /// This replica's directory under the data root, its lock, and the root.
+    data: Option<DataDir>,
+}
+
+/// A replica's own directory under the data root, locked while the process lives.
+struct DataDir {
+    root: PathBuf,
+    dir: PathBuf,
+    _lock: std::fs::File,
+    /// Superseded copies have been removed (done once this copy is complete and durable).
+    tidied: bool,
 }
 
 fn bind(
@@ -189,13 +208,16 @@ pub async fn run(
     {
         info!(sap = %ep.local_addr().map(|a| a.to_string()).unwrap_or_default(), ?role, "server listening");
     }
-    let space = match &args.init_file {
-        Some(path) => {
-            let s = space::load_snapshot(path, &cfg.tuple_limits())?;
-            info!(file = %path.display(), pairs = s.len(), "loaded init file");
-            s
-        }
-        None => Space::new(),
+    let (ev_tx2, dur_tx, mut dur_rx) = {
+        let (t, r) = tokio::sync::watch::channel(Durable::default());
+        (ev_tx.clone(), t, r)
+    };
+    let start = {
+        let args = args.clone();
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_data(&args, &cfg, role))
+            .await
+            .map_err(|e| ServerError::Thread(std::io::Error::other(e)))??
     };
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<StoreOut>();
     let stats = StoreStats::default();
@@ -204,9 +226,55 @@ pub async fn run(
     } else {
         None
     };
-    let (store_tx, store_thread) =
-        store::spawn(space, cfg.clone(), save_file, out_tx, stats.clone())
-            .map_err(ServerError::Thread)?;
+    let mut wal_thread = None;
+    let (wal, data, log_base, durable) = match start.data {
+        Some((dir, lock, root, last_segment, held)) => {
+            dur_tx.send_replace(held);
+            let (w, h) = wal::spawn(
+                dir.clone(),
+                last_segment,
+                held,
+                WalOptions::from_config(&cfg),
+                WalHooks {
+                    on_durable: Box::new(move |d| {
+                        dur_tx.send_replace(d);
+                    }),
+                    on_error: Box::new(move |e| {
+                        let _ = ev_tx2.send(Event::StorageFailed(e));
+                    }),
+                },
+            )?;
+            wal_thread = Some(h);
+            let data = DataDir {
+                root,
+                dir,
+                _lock: lock,
+                tidied: false,
+            };
+            (
+                Some(w),
+                Some(data),
+                !held.base && role == Role::Primary,
+                Some(dur_rx.clone()),
+            )
+        }
+        None => (None, None, false, None),
+    };
+    let (store_tx, store_thread) = store::spawn(
+        StoreInit {
+            space: start.space,
+            seq: start.pos.seq,
+            epoch: start.pos.epoch,
+            dedupe: start.dedupe,
+            wal,
+            log_base,
+        },
+        cfg.clone(),
+        save_file,
+        out_tx,
+        stats.clone(),
+    )
+    .map_err(ServerError::Thread)?;
 
     let client_cfg =
         endpoint::client_config(&id, NODE_ALPN, &params).map_err(|source| ServerError::Net {
@@ -237,7 +305,11 @@ pub async fn run(
         store: store_tx.clone(),
         stats,
         events: ev_tx.clone(),
-        machine: replica::Replica::new(role, timing(&cfg), 0),
+        machine: match &durable {
+            Some(_) => replica::Replica::new(role, timing(&cfg), 0)
+                .with_log(start.pos.epoch, start.pos.seq),
+            None => replica::Replica::new(role, timing(&cfg), 0),
+        },
         origin,
         actions: Vec::new(),
         epoch: Arc::new(AtomicU64::new(0)),
@@ -253,6 +325,9 @@ pub async fn run(
         exit: None,
         shutdown_from_proxy: false,
         serving: tokio::sync::watch::Sender::new(role == Role::Primary),
+        durable,
+        logged_epoch: start.pos.epoch,
+        data,
     };
     r.start_listeners();
     let mut hb = tokio::time::interval(cfg.heartbeat_interval());
@@ -268,6 +343,10 @@ pub async fn run(
                 while let Ok(o) = out_rx.try_recv() { r.on_store(o); }
             }
             Some(ev) = ev_rx.recv() => r.on_event(ev),
+            Ok(()) = dur_rx.changed(), if r.durable.is_some() => {
+                let d = *dur_rx.borrow_and_update();
+                r.on_durable(d);
+            }
             _ = hb.tick() => r.step(Input::Tick),
             _ = stop.cancelled() => {
                 let save = r.machine.role() == Role::Primary;
@@ -298,7 +377,14 @@ pub async fn run(
     }
     r.ping_stop.cancel();
     let _ = store_tx.send(StoreMsg::Stop);
-    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = store_thread.join();
+        // The store's last flush is done; the writer ends when the store's sender is gone.
+        if let Some(h) = wal_thread {
+            let _ = h.join();
+        }
+    })
+    .await;
     for ep in [&r.control_ep, &r.heartbeat_ep, &r.backup_ep]
         .into_iter()
         .flatten()
@@ -313,6 +399,28 @@ pub async fn run(
 }
 
 impl Replica {
+    /// The log holds more: releases may follow; once this copy is complete and durable, copies
+    /// it supersedes on this host are removed (in the background).
+    fn on_durable(&mut self, d: Durable) {
+        self.step(Input::LogDurable {
+            epoch: d.pos.epoch,
+            seq: d.pos.seq,
+        });
+        if let Some(data) = &mut self.data
+            && d.base
+            && !data.tidied
+        {
+            data.tidied = true;
+            let (root, dir) = (data.root.clone(), data.dir.clone());
+            let max_frame = dur::max_frame(&self.cfg);
+            tokio::task::spawn_blocking(move || {
+                for gone in recover::remove_superseded(&root, &dir, d.pos, max_frame) {
+                    info!(dir = %gone.display(), "removed a copy superseded by this one");
+                }
+            });
+        }
+    }
+
     fn now(&self) -> Millis {
         self.origin.elapsed().as_millis() as Millis
     }
@@ -328,6 +436,10 @@ impl Replica {
         let mut actions = std::mem::take(&mut self.actions);
         self.machine.step(now, input, &mut actions);
         self.epoch.store(self.machine.epoch(), Ordering::Relaxed);
+        if self.machine.epoch() > self.logged_epoch {
+            self.logged_epoch = self.machine.epoch();
+            let _ = self.store.send(StoreMsg::Epoch(self.logged_epoch));
+        }
         self.serving
             .send_if_modified(|s| std::mem::replace(s, self.machine.role() == Role::Primary) != *s);
         for a in actions.drain(..) {
@@ -418,6 +530,7 @@ impl Replica {
                 self.store.clone(),
                 self.epoch.clone(),
                 self.info.handle.clone(),
+                self.durable.clone(),
                 self.events.clone(),
             ));
             tokio::spawn(links::ping_primary(
@@ -546,6 +659,10 @@ impl Replica {
                 }
             }
             Event::Terminate(epoch) => self.step(Input::Terminate { epoch }),
+            Event::StorageFailed(why) => {
+                error!("{why}");
+                self.step(Input::StorageFailed { why });
+            }
             Event::Ping => self.step(Input::Ping),
             Event::Pong => self.step(Input::Pong),
             Event::PrimaryStop => {
@@ -853,6 +970,98 @@ impl Replica {
                 error!(file = %path.display(), "saving did not finish within shutdown_timeout_ms");
                 false
             }
+        }
+    }
+}
+
+/// What a replica starts from.
+struct Start {
+    space: Space,
+    pos: Position,
+    dedupe: Vec<(u64, crate::wire::node::Reply)>,
+    /// Its directory, lock, data root, last log segment, and what the log already holds.
+    data: Option<(PathBuf, std::fs::File, PathBuf, Option<u64>, Durable)>,
+}
+
+/// Finds this replica's starting state. A primary recovers the most advanced complete copy under
+/// its data root (or under INIT_FILE when that is a directory) and goes on in that copy's
+/// directory; with none, it loads INIT_FILE (a save file) if given and starts a new directory.
+/// A backup always starts a new, empty directory (its primary sends it the space).
+fn open_data(args: &ServerArgs, cfg: &Config, role: Role) -> Result<Start, ServerError> {
+    let limits = cfg.tuple_limits();
+    let load_init = |path: &Path| -> Result<Space, ServerError> {
+        let s = space::load_snapshot(path, &limits)?;
+        info!(file = %path.display(), pairs = s.len(), "loaded init file");
+        Ok(s)
+    };
+    let Some(root) = dur::data_root(cfg, args.save_file.as_deref()) else {
+        warn!(
+            "no SAVE_FILE and no data_dir: this replica keeps the space in memory only; a crash of both replicas loses it"
+        );
+        let space = match (&args.init_file, role) {
+            (Some(p), Role::Primary) => load_init(p)?,
+            _ => Space::new(),
+        };
+        return Ok(Start {
+            space,
+            pos: Position::default(),
+            dedupe: Vec::new(),
+            data: None,
+        });
+    };
+    let new_dir = |space: Space| -> Result<Start, ServerError> {
+        let (dir, lock) = recover::create_dir(&root)?;
+        info!(dir = %dir.display(), policy = ?cfg.fsync, "new replica directory");
+        Ok(Start {
+            space,
+            pos: Position::default(),
+            dedupe: Vec::new(),
+            data: Some((dir, lock, root.clone(), None, Durable::default())),
+        })
+    };
+    if role == Role::Backup {
+        return new_dir(Space::new());
+    }
+    let init_dir = args.init_file.as_ref().filter(|p| p.is_dir());
+    let search = init_dir.cloned().unwrap_or_else(|| root.clone());
+    let started = std::time::Instant::now();
+    match recover::recover(&search, dur::max_frame(cfg), store::MAX_DEDUPE)? {
+        Some(rec) => {
+            let c = rec.copy;
+            info!(
+                dir = %c.dir.display(),
+                position = %c.pos,
+                pairs = c.space.len(),
+                from_snapshot = c.from_snapshot,
+                replayed = c.replayed,
+                ms = started.elapsed().as_millis() as u64,
+                "recovered the most advanced copy"
+            );
+            if let Some(init) = args.init_file.as_ref().filter(|p| !p.is_dir()) {
+                info!(
+                    init = %init.display(),
+                    "INIT_FILE not loaded: the data directory holds a copy ({}); move `{}` away to start from the file",
+                    c.pos,
+                    root.display()
+                );
+            }
+            let held = Durable {
+                pos: c.pos,
+                base: true,
+            };
+            Ok(Start {
+                space: c.space,
+                pos: c.pos,
+                dedupe: c.dedupe.into_iter().collect(),
+                data: Some((c.dir, rec.lock, search, c.last_segment, held)),
+            })
+        }
+        None => {
+            let space = match &args.init_file {
+                Some(p) if !p.is_dir() => load_init(p)?,
+                _ => Space::new(),
+            };
+            new_dir(space)
         }
     }
 }

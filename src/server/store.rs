@@ -15,6 +15,8 @@ use ciborium::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::durable::wal::{Wal, WalMsg};
+use crate::durable::{Position, Record, SNAPSHOT_CHUNK};
 use crate::space::{self, Change, IndexHint, Pair, Pattern, Space};
 use crate::wire::client::{Command, pairs_response_len};
 use crate::wire::node::{RelayReply, Reply};
@@ -27,7 +29,7 @@ const PATTERN_CACHE: usize = 1024;
 /// client must not be able to pin thousands of those in memory.
 const PATTERN_CACHE_MAX_SOURCE: usize = 64;
 /// Dedupe entries kept at most, whatever the watermark says (bounds memory).
-const MAX_DEDUPE: usize = 1_000_000;
+pub const MAX_DEDUPE: usize = 1_000_000;
 
 /// A copy of the space, the update it reflects, and the dedupe table (for a new backup).
 pub type SpaceCopy = (Space, u64, Vec<(u64, Reply)>);
@@ -61,7 +63,21 @@ pub enum StoreMsg {
     Save(oneshot::Sender<Result<u64, String>>),
     /// A promoted backup takes over the save file.
     SetSaveFile(Option<PathBuf>),
+    /// The replica's epoch rose: logged, and carried by every later logged change.
+    Epoch(u64),
     Stop,
+}
+
+/// What the store starts from.
+pub struct StoreInit {
+    pub space: Space,
+    pub seq: u64,
+    pub epoch: u64,
+    pub dedupe: Vec<(u64, Reply)>,
+    /// The replica's log, if it keeps one.
+    pub wal: Option<Wal>,
+    /// The log does not yet hold `space` (a new directory): log it as a base copy first.
+    pub log_base: bool,
 }
 
 /// What the store produced, in order.
@@ -85,6 +101,8 @@ pub enum StoreOut {
 struct Store {
     space: Space,
     seq: u64,
+    epoch: u64,
+    wal: Option<Wal>,
     cfg: Arc<Config>,
     patterns: HashMap<String, Result<Pattern, String>>,
     dedupe: BTreeMap<u64, Reply>,
@@ -104,7 +122,7 @@ pub struct StoreStats {
 
 /// Starts the store thread.
 pub fn spawn(
-    space: Space,
+    init: StoreInit,
     cfg: Arc<Config>,
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
@@ -114,13 +132,18 @@ pub fn spawn(
     std::thread::JoinHandle<()>,
 )> {
     let (tx, rx) = std::sync::mpsc::channel();
-    stats.pairs.store(space.len() as u64, Ordering::Relaxed);
+    stats
+        .pairs
+        .store(init.space.len() as u64, Ordering::Relaxed);
+    stats.seq.store(init.seq, Ordering::Relaxed);
     let mut store = Store {
-        space,
-        seq: 0,
+        space: init.space,
+        seq: init.seq,
+        epoch: init.epoch,
+        wal: init.wal,
         cfg,
         patterns: HashMap::new(),
-        dedupe: BTreeMap::new(),
+        dedupe: init.dedupe.into_iter().collect(),
         save_file,
         out,
         len: stats.pairs,
@@ -130,18 +153,74 @@ pub fn spawn(
     let h = std::thread::Builder::new()
         .name("store".into())
         .spawn(move || {
+            if init.log_base {
+                store.log_base();
+            }
             while let Ok(msg) = rx.recv() {
                 if !store.handle(msg) {
                     break;
                 }
                 store.len.store(store.space.len() as u64, Ordering::Relaxed);
                 store.seq_pub.store(store.seq, Ordering::Relaxed);
+                store.maybe_snapshot();
+            }
+            if let Some(w) = &store.wal
+                && !w.flush(store.cfg.shutdown_timeout())
+            {
+                tracing::warn!("the log writer did not confirm its last sync before stopping");
             }
         })?;
     Ok((tx, h))
 }
 
 impl Store {
+    fn log(&self, r: Record) {
+        if let Some(w) = &self.wal {
+            // False only if the writer failed, which the server hears about and acts on.
+            let _ = w.send(WalMsg::Record(r));
+        }
+    }
+
+    /// Logs the whole space as a base copy (a new replica directory).
+    fn log_base(&self) {
+        self.log(Record::Reset);
+        let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
+        for (k, v) in self.space.iter() {
+            chunk.push((k.clone(), v.clone()));
+            if chunk.len() == SNAPSHOT_CHUNK {
+                self.log(Record::Pairs(std::mem::take(&mut chunk)));
+            }
+        }
+        if !chunk.is_empty() {
+            self.log(Record::Pairs(chunk));
+        }
+        self.log(Record::Base {
+            epoch: self.epoch,
+            seq: self.seq,
+            dedupe: self.dedupe_vec(),
+        });
+    }
+
+    fn dedupe_vec(&self) -> Vec<(u64, Reply)> {
+        self.dedupe.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    /// Hands the log writer a copy of the space when it asks for one (O(1) clone).
+    fn maybe_snapshot(&self) {
+        if let Some(w) = &self.wal
+            && w.snapshot_wanted.swap(false, Ordering::AcqRel)
+        {
+            let _ = w.send(WalMsg::Snapshot {
+                space: self.space.clone(),
+                pos: Position {
+                    epoch: self.epoch,
+                    seq: self.seq,
+                },
+                dedupe: self.dedupe_vec(),
+            });
+        }
+    }
+
     fn pattern(&mut self, src: &str) -> Result<Pattern, String> {
         if let Some(p) = self.patterns.get(src) {
             return p.clone();
@@ -215,6 +294,15 @@ impl Store {
                 if seq > self.seq {
                     self.space.apply(&change);
                     self.seq = seq;
+                    if self.wal.is_some() {
+                        self.log(Record::Change {
+                            epoch: self.epoch,
+                            seq,
+                            rid,
+                            change,
+                            reply: reply.clone(),
+                        });
+                    }
                     self.remember(rid, reply);
                 }
             }
@@ -222,6 +310,10 @@ impl Store {
                 if reset {
                     self.space = Space::new();
                     self.dedupe.clear();
+                    self.log(Record::Reset);
+                }
+                if self.wal.is_some() && !pairs.is_empty() {
+                    self.log(Record::Pairs(pairs.clone()));
                 }
                 for (k, v) in pairs {
                     self.space.insert_raw(k, v);
@@ -230,10 +322,22 @@ impl Store {
             StoreMsg::Synced { seq, dedupe } => {
                 self.seq = seq;
                 self.dedupe = dedupe.into_iter().collect();
+                if self.wal.is_some() {
+                    self.log(Record::Base {
+                        epoch: self.epoch,
+                        seq,
+                        dedupe: self.dedupe_vec(),
+                    });
+                }
+            }
+            StoreMsg::Epoch(e) => {
+                if e > self.epoch {
+                    self.epoch = e;
+                    self.log(Record::Epoch(e));
+                }
             }
             StoreMsg::Snapshot(tx) => {
-                let d = self.dedupe.iter().map(|(k, v)| (*k, v.clone())).collect();
-                let _ = tx.send((self.space.clone(), self.seq, d));
+                let _ = tx.send((self.space.clone(), self.seq, self.dedupe_vec()));
             }
             StoreMsg::Save(tx) => {
                 let r = match &self.save_file {
@@ -389,6 +493,15 @@ impl Store {
 
     fn write(&mut self, rid: u64, change: Change, reply: Reply) {
         self.seq += 1;
+        if self.wal.is_some() {
+            self.log(Record::Change {
+                epoch: self.epoch,
+                seq: self.seq,
+                rid,
+                change: change.clone(),
+                reply: reply.clone(),
+            });
+        }
         self.remember(rid, reply.clone());
         self.emit(StoreOut::Write {
             seq: self.seq,

@@ -1,0 +1,662 @@
+//! Recovery: find the replica directories under a data root, read how far each got (epoch, then
+//! sequence number), load the most advanced complete one (snapshot + log replay), cut a torn or
+//! corrupt log at the last good record, and remove copies that a newer durable one supersedes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use super::{
+    DurableError, FrameEnd, FrameReader, LOCK_FILE, Position, REPLICA_PREFIX, Record,
+    SNAPSHOT_FILE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, SnapRecord, segment_index, segment_name,
+};
+use crate::space::Space;
+use crate::wire::node::Reply;
+
+/// Where a log had to be cut.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub file: PathBuf,
+    pub offset: u64,
+    /// Bytes after the cut in that file.
+    pub discarded: u64,
+    /// Later segments, unusable after the cut.
+    pub later: Vec<PathBuf>,
+    pub why: String,
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "log `{}` {} at offset {}: {} bytes after it{} discarded",
+            self.file.display(),
+            self.why,
+            self.offset,
+            self.discarded,
+            if self.later.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} later segment(s)", self.later.len())
+            }
+        )
+    }
+}
+
+/// What one replica directory holds.
+#[derive(Debug)]
+pub struct Copy {
+    pub dir: PathBuf,
+    pub pos: Position,
+    /// A complete copy (snapshot, or a base copy logged to its end).
+    pub base: bool,
+    pub from_snapshot: bool,
+    pub last_segment: Option<u64>,
+    pub cut: Option<Cut>,
+    /// Held by a running process.
+    pub in_use: bool,
+    /// Records replayed after the snapshot.
+    pub replayed: u64,
+    pub space: Space,
+    pub dedupe: BTreeMap<u64, Reply>,
+}
+
+/// A loaded copy, its directory locked by this process.
+#[derive(Debug)]
+pub struct Recovered {
+    pub copy: Copy,
+    pub lock: File,
+}
+
+/// An exclusive lock on a replica directory, held until dropped (or the process dies).
+pub fn try_lock(dir: &Path) -> Result<Option<File>, DurableError> {
+    let path = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DurableError::io("cannot open lock file", &path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(DurableError::io("cannot lock data directory", &path, e))
+        }
+    }
+}
+
+/// Creates a new, locked replica directory under `root`.
+pub fn create_dir(root: &Path) -> Result<(PathBuf, File), DurableError> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| DurableError::io("cannot create data directory", root, e))?;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let mut n = 0u32;
+    let dir = loop {
+        let dir = root.join(format!(
+            "{REPLICA_PREFIX}{millis}-{}{}",
+            std::process::id(),
+            if n == 0 {
+                String::new()
+            } else {
+                format!("-{n}")
+            }
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(DurableError::io("cannot create replica directory", &dir, e)),
+        }
+    };
+    let lock = try_lock(&dir)?.ok_or_else(|| {
+        DurableError::io(
+            "cannot lock new replica directory",
+            &dir,
+            std::io::Error::other("locked by another process"),
+        )
+    })?;
+    super::sync_dir(root)?;
+    Ok((dir, lock))
+}
+
+/// The replica directories under `root` (none if it does not exist).
+pub fn replica_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(root) {
+        Ok(rd) => rd
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(REPLICA_PREFIX))
+                    && e.path().is_dir()
+            })
+            .map(|e| e.path())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Reads replica directory `dir`. `build`: load the space (else only positions are computed).
+pub fn read_copy(
+    dir: &Path,
+    max_frame: usize,
+    max_dedupe: usize,
+    build: bool,
+) -> Result<Copy, DurableError> {
+    let mut c = Copy {
+        dir: dir.to_owned(),
+        pos: Position::default(),
+        base: false,
+        from_snapshot: false,
+        last_segment: None,
+        cut: None,
+        in_use: false,
+        replayed: 0,
+        space: Space::new(),
+        dedupe: BTreeMap::new(),
+    };
+    let mut first_segment = 0;
+    let snap = dir.join(SNAPSHOT_FILE);
+    if snap.exists() {
+        first_segment = read_snapshot(&snap, &mut c, max_frame, build)?;
+        c.from_snapshot = true;
+        c.base = true;
+    }
+    let mut segments: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| DurableError::io("cannot list replica directory", dir, e))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(segment_index))
+        .collect();
+    segments.sort_unstable();
+    c.last_segment = segments.last().copied();
+    let live: Vec<u64> = segments
+        .into_iter()
+        .filter(|i| *i >= first_segment)
+        .collect();
+    for (k, &i) in live.iter().enumerate() {
+        let path = dir.join(segment_name(i));
+        let f = File::open(&path).map_err(|e| DurableError::io("cannot open log", &path, e))?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut r = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, f), max_frame);
+        let end = loop {
+            match r.read::<Record>() {
+                Ok(rec) => {
+                    if let Err(why) = apply(&mut c, rec, max_dedupe, build) {
+                        break FrameEnd::Corrupt {
+                            offset: r.offset(),
+                            why,
+                        };
+                    }
+                }
+                Err(end) => break end,
+            }
+        };
+        let (offset, why) = match end {
+            FrameEnd::Eof => continue,
+            FrameEnd::Torn { offset } => (offset, "ends in a torn record".to_string()),
+            FrameEnd::Corrupt { offset, why } => (offset, format!("is corrupt ({why})")),
+        };
+        c.cut = Some(Cut {
+            file: path,
+            offset,
+            discarded: size.saturating_sub(offset),
+            later: live[k + 1..]
+                .iter()
+                .map(|j| dir.join(segment_name(*j)))
+                .collect(),
+            why,
+        });
+        break;
+    }
+    Ok(c)
+}
+
+fn read_snapshot(
+    path: &Path,
+    c: &mut Copy,
+    max_frame: usize,
+    build: bool,
+) -> Result<u64, DurableError> {
+    let bad = |why: String| DurableError::Snapshot {
+        path: path.to_owned(),
+        why,
+    };
+    let f = File::open(path).map_err(|e| DurableError::io("cannot open snapshot", path, e))?;
+    let mut r = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, f), max_frame);
+    let next_segment = match r.read::<SnapRecord>() {
+        Ok(SnapRecord::Header {
+            format,
+            version,
+            epoch,
+            seq,
+            next_segment,
+            dedupe,
+        }) => {
+            if format != SNAPSHOT_FORMAT || version != SNAPSHOT_VERSION {
+                return Err(bad(format!(
+                    "format `{format}` version {version}, expected `{SNAPSHOT_FORMAT}` version {SNAPSHOT_VERSION}"
+                )));
+            }
+            c.pos = Position { epoch, seq };
+            c.dedupe = dedupe.into_iter().collect();
+            next_segment
+        }
+        Ok(_) => return Err(bad("it does not start with a header".into())),
+        Err(e) => return Err(bad(format!("{e:?}"))),
+    };
+    if !build {
+        return Ok(next_segment);
+    }
+    let mut n = 0u64;
+    loop {
+        match r.read::<SnapRecord>() {
+            Ok(SnapRecord::Pairs(ps)) => {
+                n += ps.len() as u64;
+                for (k, v) in ps {
+                    c.space.insert_raw(k, v);
+                }
+            }
+            Ok(SnapRecord::End { pairs }) if pairs == n => return Ok(next_segment),
+            Ok(SnapRecord::End { pairs }) => {
+                return Err(bad(format!("it announces {pairs} pairs but holds {n}")));
+            }
+            Ok(SnapRecord::Header { .. }) => return Err(bad("a second header".into())),
+            Err(e) => {
+                return Err(bad(format!(
+                    "{e:?} after {n} pairs (no end marker: the file is incomplete)"
+                )));
+            }
+        }
+    }
+}
+
+/// Applies one log record; an error means the log cannot be trusted from here on.
+fn apply(c: &mut Copy, rec: Record, max_dedupe: usize, build: bool) -> Result<(), String> {
+    match rec {
+        Record::Reset => {
+            c.base = false;
+            c.space = Space::new();
+            c.dedupe.clear();
+        }
+        Record::Pairs(ps) => {
+            if build {
+                for (k, v) in ps {
+                    c.space.insert_raw(k, v);
+                }
+            }
+        }
+        Record::Base { epoch, seq, dedupe } => {
+            c.base = true;
+            c.pos = Position { epoch, seq };
+            c.dedupe = dedupe.into_iter().collect();
+            c.replayed += 1;
+        }
+        Record::Change {
+            epoch,
+            seq,
+            rid,
+            change,
+            reply,
+        } => {
+            if !c.base {
+                return Err("an update before any base copy".into());
+            }
+            if seq <= c.pos.seq {
+                // Already in the snapshot.
+                return Ok(());
+            }
+            if seq != c.pos.seq + 1 {
+                return Err(format!(
+                    "updates {}..{} are missing",
+                    c.pos.seq + 1,
+                    seq - 1
+                ));
+            }
+            if build {
+                c.space.apply(&change);
+                c.dedupe.insert(rid, reply);
+                while c.dedupe.len() > max_dedupe {
+                    c.dedupe.pop_first();
+                }
+            }
+            c.pos.seq = seq;
+            c.pos.epoch = c.pos.epoch.max(epoch);
+            c.replayed += 1;
+        }
+        Record::Epoch(e) => c.pos.epoch = c.pos.epoch.max(e),
+    }
+    Ok(())
+}
+
+/// Cuts the chosen copy's log at the last good record: the bad tail is kept beside it as
+/// `<segment>.corrupt-<offset>` (for inspection) and later segments are set aside the same way.
+fn cut_log(cut: &Cut) -> Result<(), DurableError> {
+    let aside = cut.file.with_file_name(format!(
+        "{}.corrupt-{}",
+        cut.file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("wal"),
+        cut.offset
+    ));
+    if cut.discarded > 0 {
+        let data = std::fs::read(&cut.file)
+            .map_err(|e| DurableError::io("cannot read log", &cut.file, e))?;
+        let tail = data.get(cut.offset as usize..).unwrap_or(&[]);
+        std::fs::write(&aside, tail)
+            .map_err(|e| DurableError::io("cannot keep the discarded log tail", &aside, e))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut.file)
+        .map_err(|e| DurableError::io("cannot open log to cut it", &cut.file, e))?;
+    f.set_len(cut.offset)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| DurableError::io("cannot cut log", &cut.file, e))?;
+    for later in &cut.later {
+        let to = later.with_extension("after-corrupt");
+        std::fs::rename(later, &to)
+            .map_err(|e| DurableError::io("cannot set aside log segment", later, e))?;
+    }
+    if let Some(dir) = cut.file.parent() {
+        super::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Finds and loads the most advanced complete copy under `root` (locked for this process).
+/// None if there is none. A newer copy held by a running process is an error: starting from an
+/// older one would lose what it holds.
+pub fn recover(
+    root: &Path,
+    max_frame: usize,
+    max_dedupe: usize,
+) -> Result<Option<Recovered>, DurableError> {
+    let mut best: Option<(Copy, Option<File>)> = None;
+    for dir in replica_dirs(root) {
+        let lock = try_lock(&dir)?;
+        let mut c = match read_copy(&dir, max_frame, max_dedupe, false) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("{e}; this copy is skipped");
+                continue;
+            }
+        };
+        c.in_use = lock.is_none();
+        if let Some(cut) = &c.cut {
+            warn!("{cut} (copy `{}`, {})", dir.display(), c.pos);
+        }
+        if !c.base {
+            info!(dir = %dir.display(), "incomplete copy (its initial copy never finished): skipped");
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((b, _)) => c.pos > b.pos || (c.pos == b.pos && b.in_use && !c.in_use),
+        };
+        if better {
+            best = Some((c, lock));
+        }
+    }
+    let Some((c, lock)) = best else {
+        return Ok(None);
+    };
+    let Some(lock) = lock else {
+        return Err(DurableError::InUse {
+            dir: c.dir,
+            pos: c.pos,
+        });
+    };
+    let copy = read_copy(&c.dir, max_frame, max_dedupe, true)?;
+    if let Some(cut) = &copy.cut {
+        warn!("recovering from `{}`: {cut}", copy.dir.display());
+        cut_log(cut)?;
+    }
+    Ok(Some(Recovered { copy, lock }))
+}
+
+/// Removes the copies under `root` other than `keep` that a durable copy at `pos` supersedes
+/// (older or equal position, or incomplete) and that no running process holds. Returns them.
+pub fn remove_superseded(
+    root: &Path,
+    keep: &Path,
+    pos: Position,
+    max_frame: usize,
+) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for dir in replica_dirs(root) {
+        if dir == keep {
+            continue;
+        }
+        let Ok(Some(lock)) = try_lock(&dir) else {
+            continue;
+        };
+        let stale = match read_copy(&dir, max_frame, usize::MAX, false) {
+            Ok(c) => !c.base || c.pos <= pos,
+            Err(_) => false,
+        };
+        if stale {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => removed.push(dir),
+                Err(e) => warn!("cannot remove superseded copy `{}`: {e}", dir.display()),
+            }
+        }
+        drop(lock);
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::wal::{self, Durable, WalHooks, WalMsg, WalOptions};
+    use crate::durable::{FsyncPolicy, Record};
+    use crate::space::{Change, Pair};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    const MAX: usize = 1 << 20;
+
+    fn opts() -> WalOptions {
+        WalOptions {
+            policy: FsyncPolicy::Always,
+            interval: Duration::from_millis(100),
+            snapshot_every_changes: 0,
+            snapshot_every_bytes: 0,
+            queue: 16,
+        }
+    }
+
+    fn change(epoch: u64, seq: u64) -> Record {
+        Record::Change {
+            epoch,
+            seq,
+            rid: seq,
+            change: Change::Insert(vec![Pair::new(format!("k,{seq}"), format!("v{seq}"))]),
+            reply: Reply::Rejected(vec![]),
+        }
+    }
+
+    /// A replica directory under `root` holding a base of 2 pairs at `epoch` and updates 1..=n.
+    fn write_copy(root: &Path, epoch: u64, n: u64) -> (PathBuf, Durable) {
+        let (dir, lock) = create_dir(root).unwrap();
+        let seen = Arc::new(Mutex::new(Durable::default()));
+        let s2 = seen.clone();
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            None,
+            Durable::default(),
+            opts(),
+            WalHooks {
+                on_durable: Box::new(move |d| *s2.lock().unwrap() = d),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        w.send(WalMsg::Record(Record::Reset));
+        w.send(WalMsg::Record(Record::Pairs(vec![
+            ("a".into(), "1".into()),
+            ("b".into(), "2".into()),
+        ])));
+        w.send(WalMsg::Record(Record::Base {
+            epoch,
+            seq: 0,
+            dedupe: vec![],
+        }));
+        for s in 1..=n {
+            w.send(WalMsg::Record(change(epoch, s)));
+        }
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(lock);
+        let d = *seen.lock().unwrap();
+        (dir, d)
+    }
+
+    #[test]
+    fn a_log_is_replayed_and_the_durable_position_published() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, d) = write_copy(t.path(), 1, 50);
+        assert_eq!(d.pos, Position { epoch: 1, seq: 50 });
+        assert!(d.base);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.dir, dir);
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 50 });
+        assert_eq!(r.copy.space.len(), 52);
+        assert_eq!(r.copy.dedupe.len(), 50);
+        assert!(r.copy.cut.is_none());
+    }
+
+    fn segment(dir: &Path) -> PathBuf {
+        dir.join(segment_name(0))
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_the_last_good_record() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _) = write_copy(t.path(), 1, 10);
+        let seg = segment(&dir);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 3).unwrap();
+        drop(f);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.pos.seq, 9, "the torn 10th update is dropped");
+        assert_eq!(r.copy.space.len(), 2 + 9);
+        let cut = r.copy.cut.clone().unwrap();
+        assert!(cut.why.contains("torn"), "{cut}");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), cut.offset);
+        // Recovering again finds a clean log.
+        drop(r);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert!(r.copy.cut.is_none());
+        assert_eq!(r.copy.pos.seq, 9);
+    }
+
+    #[test]
+    fn a_flipped_byte_mid_log_is_detected_and_the_log_cut_there() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _) = write_copy(t.path(), 1, 10);
+        let seg = segment(&dir);
+        let mut data = std::fs::read(&seg).unwrap();
+        let mid = data.len() / 2;
+        data[mid] ^= 0x10;
+        std::fs::write(&seg, &data).unwrap();
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        let cut = r.copy.cut.clone().unwrap();
+        assert!(cut.why.contains("corrupt"), "{cut}");
+        assert!(
+            cut.offset as usize <= mid && r.copy.pos.seq < 10,
+            "{cut} {:?}",
+            r.copy.pos
+        );
+        assert_eq!(r.copy.space.len() as u64, 2 + r.copy.pos.seq);
+        // The discarded tail is kept beside the log for inspection.
+        let aside = seg.with_file_name(format!("{}.corrupt-{}", segment_name(0), cut.offset));
+        assert_eq!(
+            std::fs::metadata(&aside).unwrap().len(),
+            data.len() as u64 - cut.offset
+        );
+    }
+
+    #[test]
+    fn the_most_advanced_copy_wins_epoch_before_sequence_and_a_held_one_is_not_bypassed() {
+        let t = tempfile::tempdir().unwrap();
+        let (_old, _) = write_copy(t.path(), 1, 30);
+        let (new, _) = write_copy(t.path(), 2, 5);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.dir, new);
+        assert_eq!(r.copy.pos, Position { epoch: 2, seq: 5 });
+        // While this process holds the newest copy, nobody else may start from an older one.
+        let e = recover(t.path(), MAX, 1000).unwrap_err();
+        assert!(matches!(e, DurableError::InUse { .. }), "{e}");
+        // Superseded copies go, the kept one stays.
+        let gone = remove_superseded(t.path(), &new, r.copy.pos, MAX);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(replica_dirs(t.path()), vec![new]);
+    }
+
+    #[test]
+    fn a_snapshot_compacts_the_log_and_recovery_replays_only_what_follows() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, lock) = create_dir(t.path()).unwrap();
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            None,
+            Durable::default(),
+            opts(),
+            WalHooks {
+                on_durable: Box::new(|_| {}),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        let mut space = crate::space::Space::new();
+        w.send(WalMsg::Record(Record::Reset));
+        w.send(WalMsg::Record(Record::Base {
+            epoch: 1,
+            seq: 0,
+            dedupe: vec![],
+        }));
+        for s in 1..=20 {
+            let r = change(1, s);
+            if let Record::Change { change, .. } = &r {
+                space.apply(change);
+            }
+            w.send(WalMsg::Record(r));
+            if s == 12 {
+                w.send(WalMsg::Snapshot {
+                    space: space.clone(),
+                    pos: Position { epoch: 1, seq: 12 },
+                    dedupe: vec![],
+                });
+            }
+        }
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(lock);
+        // The snapshot thread finishes on its own; wait for the old segment to go (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while segment(&dir).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segment 0 never removed"
+            );
+            std::thread::yield_now();
+        }
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert!(r.copy.from_snapshot);
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 20 });
+        assert_eq!(r.copy.replayed, 8);
+        assert_eq!(r.copy.space, space);
+    }
+}
