@@ -45,6 +45,11 @@ enum Cmd {
         /// Most client connections at once (overrides max_clients).
         #[arg(long)]
         max_clients: Option<usize>,
+        /// The proxy's durable state file (epoch last granted, office holder, request-id
+        /// incarnation); overrides proxy_state_file. Default data/proxy.state; `none` = keep no
+        /// state (a restarted proxy then learns the epochs from the replicas).
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Run a server: SHUTDOWN_SAP PROXY_SAP BACKUP_SAP HEARTBEAT_SAP SAVE_FILE PRIMARY_HANDLE INIT_FILE.
     Server {
@@ -260,7 +265,17 @@ fn service_runtime(cfg: &Config) -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
+/// Where a proxy keeps its durable state unless told otherwise.
+const DEFAULT_PROXY_STATE: &str = "data/proxy.state";
+
 fn main() -> ExitCode {
+    // A client piped into `head` must end quietly, not panic on a closed stdout.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -281,7 +296,18 @@ fn run(cli: Cli) -> Result<u8, String> {
     {
         overrides.push(format!("max_clients={n}"));
     }
-    let cfg = Config::load_with(&cli.config, explicit, &overrides).map_err(|e| e.to_string())?;
+    let mut cfg =
+        Config::load_with(&cli.config, explicit, &overrides).map_err(|e| e.to_string())?;
+    if let Cmd::Proxy { state, .. } = &cli.cmd {
+        match state.as_deref() {
+            Some("none") => cfg.proxy_state_file = None,
+            Some(p) => cfg.proxy_state_file = Some(p.into()),
+            None if cfg.proxy_state_file.is_none() => {
+                cfg.proxy_state_file = Some(DEFAULT_PROXY_STATE.into())
+            }
+            None => {}
+        }
+    }
     match cli.cmd {
         Cmd::Proxy {
             client_sap,

@@ -522,7 +522,12 @@ impl ProxyStateFile {
         };
         let (incarnation, durable) = match prev {
             Some(d) => ((d.incarnation + 1) & INCARNATION_MASK, d.witness),
-            None => (1, Durable::default()),
+            // A random start: replicas recovered from their logs keep dedupe entries of earlier
+            // proxies, whose request ids a new deployment's proxy must never reuse.
+            None => (
+                (rand::random::<u64>() & INCARNATION_MASK).max(1),
+                Durable::default(),
+            ),
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)

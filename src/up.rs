@@ -122,15 +122,15 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
         o.certs.display()
     );
     println!("  admin (shutdown) at  {}", o.shutdown_sap);
-    println!(
-        "  data saved to        {}{}",
-        o.save_file.display(),
-        if init != "null" {
-            " (loaded at start)"
-        } else {
-            ""
-        }
-    );
+    match crate::durable::data_root(&cfg, Some(&o.save_file)) {
+        Some(root) => println!(
+            "  data (logs, snapshots) in {} (fsync = {:?}); saved to {} on shutdown",
+            root.display(),
+            cfg.fsync,
+            o.save_file.display()
+        ),
+        None => println!("  data saved to        {}", o.save_file.display()),
+    }
     println!(
         "try:  tuplespace client put user,1=alice   then   tuplespace client get 'user,.*' '.*'"
     );
