@@ -44,6 +44,8 @@ pub enum WalMsg {
 pub struct Durable {
     pub pos: Position,
     pub base: bool,
+    /// Base records held (a backup's initial copies, counted since this process started).
+    pub bases: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -125,6 +127,7 @@ pub fn spawn(
         changes_since: 0,
         bytes_since: 0,
         wanted: wanted.clone(),
+        requested: false,
         snapshotting: Arc::new(AtomicBool::new(false)),
         dirty: false,
         next_sync: Instant::now(),
@@ -167,6 +170,8 @@ struct Writer {
     changes_since: u64,
     bytes_since: u64,
     wanted: Arc<AtomicBool>,
+    /// A snapshot was asked for and the store's copy has not arrived yet.
+    requested: bool,
     snapshotting: Arc<AtomicBool>,
     /// Written but not synced (interval policy).
     dirty: bool,
@@ -232,6 +237,7 @@ impl Writer {
                             seq: *seq,
                         };
                         self.pos.base = true;
+                        self.pos.bases += 1;
                     }
                     Record::Change { epoch, seq, .. } => {
                         self.changes_since += 1;
@@ -310,7 +316,7 @@ impl Writer {
     }
 
     fn maybe_want_snapshot(&mut self) {
-        if self.snapshotting.load(Ordering::Acquire) || self.wanted.load(Ordering::Relaxed) {
+        if self.requested || self.snapshotting.load(Ordering::Acquire) {
             return;
         }
         if (self.opts.snapshot_every_changes > 0
@@ -318,12 +324,17 @@ impl Writer {
             || (self.opts.snapshot_every_bytes > 0
                 && self.bytes_since >= self.opts.snapshot_every_bytes)
         {
+            self.requested = true;
             self.wanted.store(true, Ordering::Release);
         }
     }
 
     fn start_snapshot(&mut self, space: Space, pos: Position, dedupe: Vec<(u64, Reply)>) {
-        self.snapshotting.store(true, Ordering::Release);
+        self.requested = false;
+        if self.snapshotting.swap(true, Ordering::AcqRel) {
+            // One at a time: the next one covers this one's segments too.
+            return;
+        }
         let busy = self.snapshotting.clone();
         let dir = self.dir.clone();
         let next = self.index;

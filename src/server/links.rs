@@ -330,6 +330,9 @@ pub async fn serve_replication(
     durable: Option<watch::Receiver<Durable>>,
     events: Events,
 ) {
+    // Initial copies handed to the store so far: the n-th is acknowledged once the log holds
+    // n base records (a primary may send a second copy to this process after a cut).
+    let mut bases_sent = 0u64;
     while let Some(incoming) = ep.accept().await {
         let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else {
             continue;
@@ -383,7 +386,8 @@ pub async fn serve_replication(
                             });
                         }
                         let _ = store.send(StoreMsg::Synced { seq, dedupe });
-                        let _ = acks.send(AckNeed::Synced(seq));
+                        bases_sent += 1;
+                        let _ = acks.send(AckNeed::Synced(seq, bases_sent));
                     }
                     Ok(Repl::Update {
                         seq,
@@ -425,8 +429,8 @@ pub async fn serve_replication(
 
 /// What the backup owes the primary an acknowledgement for.
 enum AckNeed {
-    /// The initial copy up to this update.
-    Synced(u64),
+    /// The initial copy up to this update, the n-th this process received.
+    Synced(u64, u64),
     /// Updates up to this one.
     Upto(u64),
 }
@@ -440,14 +444,14 @@ async fn acknowledge(
     mut durable: Option<watch::Receiver<Durable>>,
     handle: String,
 ) {
-    let mut synced: Option<u64> = None;
+    let mut synced: Option<(u64, u64)> = None;
     let mut want = 0u64;
     let mut acked = 0u64;
     let mut open = true;
     while open {
         tokio::select! {
             n = need.recv() => match n {
-                Some(AckNeed::Synced(seq)) => synced = Some(seq),
+                Some(AckNeed::Synced(seq, n)) => synced = Some((seq, n)),
                 Some(AckNeed::Upto(seq)) => want = want.max(seq),
                 None => open = false,
             },
@@ -460,13 +464,13 @@ async fn acknowledge(
         }
         while let Ok(n) = need.try_recv() {
             match n {
-                AckNeed::Synced(seq) => synced = Some(seq),
+                AckNeed::Synced(seq, n) => synced = Some((seq, n)),
                 AckNeed::Upto(seq) => want = want.max(seq),
             }
         }
         let held = durable.as_ref().map(|d| *d.borrow());
-        if let Some(seq) = synced {
-            if held.is_some_and(|d| !d.base || d.pos.seq < seq) {
+        if let Some((seq, n)) = synced {
+            if held.is_some_and(|d| !d.base || d.bases < n || d.pos.seq < seq) {
                 continue;
             }
             synced = None;

@@ -1048,6 +1048,7 @@ fn open_data(args: &ServerArgs, cfg: &Config, role: Role) -> Result<Start, Serve
             let held = Durable {
                 pos: c.pos,
                 base: true,
+                bases: 0,
             };
             Ok(Start {
                 space: c.space,
