@@ -21,6 +21,9 @@ use super::{
 use crate::space::Space;
 use crate::wire::node::Reply;
 
+/// Nice value of snapshot threads (background work).
+const SNAPSHOT_NICE: libc::c_int = 10;
+
 /// Largest group written and synced at once (bytes of encoded records); more waits for the next.
 const GROUP_MAX_BYTES: usize = 8 << 20;
 
@@ -341,6 +344,10 @@ impl Writer {
         let spawned = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                // Background work: below the event loops that carry heartbeats (Linux nice values
+                // are per thread; failure to lower it is harmless).
+                // SAFETY: setpriority has no memory effects; 0 = the calling thread.
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) };
                 let start = Instant::now();
                 match write_snapshot(&dir, &space, pos, next, dedupe) {
                     Ok(n) => {
