@@ -70,8 +70,9 @@ fn spawn(mut cmd: Command, what: &str) -> Result<Child, UpError> {
 /// Runs the embedded service until Ctrl-C/SIGTERM. Returns the process exit code.
 pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
     if !tls::cluster_present(&o.certs) {
+        // Never replace an existing CA: certificates issued from it elsewhere would stop working.
         info!(dir = %o.certs.display(), "creating development certificates");
-        tls::create_cluster(&o.certs, &[], true)?;
+        tls::create_cluster(&o.certs, &[], false)?;
     }
     if let Some(dir) = o.save_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| UpError::Dir {

@@ -175,7 +175,22 @@ pub async fn connect(
             reason: e.to_string(),
         })?;
     match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(c)) => Ok(c),
+        // Every dialer in the service dials a node (proxy, server, backup, primary): the name
+        // dialled is checked by TLS against the certificate's SANs, the role here.
+        Ok(Ok(c)) if crate::net::tls::peer_allowed(&c, crate::net::tls::SapKind::Node) => Ok(c),
+        Ok(Ok(c)) => {
+            c.close(
+                crate::wire::client::CloseCode::Forbidden.code().into(),
+                b"forbidden: the peer is not a node",
+            );
+            Err(NetError::Connect {
+                addr,
+                reason: format!(
+                    "the peer presented a certificate without the node role ({:?}): refusing to talk to it",
+                    crate::net::tls::peer_roles(&c)
+                ),
+            })
+        }
         Ok(Err(e)) => Err(NetError::Connect {
             addr,
             reason: describe_connection_error(&e),

@@ -255,6 +255,13 @@ fn leaf_params(
     params
         .subject_alt_names
         .push(SanType::URI(role.uri().try_into()?));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    if role != CertRole::Node {
+        // Client and admin certificates authenticate a client only: no server names and no
+        // serverAuth usage, so they can never pass as a proxy or a server.
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        return Ok(params);
+    }
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     for s in extra_sans {
         if !names.contains(s) {
@@ -269,7 +276,6 @@ fn leaf_params(
                 .push(SanType::DnsName(n.try_into()?)),
         }
     }
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -284,12 +290,22 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError
         path: path.to_owned(),
         source,
     };
-    std::fs::write(path, contents).map_err(err)?;
     if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        // 0600 from the first byte, never through a symlink planted at the path.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(err)?;
+        f.write_all(contents.as_bytes()).map_err(err)?;
+        return f.sync_all().map_err(err);
     }
-    Ok(())
+    std::fs::write(path, contents).map_err(err)
 }
 
 /// Creates the cluster CA and one certificate per role in `dir` (development certificates).
@@ -398,6 +414,39 @@ mod tests {
         install_crypto_provider();
         server_config(&id, b"x").unwrap();
         client_config(&id, b"x").unwrap();
+    }
+
+    #[test]
+    fn client_and_admin_certificates_cannot_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        create_cluster(dir.path(), &["10.0.0.9".into()], false).unwrap();
+        for role in [CertRole::Client, CertRole::Admin, CertRole::Node] {
+            let id = Identity::load(dir.path(), role.as_str()).unwrap();
+            let (_, c) = x509_parser::parse_x509_certificate(id.chain[0].as_ref()).unwrap();
+            let eku = c.extended_key_usage().unwrap().unwrap().value;
+            let names = c
+                .subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+                .iter()
+                .filter(|n| !matches!(n, x509_parser::extensions::GeneralName::URI(_)))
+                .count();
+            assert!(eku.client_auth, "{role:?}");
+            assert_eq!(eku.server_auth, role == CertRole::Node, "{role:?}");
+            assert_eq!(
+                names > 0,
+                role == CertRole::Node,
+                "{role:?}: {names} server names"
+            );
+        }
+        // Private keys are 0600.
+        use std::os::unix::fs::PermissionsExt;
+        for n in ["ca", "client", "admin", "node"] {
+            let m = std::fs::metadata(key_path(dir.path(), n)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{n}");
+        }
     }
 
     #[test]

@@ -1,0 +1,118 @@
+//! Hostile peers: a certificate of the cluster that is not a node's must never be taken for a
+//! proxy, a server or a backup by any dialer of the service.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tuplespace::net::endpoint::{self, LinkParams};
+use tuplespace::net::tls::{self, CertRole, Identity};
+use tuplespace::wire::NODE_ALPN;
+
+fn params() -> LinkParams {
+    LinkParams {
+        idle_timeout: Duration::from_secs(5),
+        keep_alive: Some(Duration::from_millis(500)),
+        max_bidi_streams: 8,
+        udp_buffer_bytes: 0,
+    }
+}
+
+/// A certificate as the first versions of `certs` made every leaf: serverAuth + clientAuth and
+/// the loopback names, here with role `role`, signed by the cluster CA in `dir`; written as
+/// `fake.pem` / `fake.key` (with `ca.pem`) into `out`.
+fn legacy_leaf(dir: &Path, role: CertRole, out: &Path) {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        format!("urn:tuplespace:role:{}", role.as_str())
+            .try_into()
+            .unwrap(),
+    ));
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(out.join("fake.pem"), cert.pem()).unwrap();
+    std::fs::write(out.join("fake.key"), key.serialize_pem()).unwrap();
+    std::fs::write(out.join("ca.pem"), ca_pem).unwrap();
+}
+
+/// A QUIC server on a free loopback port presenting `id` with the node ALPN; counts the bytes
+/// any peer sends it on any stream.
+async fn fake_node(id: &Identity) -> (SocketAddr, tokio::sync::watch::Receiver<usize>) {
+    let ep = endpoint::server_endpoint("127.0.0.1:0".parse().unwrap(), id, NODE_ALPN, &params())
+        .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Some(inc) = ep.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = inc.await else { return };
+                while let Ok((_, mut recv)) = conn.accept_bi().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 4096];
+                        while let Ok(Some(n)) = recv.read(&mut buf).await {
+                            tx.send_modify(|t| *t += n);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn dial(dir: &Path, addr: SocketAddr) -> Result<quinn::Connection, String> {
+    let node = Identity::load(dir, "node").unwrap();
+    let cc = endpoint::client_config(&node, NODE_ALPN, &params()).unwrap();
+    let ep = endpoint::client_endpoint(addr, &params()).unwrap();
+    endpoint::connect(&ep, cc, addr, "127.0.0.1", Duration::from_secs(3))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_client_or_admin_certificate_cannot_pose_as_a_node() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("certs");
+    tls::create_cluster(&dir, &[], false).unwrap();
+
+    // Today's client and admin certificates carry no serverAuth and no server names: the TLS
+    // handshake itself fails.
+    for role in ["client", "admin"] {
+        let id = Identity::load(&dir, role).unwrap();
+        let (addr, got) = fake_node(&id).await;
+        let e = dial(&dir, addr).await.unwrap_err();
+        assert!(!e.is_empty(), "{role}: dial must fail");
+        assert_eq!(*got.borrow(), 0, "{role}: nothing may be sent to it");
+    }
+
+    // A certificate made like the old ones (serverAuth and loopback names) but with the client
+    // role passes TLS; the dialer's role check refuses it before anything is sent.
+    let legacy = t.path().join("legacy");
+    legacy_leaf(&dir, CertRole::Client, &legacy);
+    let id = Identity::load(&legacy, "fake").unwrap();
+    let (addr, got) = fake_node(&id).await;
+    let e = dial(&dir, addr).await.unwrap_err();
+    assert!(e.contains("without the node role"), "{e}");
+    assert_eq!(*got.borrow(), 0);
+
+    // The control: a real node certificate is accepted.
+    let legacy_node = t.path().join("legacy-node");
+    legacy_leaf(&dir, CertRole::Node, &legacy_node);
+    let id = Identity::load(&legacy_node, "fake").unwrap();
+    let (addr, _) = fake_node(&id).await;
+    dial(&dir, addr)
+        .await
+        .expect("a node certificate is accepted");
+}
