@@ -338,6 +338,13 @@ impl Config {
     pub fn proxy_loss_timeout(&self) -> Duration {
         Duration::from_millis(self.proxy_loss_timeout_ms)
     }
+    /// Largest frame any node link (proxy <-> server, primary <-> backup) accepts: a reply is at
+    /// most `max_response_bytes` in its node encoding (the store checks that encoding too), an
+    /// update at most a request's pairs, a reply and a removal list, a snapshot chunk ~1 MiB.
+    pub fn node_frame_limit(&self) -> usize {
+        3 * self.max_response_bytes + 4 * self.max_request_bytes + (2 << 20)
+    }
+
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
     }

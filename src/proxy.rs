@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ciborium::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::ha::Millis;
@@ -987,7 +987,7 @@ async fn serve_server_conn(
     stop: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    let max = cfg.max_response_bytes + 4096;
+    let max = cfg.node_frame_limit();
     loop {
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => match s { Ok(s) => s, Err(e) => { debug!(link, "server link closed: {e}"); break } },
@@ -1045,8 +1045,24 @@ async fn serve_server_conn(
                 let mut out = FramedSend::new(send);
                 tasks.spawn(async move { out.pump(&mut rrx, |_| true).await });
                 let router = router.clone();
+                let relay_conn = conn.clone();
                 tasks.spawn(async move {
-                    while let Ok(Some(batch)) = input.next_batch::<RelayReply>().await {
+                    loop {
+                        let batch = match input.next_batch::<RelayReply>().await {
+                            Ok(Some(b)) => b,
+                            Ok(None) => break,
+                            Err(e) => {
+                                // Never a silent end: without this stream no answer from this
+                                // server arrives. Close the link: the server reconnects and
+                                // everything unanswered is sent again.
+                                error!(
+                                    link,
+                                    "relay stream from the server failed: {e}; closing the link"
+                                );
+                                relay_conn.close(0u32.into(), b"relay stream failed");
+                                break;
+                            }
+                        };
                         let mut replies = Vec::with_capacity(batch.len());
                         for r in batch {
                             match r {

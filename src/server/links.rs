@@ -116,7 +116,7 @@ pub async fn connect_proxy(
     .map_err(|e| fail(e.to_string()))?;
     let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
     let mut out = FramedSend::new(send);
-    let mut input = FramedRecv::new(recv, cfg.max_response_bytes + 4096);
+    let mut input = FramedRecv::new(recv, cfg.node_frame_limit());
     out.queue(&StreamKind::Control);
     out.queue(&ToProxy::Hello {
         role,
@@ -161,7 +161,7 @@ pub async fn connect_proxy(
     });
     tokio::spawn(async move { rout.pump(&mut rel_rx, |_| true).await });
     let store = store.clone();
-    let max = cfg.max_request_bytes * 2 + 4096;
+    let max = cfg.node_frame_limit();
     let mut serving = serving.clone();
     let relay_conn = conn.clone();
     tokio::spawn(async move {
@@ -290,7 +290,7 @@ pub async fn connect_backup(
         .await;
         out.finish();
     });
-    let max = cfg.max_request_bytes * 4 + 4096;
+    let max = cfg.node_frame_limit();
     tokio::spawn(async move {
         let mut input = FramedRecv::new(recv, max);
         let why = loop {
@@ -345,10 +345,7 @@ pub async fn serve_replication(
             continue;
         };
         let out = FramedSend::new(send);
-        let mut input = FramedRecv::new(
-            recv,
-            2 * cfg.max_response_bytes + 2 * cfg.max_request_bytes + SNAPSHOT_CHUNK_BYTES * 2,
-        );
+        let mut input = FramedRecv::new(recv, cfg.node_frame_limit());
         match input.next().await {
             Ok(Some(b)) => match frame::decode::<Repl>(&b) {
                 Ok(Repl::Hello { epoch, primary })

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::durable::wal::{Wal, WalMsg};
 use crate::durable::{Position, Record, SNAPSHOT_CHUNK};
 use crate::space::{self, Change, IndexHint, Pair, Pattern, Space};
-use crate::wire::client::{Command, pairs_response_len};
+use crate::wire::client::{Command, pairs_node_len, pairs_response_len};
 use crate::wire::node::{RelayReply, Reply};
 
 /// Spaces at least this large have full-scan GETs moved off the store thread.
@@ -518,7 +518,8 @@ fn is_plain_key(p: &str) -> bool {
 }
 
 fn too_large_reply(pairs: &[Pair], max: usize) -> Option<Reply> {
-    let n = pairs_response_len(pairs);
+    // One size rule for both encodings: what reaches the client also fits every node link.
+    let n = pairs_response_len(pairs).max(pairs_node_len(pairs));
     (n > max).then(|| {
         Reply::TooLarge(format!(
             "the answer would hold {} pairs (~{n} bytes), more than max_response_bytes ({max}); nothing was changed: narrow the pattern",

@@ -495,6 +495,25 @@ pub fn pairs_response_len(pairs: &[Pair]) -> usize {
             .sum::<usize>()
 }
 
+/// Upper bound of the encoded size of `pairs` on the node links (a relay reply or a replicated
+/// update carries them as `{key: text, value: text}` maps), so that an answer the client check
+/// lets through always fits the node links too.
+pub fn pairs_node_len(pairs: &[Pair]) -> usize {
+    64 + cbor_head_len(pairs.len())
+        + pairs
+            .iter()
+            .map(|p| {
+                // map head, "key", "value", and the two texts with their heads
+                1 + 4
+                    + 6
+                    + cbor_head_len(p.key.len())
+                    + p.key.len()
+                    + cbor_head_len(p.value.len())
+                    + p.value.len()
+            })
+            .sum::<usize>()
+}
+
 /// A request built by our own client.
 pub fn request_value(id: u64, op: &str, args: Option<Value>) -> Value {
     let mut m = vec![
@@ -511,6 +530,29 @@ pub fn request_value(id: u64, op: &str, args: Option<Value>) -> Value {
 mod tests {
     use super::*;
     use crate::wire::frame;
+
+    #[test]
+    fn node_length_bounds_the_node_encoding_of_pairs() {
+        use crate::wire::node::{RelayReply, Reply};
+        for n in [0usize, 1, 30, 1000] {
+            let pairs: Vec<Pair> = (0..n)
+                .map(|i| Pair::new(format!("k,{i}"), "x".repeat(i % 300)))
+                .collect();
+            let r = RelayReply {
+                rid: u64::MAX,
+                reply: Reply::Pairs {
+                    pairs: pairs.clone(),
+                    message: None,
+                },
+            };
+            let real = frame::encode(&r).len();
+            assert!(
+                real <= pairs_node_len(&pairs),
+                "{n}: {real} > {}",
+                pairs_node_len(&pairs)
+            );
+        }
+    }
 
     fn req(v: Value) -> Result<Request, Malformed> {
         parse_request(v)
