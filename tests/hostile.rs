@@ -1,6 +1,8 @@
 //! Hostile peers: a certificate of the cluster that is not a node's must never be taken for a
 //! proxy, a server or a backup by any dialer of the service.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -8,6 +10,10 @@ use std::time::Duration;
 use tuplespace::net::endpoint::{self, LinkParams};
 use tuplespace::net::tls::{self, CertRole, Identity};
 use tuplespace::wire::NODE_ALPN;
+use tuplespace::wire::client::Status;
+
+use ciborium::Value;
+use common::*;
 
 fn params() -> LinkParams {
     LinkParams {
@@ -115,4 +121,64 @@ async fn a_client_or_admin_certificate_cannot_pose_as_a_node() {
     dial(&dir, addr)
         .await
         .expect("a node certificate is accepted");
+}
+
+/// An answer just under `max_response_bytes` in the client encoding is larger in the node
+/// encoding between primary and proxy: once that frame killed the proxy's relay stream for good.
+/// Now the store checks both encodings: the GET and the DELETE are `too-large`, nothing changes,
+/// and the service keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_at_the_size_limit_is_too_large_and_the_service_keeps_serving() {
+    let cl = Cluster::builder()
+        .set("max_request_bytes=65536")
+        .set("max_response_bytes=1048576")
+        .start()
+        .await;
+    let mut c = cl.client().await;
+    const N: usize = 80_000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(3000) {
+        let args: Vec<Value> = chunk
+            .iter()
+            .map(|i| pair(&["k", &i.to_string()], &["x"]))
+            .collect();
+        let r = c.request("PUT", Some(Value::Array(args))).await.unwrap();
+        assert_eq!(r.status, Status::Ok, "{r:?}\n{}", cl.logs());
+    }
+    let client_len = tuplespace::wire::client::pairs_response_len(
+        &(0..N)
+            .map(|i| tuplespace::space::Pair::new(format!("k,{i}"), "x"))
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        client_len < 1_048_576,
+        "the client encoding ({client_len}) must be under the limit for this test to mean anything"
+    );
+    for op in ["GET", "DELETE"] {
+        let t0 = std::time::Instant::now();
+        let r = c.request(op, pats(".*", ".*")).await.unwrap();
+        assert_eq!(
+            r.status,
+            Status::TooLarge,
+            "{op}: {:?} {:?}\n{}",
+            r.message,
+            r.pairs.map(|p| p.len()),
+            cl.logs()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{op} took {:?}",
+            t0.elapsed()
+        );
+    }
+    // Nothing was deleted, and reads and writes on this and a new connection still work.
+    let r = c.request("GET", pats(r"k,7999\d", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r).len(), 10, "{r:?}");
+    let mut c2 = cl.client().await;
+    let r = c2
+        .request("PUT", Some(Value::Array(vec![tpair("after", "1")])))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    let r = c.request("GET", pats("after", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("after", "1")]), "{r:?}");
 }
