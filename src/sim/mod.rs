@@ -13,19 +13,34 @@
 //! heartbeat), each delivering in order with its own random delay, so messages on different
 //! streams interleave freely. A cut (one-way or both ways) holds a connection's packets; one held
 //! longer than the idle timeout kills the connection at both ends, as QUIC does. A paused process
-//! handles nothing; its peers' connections to it die after the idle timeout. `kill -9` ends a
-//! process at once; its peers notice only by the idle timeout. Duplicated control messages are
-//! injected too (a re-sent grant, fence, report).
+//! handles nothing (nor does its log writer); its peers' connections to it die after the idle
+//! timeout. `kill -9` ends a process at once; its peers notice only by the idle timeout.
+//! Duplicated control messages are injected too (a re-sent grant, fence, report).
+//!
+//! The disks (`disk.rs`, mirroring `src/durable`): every replica process has a log directory on
+//! the host it runs on (one host, as `up` lays it out; two in launch-command mode, a backup on
+//! the host its primary is not on). The store's records (applied writes, a backup's initial
+//! copy, epoch rises) are appended in store order; the log writer syncs them in groups after a
+//! random disk delay and publishes what is held, which the executor steps as `LogDurable`; a
+//! backup acknowledges its copy and updates only once held (`links::acknowledge`). A process
+//! that dies loses what was not synced (a power cut of a host may keep part of the group being
+//! synced: a torn tail); an operator restarts a primary from the most advanced complete copy on
+//! a host (`durable::recover`), which claims that copy's epoch in its hello. Faults added: power
+//! cuts of a host or of everything, and restarts from the logs.
 //!
 //! Properties checked on every run: every client history is linearizable per key (so no
-//! acknowledged write is lost and none is applied twice, since every written value is unique);
-//! at most one replica releases writes in an epoch; and, once every fault has healed, a write
-//! succeeds within a bounded time unless both replicas' data is gone.
+//! acknowledged write is lost and none is applied twice, since every written value is unique,
+//! also across restarts from the logs); at most one replica releases writes in an epoch (a
+//! primary restarted from a copy may go on in that copy's epoch once the replica that served it
+//! is gone, and only if the copy holds every update released in it); and, once every fault has
+//! healed and an operator has restarted a primary from the logs if none runs, a write succeeds
+//! within a bounded time (without logs: unless both replicas' data is gone).
 
+mod disk;
 pub mod rng;
 pub mod world;
 
-pub use world::{Fault, Plan, Report, SimParams, Target, run};
+pub use world::{Fault, Plan, Recovery, Report, SimParams, Target, run};
 
 /// Runs seeds `start..start+count` on `threads` threads; returns the failing seeds with their
 /// reports (first `keep` failures) and how many ran.

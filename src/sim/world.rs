@@ -5,6 +5,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write as _;
 
+use super::disk::{self, Disk, DiskId, Held, Rec};
 use super::rng::Rng;
 use crate::ha::Millis;
 use crate::ha::replica::{self, BackupId, Timing};
@@ -34,6 +35,34 @@ pub struct SimParams {
     pub settle: Millis,
     /// Record a trace of every event (for `--verbose` replays).
     pub trace: bool,
+    /// Each replica keeps a log (`src/durable`): a primary releases only what its log holds, a
+    /// backup acknowledges only what its log holds, and replicas restart from the logs. False:
+    /// the model before logs (memory only; no power cuts, restarts or operator).
+    pub logs: bool,
+    /// A sync (fdatasync of one group) takes this long (uniform) ...
+    pub disk_delay: (Millis, Millis),
+    /// ... or, with this probability, up to this long (a slow disk).
+    pub slow_disk: (f64, Millis),
+    /// A broken executor for tests: a record counts as held once handed to the OS, before its
+    /// sync (as with `fsync = "never"`); a power cut still loses what was not synced.
+    pub ack_before_sync: bool,
+    /// `kill -9` leaves what the log writer had handed to the OS in the page cache: it survives
+    /// the process (recovery reads it) but not a later power cut of the host. False: a killed
+    /// process loses every unsynced record, like a power cut of its own.
+    pub kill_keeps_page_cache: bool,
+    /// A proxy without durable state learns the replicas' epochs this long
+    /// (`proxy_fresh_wait_ms`).
+    pub proxy_fresh_wait: Millis,
+    /// Once the faults are over, an operator restarts a primary from the logs (as `up` does) if
+    /// none is running; the liveness check then applies to every run.
+    pub operator: bool,
+    /// When the proxy refuses a primary the operator started: 0: only the server is started
+    /// again; 1: the proxy is restarted first (`up` again); 2: then once more without the proxy's
+    /// state file.
+    pub operator_escalation: u8,
+    /// The operator starts a primary on the host whose copy is the most advanced (OPERATIONS.md);
+    /// false: on the host of the replica that died (or any host with a copy).
+    pub careful_operator: bool,
 }
 
 impl Default for SimParams {
@@ -52,6 +81,15 @@ impl Default for SimParams {
             fault_window: (500, 5000),
             settle: 6000,
             trace: false,
+            logs: true,
+            disk_delay: (1, 4),
+            slow_disk: (0.03, 40),
+            ack_before_sync: false,
+            kill_keeps_page_cache: false,
+            proxy_fresh_wait: 2000,
+            operator: true,
+            operator_escalation: 2,
+            careful_operator: true,
         }
     }
 }
@@ -83,6 +121,21 @@ pub enum Fault {
     },
     /// The next `n` control messages are delivered twice.
     Duplicate(u32),
+    /// Power cut of the host the target replica runs on: every replica there dies at once and
+    /// the host's log directories lose what was not synced (a group being synced may survive in
+    /// part: a torn tail, cut at recovery).
+    PowerCut(Target),
+    /// Power cut of every host, the proxy's included. The proxy restarts `proxy_after` ms later
+    /// with its state file (always synced); an operator restarts a primary from the logs
+    /// `restart_after` ms later (as `up` does: the most advanced copy on the host), and on
+    /// another host if the proxy refuses it.
+    PowerCutAll {
+        proxy_after: Millis,
+        restart_after: Millis,
+    },
+    /// An operator restarts a dead replica as a primary on its host (`tuplespace server ...
+    /// null`): it recovers the most advanced complete copy there and claims its epoch.
+    Restart,
 }
 
 /// What faults a run gets.
@@ -110,6 +163,26 @@ pub struct Report {
     pub end_epoch: u64,
     pub trace: Vec<String>,
     pub liveness_checked: bool,
+    /// Primaries started from the logs (operator restarts).
+    pub restarts: u64,
+    /// Power cuts (of a host or of everything).
+    pub power_cuts: u64,
+    /// Every start of a primary from the logs.
+    pub recoveries: Vec<Recovery>,
+    /// Proxy restarts by the operator because the proxy refused a primary it started, and how
+    /// many of them without the proxy's state file.
+    pub operator_proxy_restarts: u64,
+    pub operator_state_discarded: u64,
+}
+
+/// A primary started from the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    pub pid: u32,
+    /// The process that created the directory it recovered.
+    pub from: u32,
+    /// The copy's epoch and update (None: no complete copy on the host, an empty start).
+    pub copy: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -122,16 +195,17 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "seed {}: {} ops ({} acknowledged writes), faults: [{}], final epoch {}, liveness {}",
+            "seed {}: {} ops ({} acknowledged writes), faults: [{}], final epoch {}, {} restarts from the logs, liveness {}",
             self.seed,
             self.ops,
             self.acknowledged_writes,
             self.faults.join("; "),
             self.end_epoch,
+            self.restarts,
             if self.liveness_checked {
                 "checked"
             } else {
-                "exempt (the only full copy was killed, a double fault, or servers stopped after losing the proxy)"
+                "exempt (without logs: the only full copy was killed, a double fault, or servers stopped after losing the proxy)"
             }
         );
         for v in &self.violations {
@@ -162,20 +236,20 @@ impl KvOp {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum KvReply {
+pub(super) enum KvReply {
     Read(Option<u64>),
     Applied,
     Rejected,
     Deleted(Option<u64>),
 }
 
-type Change = Option<(u32, Option<u64>)>;
+pub(super) type Change = Option<(u32, Option<u64>)>;
 
 #[derive(Clone, Debug, Default)]
-struct Kv {
-    map: BTreeMap<u32, u64>,
-    seq: u64,
-    dedupe: BTreeMap<u64, KvReply>,
+pub(super) struct Kv {
+    pub map: BTreeMap<u32, u64>,
+    pub seq: u64,
+    pub dedupe: BTreeMap<u64, KvReply>,
 }
 
 enum StoreOut {
@@ -233,7 +307,7 @@ impl Kv {
         }
     }
 
-    fn apply(&mut self, change: &Change) {
+    pub(super) fn apply(&mut self, change: &Change) {
         match change {
             Some((k, Some(v))) => {
                 self.map.insert(*k, *v);
@@ -413,6 +487,23 @@ enum Ev {
         pid: Pid,
     },
     CloseConn(ConnId),
+    /// The log writer of `disk` takes what was appended as its next group.
+    DiskGroup {
+        disk: DiskId,
+        life: u64,
+    },
+    /// The sync of the group ending at record `upto` completed.
+    DiskSynced {
+        disk: DiskId,
+        life: u64,
+        upto: usize,
+    },
+    /// An operator restarts a primary from the logs if none runs (`attempt`: how many the proxy
+    /// refused before); after a refusal, first the proxy (see [`World::operator`]).
+    Operator {
+        attempt: u32,
+        proxy: bool,
+    },
 }
 
 struct Queued {
@@ -443,6 +534,37 @@ impl Ord for Queued {
 /// A client request as the simulated proxy keeps it: (client, history index).
 type Pending = (u32, usize);
 
+/// A reply as the replica machine holds it: request id, reply, the update it is (a write) or
+/// observed (a read or dedupe answer), and whether it is a newly applied write.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Rel {
+    rid: u64,
+    reply: KvReply,
+    seq: u64,
+    write: bool,
+}
+
+/// How a process ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Death {
+    /// It exits: the store's last flush syncs its log; peers hear at once.
+    Exit,
+    /// `kill -9`.
+    Kill,
+    /// Its host loses power.
+    Power,
+}
+
+/// Backup side: what is owed the primary on the replication connection (`links::acknowledge`):
+/// the initial copy (up to an update, the n-th copy this process received), updates.
+#[derive(Clone, Debug)]
+struct Acker {
+    conn: ConnId,
+    synced: Option<(u64, u64)>,
+    want: u64,
+    acked: u64,
+}
+
 struct ProxyProc {
     router: router::Router<Pending, KvReply>,
     links: BTreeMap<LinkId, ConnId>,
@@ -454,7 +576,7 @@ struct ProxyProc {
 
 struct Rep {
     pid: Pid,
-    machine: replica::Replica<(u64, KvReply)>,
+    machine: replica::Replica<Rel>,
     kv: Kv,
     /// The proxy connection being made or in use, and whether it was welcomed.
     proxy_conn: Option<ConnId>,
@@ -471,7 +593,20 @@ struct Rep {
     beat: Option<ConnId>,
     alive: bool,
     paused: bool,
-    actions: Vec<replica::Action<(u64, KvReply)>>,
+    actions: Vec<replica::Action<Rel>>,
+    /// The host it runs on, and its log directory there.
+    host: u8,
+    disk: Option<DiskId>,
+    /// The highest epoch handed to the store (and so to the log).
+    logged_epoch: u64,
+    /// Started from a copy at this (epoch, update).
+    recovered: Option<(u64, u64)>,
+    /// An operator's restart (attempt number; 0: not one), and whether it was ever welcomed.
+    operator: u32,
+    ever_welcomed: bool,
+    acker: Option<Acker>,
+    /// Initial copies received (`serve_replication`'s `bases_sent`).
+    bases_sent: u64,
 }
 
 struct ClientProc {
@@ -517,8 +652,22 @@ struct World {
     only_copy_killed: bool,
     stateless_restarts: u32,
     proxy_loss_exits: u32,
-    /// (epoch, pid) of every release of a write reply.
-    write_epochs: BTreeMap<u64, Pid>,
+    /// Per epoch, the replica that released write replies in it and the highest update it
+    /// released.
+    write_epochs: BTreeMap<u64, (Pid, u64)>,
+    /// Log directories (`logs`), their random disk delays, and how many hosts the replicas run
+    /// on (one; two in launch-command mode).
+    disks: Vec<Disk>,
+    drng: Rng,
+    hosts: u8,
+    restarts: u64,
+    power_cuts: u64,
+    /// Operator restarts of a run: the order in which it tries hosts; how often it restarted
+    /// the proxy because a primary it started was refused.
+    operator_hosts: Vec<u8>,
+    operator_proxy_restarts: u64,
+    operator_state_discarded: u64,
+    recoveries: Vec<Recovery>,
     violations: Vec<String>,
     trace: Vec<String>,
     end: Millis,
@@ -557,12 +706,23 @@ pub fn run(seed: u64, p: &SimParams, plan: &Plan) -> Report {
             at + match f {
                 Fault::ProxyRestart { after, .. } => *after,
                 Fault::Pause(_, ms) | Fault::Cut { ms, .. } => *ms,
+                Fault::PowerCutAll {
+                    proxy_after,
+                    restart_after,
+                } => (*proxy_after).max(*restart_after),
                 _ => 0,
             }
         })
         .max()
         .unwrap_or(0);
     let end = last_heal.max(p.fault_window.1) + p.settle;
+    let mut drng = Rng::new(seed ^ 0xD15C_D15C_D15C_D15C);
+    let hosts: u8 = if remote { 2 } else { 1 };
+    let operator_hosts = if hosts == 2 && drng.chance(0.5) {
+        vec![1, 0]
+    } else {
+        (0..hosts).collect()
+    };
     let mut w = World {
         p: p.clone(),
         rng,
@@ -591,14 +751,32 @@ pub fn run(seed: u64, p: &SimParams, plan: &Plan) -> Report {
         stateless_restarts: 0,
         proxy_loss_exits: 0,
         write_epochs: BTreeMap::new(),
+        disks: Vec::new(),
+        drng,
+        hosts,
+        restarts: 0,
+        power_cuts: 0,
+        operator_hosts,
+        operator_proxy_restarts: 0,
+        operator_state_discarded: 0,
+        recoveries: Vec::new(),
         violations: Vec::new(),
         trace: Vec::new(),
         end,
         failovers: 0,
     };
     w.start_proxy(true);
-    let pid = w.spawn_replica(Role::Primary, None);
+    let pid = w.spawn_replica(Role::Primary, None, 0);
     w.primary_saps = Some(pid);
+    if p.logs && p.operator {
+        w.at(
+            last_heal.max(p.fault_window.1) + p.settle / 6,
+            Ev::Operator {
+                attempt: 0,
+                proxy: false,
+            },
+        );
+    }
     for c in 0..p.clients {
         w.clients.push(ClientProc {
             conn: None,
@@ -620,15 +798,37 @@ pub fn run(seed: u64, p: &SimParams, plan: &Plan) -> Report {
     w.finish(seed, last_heal)
 }
 
+/// How many of `n` unsynced records that reached the OS survive a power cut (a prefix; the
+/// last one may be torn, which is the same as lost).
+fn torn(rng: &mut Rng, n: usize) -> usize {
+    if n == 0 || rng.chance(0.5) {
+        0
+    } else {
+        rng.range(0, n as u64) as usize
+    }
+}
+
 fn random_faults(rng: &mut Rng, p: &SimParams) -> (Vec<(Millis, Fault)>, bool) {
     let remote = rng.chance(0.3);
     let n = rng.range(0, 4);
     let mut kills = 0;
     let mut out = Vec::new();
     let targets = [Target::Proxy, Target::Primary, Target::Backup];
+    let replica = |rng: &mut Rng| {
+        if rng.chance(0.5) {
+            Target::Primary
+        } else {
+            Target::Backup
+        }
+    };
+    // With logs: power cuts (of a host, of everything) and restarts from the logs too.
+    let kinds = if p.logs { 13 } else { 9 };
     for _ in 0..n {
         let at = rng.range(p.fault_window.0, p.fault_window.1);
-        let f = match rng.range(0, 9) {
+        let k = rng.range(0, kinds);
+        // (Without logs, the old distribution: 8 and 9 duplicate.)
+        let k = if !p.logs && k == 9 { 8 } else { k };
+        let f = match k {
             0 if kills == 0 || rng.chance(0.2) => {
                 kills += 1;
                 Fault::Kill(if rng.chance(0.5) {
@@ -657,7 +857,13 @@ fn random_faults(rng: &mut Rng, p: &SimParams) -> (Vec<(Millis, Fault)>, bool) {
                     ms: rng.range(50, 3500),
                 }
             }
-            _ => Fault::Duplicate(rng.range(1, 20) as u32),
+            8 => Fault::Duplicate(rng.range(1, 20) as u32),
+            9 | 10 => Fault::PowerCut(replica(rng)),
+            11 => Fault::PowerCutAll {
+                proxy_after: rng.range(50, 1500),
+                restart_after: rng.range(50, 2000),
+            },
+            _ => Fault::Restart,
         };
         out.push((at, f));
     }
@@ -696,7 +902,8 @@ impl World {
             self.disk = Some((incarnation, durable.clone()));
         }
         let grace = self.p.idle_timeout + self.p.heartbeat_timeout;
-        let witness = Witness::restore(self.p.heartbeat_timeout, grace, durable);
+        let witness = Witness::restore(self.p.heartbeat_timeout, grace, durable)
+            .learning(self.p.proxy_fresh_wait);
         self.proxy = Some(ProxyProc {
             router: router::Router::new(witness, incarnation, self.p.request_timeout),
             links: BTreeMap::new(),
@@ -713,30 +920,30 @@ impl World {
         self.at(self.now + period, Ev::ProxyTick(self.proxy_starts));
     }
 
-    fn spawn_replica(&mut self, role: Role, primary: Option<Pid>) -> Pid {
+    fn spawn_replica(&mut self, role: Role, primary: Option<Pid>, host: u8) -> Pid {
         let pid = self.next_pid;
         self.next_pid += 1;
-        let machine = replica::Replica::new(role, timing(&self.p), self.now);
-        self.reps.insert(
-            pid,
-            Rep {
+        let mut machine = replica::Replica::new(role, timing(&self.p), self.now);
+        let mut disk = None;
+        if self.p.logs {
+            // A new directory: a backup's stays empty until its primary sends the space; a new
+            // primary logs its (empty) space as a base copy first (`StoreInit::log_base`).
+            machine = machine.with_log(0, 0);
+            self.disks.push(Disk::new(host, pid));
+            disk = Some(self.disks.len() - 1);
+        }
+        self.insert_rep(pid, machine, Kv::default(), primary, host, disk);
+        if role == Role::Primary {
+            self.log_rec(pid, Rec::Reset);
+            self.log_rec(
                 pid,
-                machine,
-                kv: Kv::default(),
-                proxy_conn: None,
-                welcomed: false,
-                held: Vec::new(),
-                backup: None,
-                children: BTreeMap::new(),
-                primary_handle: primary,
-                inbound: None,
-                beat: None,
-                alive: true,
-                paused: false,
-                actions: Vec::new(),
-            },
-        );
-        self.log(|| format!("replica {pid} starts as {role:?}"));
+                Rec::Base {
+                    epoch: 0,
+                    kv: Box::default(),
+                },
+            );
+        }
+        self.log(|| format!("replica {pid} starts as {role:?} on host {host}"));
         match role {
             Role::Primary => {
                 let at = self.now + 1;
@@ -748,6 +955,113 @@ impl World {
             }
         }
         pid
+    }
+
+    fn insert_rep(
+        &mut self,
+        pid: Pid,
+        machine: replica::Replica<Rel>,
+        kv: Kv,
+        primary: Option<Pid>,
+        host: u8,
+        disk: Option<DiskId>,
+    ) {
+        self.reps.insert(
+            pid,
+            Rep {
+                pid,
+                logged_epoch: machine.epoch(),
+                machine,
+                kv,
+                proxy_conn: None,
+                welcomed: false,
+                held: Vec::new(),
+                backup: None,
+                children: BTreeMap::new(),
+                primary_handle: primary,
+                inbound: None,
+                beat: None,
+                alive: true,
+                paused: false,
+                actions: Vec::new(),
+                host,
+                disk,
+                recovered: None,
+                operator: 0,
+                ever_welcomed: false,
+                acker: None,
+                bases_sent: 0,
+            },
+        );
+    }
+
+    /// An operator starts a primary on `host` from the logs there (`server ... null` with the
+    /// host's data root): the most advanced complete copy, its space, update number, dedupe
+    /// table and epoch, which it claims in its hello. None if it could not start.
+    fn restart_primary(&mut self, host: u8, operator: u32) -> Option<Pid> {
+        if let Some(o) = self.primary_saps.filter(|o| self.exists(Addr::Rep(*o))) {
+            self.log(|| format!("restart on host {host}: the primary SAPs are held by {o}"));
+            return None;
+        }
+        let pid = self.next_pid;
+        let (disk, kv, pos) = match disk::recover(&self.disks, host) {
+            Err(d) => {
+                self.log(|| {
+                    format!("restart on host {host}: the most advanced copy ({d}) is in use")
+                });
+                return None;
+            }
+            Ok(Some((d, copy))) => {
+                let pos = copy.held.pos;
+                self.disks[d].take_over(pid, &copy);
+                (d, copy.kv, Some(pos))
+            }
+            Ok(None) => {
+                self.disks.push(Disk::new(host, pid));
+                (self.disks.len() - 1, Kv::default(), None)
+            }
+        };
+        self.next_pid += 1;
+        self.restarts += 1;
+        self.recoveries.push(Recovery {
+            pid,
+            from: self.disks[disk].creator,
+            copy: pos.map(|p| (p.epoch, p.seq)),
+        });
+        let (e, s) = pos.map_or((0, 0), |p| (p.epoch, p.seq));
+        let machine =
+            replica::Replica::new(Role::Primary, timing(&self.p), self.now).with_log(e, s);
+        self.insert_rep(pid, machine, kv, None, host, Some(disk));
+        if let Some(r) = self.reps.get_mut(&pid) {
+            r.recovered = pos.map(|p| (p.epoch, p.seq));
+            r.operator = operator;
+        }
+        if pos.is_none() {
+            self.log_rec(pid, Rec::Reset);
+            self.log_rec(
+                pid,
+                Rec::Base {
+                    epoch: 0,
+                    kv: Box::default(),
+                },
+            );
+        }
+        self.log(|| {
+            format!("replica {pid} restarts as Primary on host {host} from the logs: copy {disk} at {pos:?}")
+        });
+        self.primary_saps = Some(pid);
+        // What the directory holds is published at once (`on_durable` at start): copies it
+        // supersedes are removed.
+        if let Some(p) = pos {
+            let held = Held {
+                pos: p,
+                base: true,
+                bases: 0,
+            };
+            self.tidy(disk, held);
+        }
+        self.at(self.now + 1, Ev::Tick(Addr::Rep(pid)));
+        Some(pid)
     }
 
     fn running(&self, a: Addr) -> bool {
@@ -776,13 +1090,28 @@ impl World {
 
     /// Kills a process at once (kill -9 or exit). Peers learn of it by the idle timeout
     /// (`graceful`: at once, as a CONNECTION_CLOSE would tell them).
-    fn kill(&mut self, a: Addr, graceful: bool) {
-        self.log(|| format!("{a:?} {}", if graceful { "exits" } else { "killed" }));
+    fn kill(&mut self, a: Addr, how: Death) {
+        let graceful = how == Death::Exit;
+        self.log(|| {
+            format!(
+                "{a:?} {}",
+                match how {
+                    Death::Exit => "exits",
+                    Death::Kill => "killed",
+                    Death::Power => "loses power",
+                }
+            )
+        });
         match a {
             Addr::Proxy => self.proxy = None,
             Addr::Rep(p) => {
+                let mut disk = None;
                 if let Some(r) = self.reps.get_mut(&p) {
                     r.alive = false;
+                    disk = r.disk;
+                }
+                if let Some(d) = disk {
+                    self.disk_dies(d, how);
                 }
                 if self.backup_sap == Some(p) {
                     self.backup_sap = None;
@@ -812,6 +1141,188 @@ impl World {
                     to: other,
                 },
             );
+        }
+    }
+
+    // ---- the replicas' logs (mirrors durable/wal.rs and the executor's `on_durable`) ----
+
+    /// The store hands a record to its log writer.
+    fn log_rec(&mut self, pid: Pid, rec: Rec) {
+        let Some(d) = self.reps.get(&pid).and_then(|r| r.disk) else {
+            return;
+        };
+        let disk = &mut self.disks[d];
+        if disk.owner != Some(pid) {
+            return;
+        }
+        disk.append(rec);
+        self.queue_group(d);
+    }
+
+    /// The writer takes the next group once the current event is over (it drains its queue).
+    fn queue_group(&mut self, d: DiskId) {
+        let disk = &mut self.disks[d];
+        if disk.owner.is_some() && !disk.start_queued && !disk.syncing && disk.pending() {
+            disk.start_queued = true;
+            let life = disk.life;
+            self.at(self.now, Ev::DiskGroup { disk: d, life });
+        }
+    }
+
+    fn disk_group(&mut self, d: DiskId, life: u64) {
+        let disk = &self.disks[d];
+        let Some(owner) = disk.owner.filter(|_| disk.life == life) else {
+            return;
+        };
+        if self.paused(Addr::Rep(owner)) {
+            // A stopped process's writer thread is stopped too.
+            self.at(self.now + 20, Ev::DiskGroup { disk: d, life });
+            return;
+        }
+        self.disks[d].start_queued = false;
+        let Some(upto) = self.disks[d].start_group() else {
+            return;
+        };
+        let (lo, hi) = self.p.disk_delay;
+        let (slow, slowest) = self.p.slow_disk;
+        let delay = if self.drng.chance(slow) {
+            self.drng.range(hi, slowest)
+        } else {
+            self.drng.range(lo, hi)
+        };
+        self.at(
+            self.now + delay,
+            Ev::DiskSynced {
+                disk: d,
+                life,
+                upto,
+            },
+        );
+        if self.p.ack_before_sync {
+            let h = self.disks[d].held_upto(upto);
+            self.publish(d, h);
+        }
+    }
+
+    fn disk_synced(&mut self, d: DiskId, life: u64, upto: usize) {
+        let disk = &self.disks[d];
+        let Some(owner) = disk.owner.filter(|_| disk.life == life) else {
+            return;
+        };
+        if self.paused(Addr::Rep(owner)) {
+            self.at(
+                self.now + 20,
+                Ev::DiskSynced {
+                    disk: d,
+                    life,
+                    upto,
+                },
+            );
+            return;
+        }
+        self.disks[d].synced(upto);
+        if !self.p.ack_before_sync {
+            let h = self.disks[d].held_upto(upto);
+            self.publish(d, h);
+        }
+        if self.disks[d].life == life {
+            self.queue_group(d);
+        }
+    }
+
+    /// The writer publishes what the log holds; the executor steps `LogDurable`, the backup's
+    /// acknowledger looks again, and once the copy is complete, the copies it supersedes on this
+    /// host are removed (`on_durable`).
+    fn publish(&mut self, d: DiskId, h: Held) {
+        let disk = &mut self.disks[d];
+        if h == disk.published {
+            return;
+        }
+        disk.published = h;
+        let Some(pid) = disk.owner else { return };
+        self.rep_step(
+            pid,
+            replica::Input::LogDurable {
+                epoch: h.pos.epoch,
+                seq: h.pos.seq,
+            },
+        );
+        self.backup_ack(pid);
+        self.tidy(d, h);
+    }
+
+    fn tidy(&mut self, d: DiskId, h: Held) {
+        if h.base && !self.disks[d].tidied && self.disks[d].owner.is_some() {
+            self.disks[d].tidied = true;
+            for x in disk::superseded(&self.disks, d, h.pos) {
+                self.disks[x].removed = true;
+                self.log(|| format!("copy {x} removed: superseded by copy {d} at {:?}", h.pos));
+            }
+        }
+    }
+
+    /// Backup side: acknowledges the initial copy and the updates once the log holds them
+    /// (`links::acknowledge`); without logs, at once.
+    fn backup_ack(&mut self, pid: Pid) {
+        let Some(r) = self.reps.get(&pid) else { return };
+        let Some(mut a) = r.acker.clone().filter(|_| r.alive) else {
+            return;
+        };
+        let held = r.disk.map(|d| self.disks[d].published);
+        let mut msgs = Vec::new();
+        if let Some((seq, n)) = a.synced {
+            if held.is_some_and(|h| !h.base || h.bases < n || h.pos.seq < seq) {
+                return;
+            }
+            a.synced = None;
+            a.acked = a.acked.max(seq);
+            msgs.push(Msg::Synced { seq, pid });
+        }
+        let upto = held.map_or(a.want, |h| a.want.min(h.pos.seq));
+        if upto > a.acked {
+            a.acked = upto;
+            msgs.push(Msg::Ack { seq: upto });
+        }
+        let conn = a.conn;
+        if let Some(r) = self.reps.get_mut(&pid) {
+            r.acker = Some(a);
+        }
+        for m in msgs {
+            self.send(conn, Addr::Rep(pid), CONTROL, m);
+        }
+    }
+
+    /// A replica's process ends: what its log keeps (`Death::Exit`: the store's last flush).
+    fn disk_dies(&mut self, d: DiskId, how: Death) {
+        let keep_cache = self.p.kill_keeps_page_cache;
+        let drng = &mut self.drng;
+        let disk = &mut self.disks[d];
+        match how {
+            Death::Exit => {
+                disk.flush();
+                disk.crash(|n| n);
+            }
+            Death::Kill => disk.crash(|n| if keep_cache { n } else { 0 }),
+            Death::Power => disk.crash(|n| torn(drng, n)),
+        }
+    }
+
+    /// A power cut of `host`: its replicas die, its directories lose what was not synced.
+    fn power_cut(&mut self, host: u8) {
+        let victims: Vec<Pid> = self
+            .reps
+            .values()
+            .filter(|r| r.alive && r.host == host)
+            .map(|r| r.pid)
+            .collect();
+        for pid in victims {
+            self.kill(Addr::Rep(pid), Death::Power);
+        }
+        for d in 0..self.disks.len() {
+            if self.disks[d].host == host && self.disks[d].owner.is_none() {
+                let drng = &mut self.drng;
+                self.disks[d].lose_page_cache(|n| torn(drng, n));
+            }
         }
     }
 
@@ -1047,7 +1558,7 @@ impl World {
                     self.at(self.now + 1, Ev::Tick(Addr::Rep(pid)));
                 } else if self.now >= deadline {
                     self.log(|| format!("replica {pid} cannot bind BACKUP_SAP: exits"));
-                    self.kill(Addr::Rep(pid), true);
+                    self.kill(Addr::Rep(pid), Death::Exit);
                 } else {
                     self.at(self.now + 20, Ev::BindBackupSap { pid, deadline });
                 }
@@ -1067,6 +1578,9 @@ impl World {
                 }
             }
             Ev::CloseConn(c) => self.close(c),
+            Ev::DiskGroup { disk, life } => self.disk_group(disk, life),
+            Ev::DiskSynced { disk, life, upto } => self.disk_synced(disk, life, upto),
+            Ev::Operator { attempt, proxy } => self.operator(attempt, proxy),
         }
     }
 
@@ -1151,7 +1665,7 @@ impl World {
                             self.only_copy_killed = true;
                         }
                     }
-                    self.kill(a, false);
+                    self.kill(a, Death::Kill);
                 }
             }
             Fault::ProxyRestart { after, with_state } => {
@@ -1159,7 +1673,7 @@ impl World {
                     self.stateless_restarts += 1;
                 }
                 if self.proxy.is_some() {
-                    self.kill(Addr::Proxy, false);
+                    self.kill(Addr::Proxy, Death::Kill);
                 }
                 if !self.proxy_start_pending {
                     self.proxy_start_pending = true;
@@ -1193,6 +1707,153 @@ impl World {
                 }
             }
             Fault::Duplicate(n) => self.duplicate += n,
+            Fault::PowerCut(t) => {
+                if let Some(Addr::Rep(p)) = self.resolve(t) {
+                    let host = self.reps[&p].host;
+                    self.replica_kills += 1;
+                    self.power_cuts += 1;
+                    self.power_cut(host);
+                }
+            }
+            Fault::PowerCutAll {
+                proxy_after,
+                restart_after,
+            } => {
+                self.replica_kills += 2;
+                self.power_cuts += 1;
+                for h in 0..self.hosts {
+                    self.power_cut(h);
+                }
+                if self.proxy.is_some() {
+                    self.kill(Addr::Proxy, Death::Power);
+                }
+                if !self.proxy_start_pending {
+                    self.proxy_start_pending = true;
+                    self.at(self.now + proxy_after, Ev::ProxyStart { with_state: true });
+                }
+                self.at(
+                    self.now + restart_after,
+                    Ev::Operator {
+                        attempt: 0,
+                        proxy: false,
+                    },
+                );
+            }
+            Fault::Restart => {
+                // A dead replica, restarted on its host if a complete copy is there.
+                let dead: Vec<(Pid, u8)> = self
+                    .reps
+                    .values()
+                    .filter(|r| !r.alive && r.disk.is_some())
+                    .map(|r| (r.pid, r.host))
+                    .collect();
+                if dead.is_empty() {
+                    return;
+                }
+                let (pid, host) = *self.rng.pick(&dead);
+                let host = self.operator_host(Some(host), 0);
+                if matches!(disk::recover(&self.disks, host), Ok(None)) {
+                    self.log(|| format!("no complete copy on host {host} to restart {pid} from"));
+                    return;
+                }
+                self.restart_primary(host, 0);
+            }
+        }
+    }
+
+    /// An operator, once the faults are over (or after a power cut of everything), following
+    /// docs/OPERATIONS.md: if no primary runs, stop what still runs (a stale backup would hold a
+    /// directory) and start a primary from the logs ([`World::operator_host`]). If the proxy
+    /// refuses it, run `up` again: the proxy restarts with its state file, then the primary;
+    /// refused again, the proxy restarts without its state file (as on a new proxy host: it
+    /// learns the replicas' epochs), then the primary (`operator_escalation` says how far).
+    fn operator(&mut self, attempt: u32, proxy: bool) {
+        let serving = self
+            .reps
+            .values()
+            .any(|r| r.alive && r.machine.role() == Role::Primary);
+        if serving || attempt > 2 * u32::from(self.hosts) + 2 {
+            return;
+        }
+        if proxy {
+            let with_state = attempt < 2;
+            self.log(|| format!("operator: restart the proxy (state file: {with_state})"));
+            self.operator_proxy_restarts += 1;
+            if !with_state {
+                // The state file is moved away; the proxy starts a new one.
+                self.operator_state_discarded += 1;
+                self.disk = None;
+            }
+            if self.proxy.is_some() {
+                self.kill(Addr::Proxy, Death::Kill);
+            }
+            if !self.proxy_start_pending {
+                self.proxy_start_pending = true;
+                self.at(self.now + 50, Ev::ProxyStart { with_state: true });
+            }
+            self.at(
+                self.now + 100,
+                Ev::Operator {
+                    attempt,
+                    proxy: false,
+                },
+            );
+            return;
+        }
+        let live: Vec<Pid> = self
+            .reps
+            .values()
+            .filter(|r| r.alive)
+            .map(|r| r.pid)
+            .collect();
+        for pid in live {
+            self.kill(Addr::Rep(pid), Death::Exit);
+        }
+        let host = self.operator_host(None, attempt);
+        self.log(|| format!("operator: restart a primary on host {host} (attempt {attempt})"));
+        if self.restart_primary(host, attempt + 1).is_none() {
+            self.at(
+                self.now + 100,
+                Ev::Operator {
+                    attempt: attempt + 1,
+                    proxy: false,
+                },
+            );
+        }
+    }
+
+    /// Where an operator starts a primary from the logs. Careful (OPERATIONS.md): on the host
+    /// whose copy is the most advanced (each host's recovery logs its position). Otherwise: on
+    /// `dead`'s host (the replica that died), or any host holding a complete copy.
+    fn operator_host(&mut self, dead: Option<u8>, attempt: u32) -> u8 {
+        let copies: Vec<(u8, disk::Pos)> = self
+            .operator_hosts
+            .iter()
+            .filter_map(|h| {
+                let pos = match disk::recover(&self.disks, *h) {
+                    Ok(Some((_, c))) => c.held.pos,
+                    Err(d) => self.disks[d].read().held.pos,
+                    Ok(None) => return None,
+                };
+                Some((*h, pos))
+            })
+            .collect();
+        if self.p.careful_operator {
+            // (Ties: the first in the operator's order.)
+            let mut best: Option<(u8, disk::Pos)> = None;
+            for (h, pos) in &copies {
+                if best.is_none_or(|(_, b)| *pos > b) {
+                    best = Some((*h, *pos));
+                }
+            }
+            return best.map_or(self.operator_hosts[0], |(h, _)| h);
+        }
+        if let Some(h) = dead.filter(|d| copies.iter().any(|(h, _)| h == d)) {
+            return h;
+        }
+        match copies.len() {
+            0 => self.operator_hosts[0],
+            n => copies[attempt as usize % n].0,
         }
     }
 
@@ -1539,6 +2200,7 @@ impl World {
             Msg::Welcome { epoch } => {
                 if r.proxy_conn == Some(conn) && !r.welcomed {
                     r.welcomed = true;
+                    r.ever_welcomed = true;
                     self.send(conn, me, RELAY, Msg::RelayReady);
                     self.rep_step(pid, replica::Input::ProxyUp { epoch });
                 }
@@ -1585,6 +2247,12 @@ impl World {
             // backup side: replication
             Msg::ReplHello { epoch } => {
                 if r.machine.role() == Role::Backup && epoch >= r.machine.epoch() {
+                    r.acker = Some(Acker {
+                        conn,
+                        synced: None,
+                        want: 0,
+                        acked: 0,
+                    });
                     if let Some(old) = r.inbound.replace(conn) {
                         self.close(old);
                     }
@@ -1594,9 +2262,18 @@ impl World {
             }
             Msg::Snapshot(kv) => {
                 if r.inbound == Some(conn) {
-                    r.kv = *kv;
+                    // The store resets the space and logs the copy: Reset, pairs, Base.
+                    r.kv = (*kv).clone();
                     let seq = r.kv.seq;
-                    self.send(conn, me, CONTROL, Msg::Synced { seq, pid });
+                    let epoch = r.logged_epoch;
+                    r.bases_sent += 1;
+                    let n = r.bases_sent;
+                    if let Some(a) = &mut r.acker {
+                        a.synced = Some((seq, n));
+                    }
+                    self.log_rec(pid, Rec::Reset);
+                    self.log_rec(pid, Rec::Base { epoch, kv });
+                    self.backup_ack(pid);
                 }
             }
             Msg::Update {
@@ -1617,12 +2294,26 @@ impl World {
                     let Some(r) = self.reps.get_mut(&pid) else {
                         return;
                     };
+                    if let Some(a) = &mut r.acker {
+                        a.want = a.want.max(seq);
+                    }
                     if seq > r.kv.seq {
                         r.kv.apply(&change);
                         r.kv.seq = seq;
-                        r.kv.dedupe.insert(rid, reply);
+                        r.kv.dedupe.insert(rid, reply.clone());
+                        let epoch = r.logged_epoch;
+                        self.log_rec(
+                            pid,
+                            Rec::Change {
+                                epoch,
+                                seq,
+                                rid,
+                                change,
+                                reply,
+                            },
+                        );
                     }
-                    self.send(conn, me, CONTROL, Msg::Ack { seq });
+                    self.backup_ack(pid);
                 }
             }
             Msg::ReplWatermark(w) => {
@@ -1681,7 +2372,12 @@ impl World {
                 pid,
                 replica::Input::Read {
                     after_seq,
-                    reply: (rid, reply),
+                    reply: Rel {
+                        rid,
+                        reply,
+                        seq: after_seq,
+                        write: false,
+                    },
                 },
             ),
             StoreOut::Write {
@@ -1690,7 +2386,19 @@ impl World {
                 change,
                 reply,
             } => {
-                if let Some((_, c)) = r.backup {
+                let epoch = r.logged_epoch;
+                let backup = r.backup;
+                self.log_rec(
+                    pid,
+                    Rec::Change {
+                        epoch,
+                        seq,
+                        rid,
+                        change,
+                        reply: reply.clone(),
+                    },
+                );
+                if let Some((_, c)) = backup {
                     let update = Msg::Update {
                         seq,
                         rid,
@@ -1703,14 +2411,19 @@ impl World {
                     pid,
                     replica::Input::Write {
                         seq,
-                        reply: (rid, reply),
+                        reply: Rel {
+                            rid,
+                            reply,
+                            seq,
+                            write: true,
+                        },
                     },
                 );
             }
         }
     }
 
-    fn rep_step(&mut self, pid: Pid, input: replica::Input<(u64, KvReply)>) {
+    fn rep_step(&mut self, pid: Pid, input: replica::Input<Rel>) {
         let now = self.now;
         let Some(r) = self.reps.get_mut(&pid) else {
             return;
@@ -1720,6 +2433,13 @@ impl World {
         }
         let mut actions = std::mem::take(&mut r.actions);
         r.machine.step(now, input, &mut actions);
+        // The epoch rose: logged (and carried by every later change) before anything the
+        // actions lead to (`server::Replica::step`).
+        let epoch = r.machine.epoch();
+        if epoch > r.logged_epoch {
+            r.logged_epoch = epoch;
+            self.log_rec(pid, Rec::Epoch(epoch));
+        }
         for a in actions.drain(..) {
             self.rep_apply(pid, a);
         }
@@ -1734,7 +2454,7 @@ impl World {
         }
     }
 
-    fn rep_apply(&mut self, pid: Pid, a: replica::Action<(u64, KvReply)>) {
+    fn rep_apply(&mut self, pid: Pid, a: replica::Action<Rel>) {
         use replica::Action as A;
         let me = Addr::Rep(pid);
         if self.p.trace && !matches!(a, A::Heartbeat { .. } | A::Release(_)) {
@@ -1787,15 +2507,41 @@ impl World {
                     self.send(c, me, CONTROL, Msg::PeerLost { epoch });
                 }
             }
-            A::Release((rid, reply)) => {
+            A::Release(Rel {
+                rid,
+                reply,
+                seq,
+                write,
+            }) => {
                 if !matches!(reply, KvReply::Read(_)) {
                     let epoch = r.machine.epoch();
-                    match self.write_epochs.get(&epoch) {
-                        Some(other) if *other != pid => self.violations.push(format!(
-                            "two replicas acknowledged writes in epoch {epoch}: {other} and {pid}"
-                        )),
-                        _ => {
-                            self.write_epochs.insert(epoch, pid);
+                    let recovered = r.recovered;
+                    let top = if write { seq } else { 0 };
+                    match self.write_epochs.get(&epoch).copied() {
+                        Some((other, released)) if other != pid => {
+                            // A primary restarted from the logs goes on with the history of the
+                            // epoch its copy ends in: allowed once the previous writer is gone,
+                            // and only if that copy holds everything it released.
+                            let continues = !self.exists(Addr::Rep(other))
+                                && recovered.is_some_and(|(e, s)| e == epoch && s >= released);
+                            // (Reported once: from now on it is this replica's epoch.)
+                            self.write_epochs.insert(epoch, (pid, released.max(top)));
+                            let gone = !self.exists(Addr::Rep(other));
+                            match recovered {
+                                _ if continues => {}
+                                Some((e, s)) if gone && e == epoch => {
+                                    self.violations.push(format!(
+                                        "acknowledged writes lost: replica {pid} restarted from a copy at epoch {e}, update {s}, and serves epoch {epoch}, in which {other} acknowledged updates up to {released}"
+                                    ));
+                                }
+                                _ => self.violations.push(format!(
+                                    "two replicas acknowledged writes in epoch {epoch}: {other} (up to update {released}) and {pid} (started from {recovered:?})"
+                                )),
+                            }
+                        }
+                        other => {
+                            let released = other.map_or(0, |(_, s)| s);
+                            self.write_epochs.insert(epoch, (pid, released.max(top)));
                         }
                     }
                 }
@@ -1806,7 +2552,13 @@ impl World {
                 }
             }
             A::StartBackup { id, .. } => {
-                let child = self.spawn_replica(Role::Backup, Some(pid));
+                let host = if self.remote {
+                    // The launch command runs it on the other host.
+                    1 - r.host
+                } else {
+                    r.host
+                };
+                let child = self.spawn_replica(Role::Backup, Some(pid), host);
                 if let Some(r) = self.reps.get_mut(&pid) {
                     r.children.insert(id, child);
                 }
@@ -1834,7 +2586,7 @@ impl World {
                 if let Some(child) = r.children.remove(&id)
                     && self.exists(Addr::Rep(child))
                 {
-                    self.kill(Addr::Rep(child), false);
+                    self.kill(Addr::Rep(child), Death::Kill);
                 }
             }
             A::Promote { .. } => {
@@ -1860,18 +2612,25 @@ impl World {
                             self.send(c, me, CONTROL, Msg::Terminate { epoch });
                         }
                     } else {
-                        self.kill(Addr::Rep(old), false);
+                        self.kill(Addr::Rep(old), Death::Kill);
                     }
                 }
                 self.at(self.now + 1, Ev::TakePrimarySaps { pid });
             }
             A::Exit { reason, .. } => {
+                if r.operator > 0 && !r.ever_welcomed && reason == replica::ExitReason::Fenced {
+                    // The proxy refused it: `up` again (the proxy too, with its state file),
+                    // and the next host with a copy.
+                    let attempt = r.operator;
+                    let proxy = attempt <= u32::from(self.p.operator_escalation);
+                    self.at(self.now + 100, Ev::Operator { attempt, proxy });
+                }
                 if reason == replica::ExitReason::ProxyLost {
                     // By design (SPEC §3): a server that loses the proxy for longer than
                     // proxy_loss_timeout saves (primary) and stops; an operator restarts it.
                     self.proxy_loss_exits += 1;
                 }
-                self.kill(me, true)
+                self.kill(me, Death::Exit)
             }
             A::Notify { .. } => {}
         }
@@ -1962,10 +2721,13 @@ impl World {
         // were killed: both copies may be gone).
         // (A proxy that lost its state cannot know which backup was synchronised: with a replica
         // killed as well, that is a double fault too.)
-        let liveness_checked = self.replica_kills < 2
-            && !self.only_copy_killed
-            && self.proxy_loss_exits == 0
-            && !(self.stateless_restarts > 0 && self.replica_kills > 0);
+        // With logs and the operator, every run: whatever happened, once the faults are over an
+        // operator restarts a primary from the logs if none runs, and writes must succeed.
+        let liveness_checked = (self.p.logs && self.p.operator)
+            || (self.replica_kills < 2
+                && !self.only_copy_killed
+                && self.proxy_loss_exits == 0
+                && !(self.stateless_restarts > 0 && self.replica_kills > 0));
         let from = (last_heal.max(self.p.fault_window.1) + self.p.settle / 2) * 1_000_000;
         if liveness_checked {
             let ok = self.hist.iter().any(|h| {
@@ -2021,6 +2783,11 @@ impl World {
             end_epoch,
             trace: self.trace,
             liveness_checked,
+            restarts: self.restarts,
+            power_cuts: self.power_cuts,
+            recoveries: self.recoveries,
+            operator_proxy_restarts: self.operator_proxy_restarts,
+            operator_state_discarded: self.operator_state_discarded,
         }
     }
 }
