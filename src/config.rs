@@ -55,6 +55,12 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Requests a client may have outstanding on one stream before the service stops reading it.
     pub max_outstanding_per_stream: usize,
+    /// Requests one client connection may have pending at the proxy, all its streams together
+    /// (reset streams included: a request counts until the service has answered it).
+    pub max_pending_per_connection: usize,
+    /// Bytes of client requests the proxy holds pending, all connections together; reading from
+    /// clients pauses (back-pressure) while the budget is spent.
+    pub max_pending_bytes: usize,
 
     // ---- timeouts (ms) ----
     /// QUIC idle timeout on client connections.
@@ -135,6 +141,8 @@ impl Default for Config {
             max_clients: 1024,
             max_streams_per_connection: 16,
             max_outstanding_per_stream: 1024,
+            max_pending_per_connection: 4096,
+            max_pending_bytes: 256 << 20,
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             node_idle_timeout_ms: 2_000,
@@ -245,6 +253,18 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
         ];
+        if self.max_pending_per_connection == 0 {
+            return bad("max_pending_per_connection", "must be greater than 0");
+        }
+        if self.max_pending_bytes > (usize::MAX >> 4) {
+            return bad("max_pending_bytes", "is too large");
+        }
+        if self.max_pending_bytes < self.max_request_bytes {
+            return bad(
+                "max_pending_bytes",
+                "must be at least max_request_bytes (one request must fit)",
+            );
+        }
         if self.fsync_interval_ms == 0 {
             return bad("fsync_interval_ms", "must be greater than 0");
         }

@@ -66,6 +66,7 @@ enum RouterMsg {
         client: u64,
         id: u64,
         reply: RespTx,
+        permit: Permit,
     },
     Admin {
         op: Op,
@@ -107,6 +108,33 @@ struct Req {
     client: u64,
     id: u64,
     reply: RespTx,
+    /// Its place in the connection's and the proxy's pending budgets, given back when the
+    /// router forgets the request (answered, even if the client's stream is gone).
+    #[allow(dead_code)]
+    permit: Permit,
+}
+
+/// A request's share of the pending budgets (one place per connection, its bytes globally).
+type Permit = Arc<(
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+)>;
+
+/// The pending budgets a client connection's streams draw from.
+#[derive(Clone)]
+struct Budgets {
+    connection: Arc<tokio::sync::Semaphore>,
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Budgets {
+    /// Waits until the connection may have one more request of `len` bytes pending.
+    async fn acquire(&self, len: usize) -> Option<Permit> {
+        let one = self.connection.clone().acquire_owned().await.ok()?;
+        let n = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
+        let bytes = self.bytes.clone().acquire_many_owned(n).await.ok()?;
+        Some(Arc::new((one, bytes)))
+    }
 }
 
 type Machine = router::Router<Req, Reply>;
@@ -275,6 +303,7 @@ impl Router {
                 client,
                 id,
                 reply,
+                permit,
             } => {
                 let write = cmd.is_write();
                 self.step(router::Input::Request {
@@ -283,6 +312,7 @@ impl Router {
                         client,
                         id,
                         reply,
+                        permit,
                     },
                     write,
                 });
@@ -683,6 +713,8 @@ pub async fn run(
     };
     let router_task = tokio::spawn(router_loop(router, rx));
     let conn_ids = Arc::new(AtomicU64::new(1));
+    // Bytes of client requests the proxy holds until they are answered, all connections together.
+    let pending_bytes = Arc::new(tokio::sync::Semaphore::new(cfg.max_pending_bytes));
 
     let t_clients = tokio::spawn(accept_clients(
         client_ep.clone(),
@@ -692,6 +724,7 @@ pub async fn run(
         clients.clone(),
         conn_ids.clone(),
         stop.clone(),
+        pending_bytes.clone(),
     ));
     let t_admin = tokio::spawn(accept_clients(
         shutdown_ep.clone(),
@@ -701,6 +734,7 @@ pub async fn run(
         Arc::new(AtomicUsize::new(0)),
         conn_ids.clone(),
         stop.clone(),
+        pending_bytes,
     ));
     let t_servers = tokio::spawn(accept_servers(
         server_ep.clone(),
@@ -730,6 +764,7 @@ pub async fn run(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_clients(
     ep: quinn::Endpoint,
     sap: SapKind,
@@ -738,6 +773,7 @@ async fn accept_clients(
     clients: Arc<AtomicUsize>,
     conn_ids: Arc<AtomicU64>,
     stop: CancellationToken,
+    pending_bytes: Arc<tokio::sync::Semaphore>,
 ) {
     loop {
         let incoming = tokio::select! {
@@ -749,6 +785,7 @@ async fn accept_clients(
         let clients = clients.clone();
         let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
         let stop = stop.clone();
+        let pending_bytes = pending_bytes.clone();
         tokio::spawn(async move {
             let conn = match tokio::time::timeout(cfg.connect_timeout(), incoming).await {
                 Ok(Ok(c)) => c,
@@ -786,7 +823,7 @@ async fn accept_clients(
                 }
             }
             debug!(conn_id, remote = %conn.remote_address(), ?sap, "client connected");
-            serve_client_conn(conn.clone(), conn_id, sap, router, cfg, stop).await;
+            serve_client_conn(conn.clone(), conn_id, sap, router, cfg, stop, pending_bytes).await;
             if sap == SapKind::Client {
                 clients.fetch_sub(1, Ordering::SeqCst);
             }
@@ -802,7 +839,12 @@ async fn serve_client_conn(
     router: mpsc::UnboundedSender<RouterMsg>,
     cfg: Arc<Config>,
     stop: CancellationToken,
+    pending_bytes: Arc<tokio::sync::Semaphore>,
 ) {
+    let budgets = Budgets {
+        connection: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending_per_connection)),
+        bytes: pending_bytes,
+    };
     loop {
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => break },
@@ -816,18 +858,28 @@ async fn serve_client_conn(
             sap,
             router.clone(),
             cfg.clone(),
+            budgets.clone(),
         ));
     }
+}
+
+/// What a request frame becomes.
+enum Classified {
+    Admin(RouterMsg),
+    /// A data request for the router, once it has its place in the pending budgets.
+    Data {
+        cmd: Command,
+        id: u64,
+    },
 }
 
 /// Decides what to do with one request frame: an immediate answer, or a message for the router.
 fn classify(
     body: &[u8],
-    conn_id: u64,
     sap: SapKind,
     cfg: &Config,
     tx: &RespTx,
-) -> Result<RouterMsg, Box<Response>> {
+) -> Result<Classified, Box<Response>> {
     let v = frame::decode_value(body).map_err(|e| {
         Box::new(Response::error(
             None,
@@ -853,24 +905,20 @@ fn classify(
             Status::Forbidden,
             "GET, PUT, POST and DELETE are not allowed on the shutdown SAP; use the client SAP",
         ))),
-        (op, _) if op.is_admin() => Ok(RouterMsg::Admin {
+        (op, _) if op.is_admin() => Ok(Classified::Admin(RouterMsg::Admin {
             op: req.op.clone(),
             id,
             reply: tx.clone(),
-        }),
+        })),
         _ => {
             let cmd = client::command_of(req, cfg.max_pairs_per_request)
                 .map_err(|m| Box::new(m.response()))?;
-            Ok(RouterMsg::Request {
-                cmd,
-                client: conn_id,
-                id,
-                reply: tx.clone(),
-            })
+            Ok(Classified::Data { cmd, id })
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn client_stream(
     conn: quinn::Connection,
     send: quinn::SendStream,
@@ -879,6 +927,7 @@ async fn client_stream(
     sap: SapKind,
     router: mpsc::UnboundedSender<RouterMsg>,
     cfg: Arc<Config>,
+    budgets: Budgets,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
     let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
@@ -908,9 +957,18 @@ async fn client_stream(
                 loop {
                     match next {
                         Ok(Some(body)) => {
-                            match classify(&body, conn_id, sap, &cfg, &tx) {
-                                Ok(msg) => {
+                            match classify(&body, sap, &cfg, &tx) {
+                                Ok(Classified::Admin(msg)) => {
                                     outstanding += 1;
+                                    if router.send(msg).is_err() { return; }
+                                }
+                                Ok(Classified::Data { cmd, id }) => {
+                                    // Back-pressure: this stream stops reading while the
+                                    // connection (all its streams, reset ones included) or the
+                                    // proxy as a whole has too much pending.
+                                    let Some(permit) = budgets.acquire(body.len()).await else { return };
+                                    outstanding += 1;
+                                    let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
                                     if router.send(msg).is_err() { return; }
                                 }
                                 Err(resp) => out.queue_response(&resp),

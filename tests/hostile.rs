@@ -182,3 +182,72 @@ async fn an_answer_at_the_size_limit_is_too_large_and_the_service_keeps_serving(
     let r = c.request("GET", pats("after", ".*")).await.unwrap();
     assert_eq!(pairs_of(&r), owned(&[("after", "1")]), "{r:?}");
 }
+
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Open a stream, write 1024 GETs with large answers, reset it, again and again: requests of
+/// reset streams still count against the connection until answered, so the flood stays bounded
+/// (it once grew the primary past 4 GiB), and another client keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_flood_stays_bounded_and_others_are_served() {
+    const LIMIT: u64 = 512;
+    let cl = Cluster::builder()
+        .set(&format!("max_pending_per_connection={LIMIT}"))
+        .start()
+        .await;
+    let mut c = cl.client().await;
+    let value = "v".repeat(100);
+    for chunk in (0..2000).collect::<Vec<_>>().chunks(500) {
+        let args: Vec<Value> = chunk
+            .iter()
+            .map(|i| pair(&["k", &i.to_string()], &[&value]))
+            .collect();
+        let r = c.request("PUT", Some(Value::Array(args))).await.unwrap();
+        assert_eq!(r.status, Status::Ok);
+    }
+    let raw = raw_connect(
+        &cl.client_sap,
+        &cl.certs,
+        "client",
+        tuplespace::wire::CLIENT_ALPN,
+    )
+    .await
+    .unwrap();
+    let one = framed(&cbor(&req(1, "GET", pats(".*", ".*"))));
+    let batch = one.repeat(1024);
+    let mut max_pending = 0;
+    for _ in 0..16 {
+        let mut s = raw.open().await;
+        // The proxy stops reading once the connection's budget is spent: the write then waits.
+        let _ = tokio::time::timeout(Duration::from_millis(500), s.write(&batch)).await;
+        let _ = s.send.reset(0u32.into());
+        let st = cl.status().await;
+        let pending = get(&st, "pending").and_then(as_u64).unwrap_or(0);
+        max_pending = max_pending.max(pending);
+    }
+    assert!(
+        max_pending <= LIMIT,
+        "pending {max_pending} exceeds the per-connection limit {LIMIT}"
+    );
+    // Another client is answered while the flood's requests drain.
+    let t0 = std::time::Instant::now();
+    let r = c.request("GET", pats("k,1", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r).len(), 1, "{:?}", r.status);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    for (name, pid) in [("proxy", cl.proxy_pid()), ("primary", cl.server_pid())] {
+        let rss = rss_mib(pid);
+        assert!(rss < 1024, "{name} RSS {rss} MiB");
+        println!("{name} RSS {rss} MiB, max pending {max_pending}");
+    }
+}
