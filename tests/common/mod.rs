@@ -945,3 +945,481 @@ impl Drop for Cluster {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `tuplespace up` in a directory of its own, whole sessions, lazyfs (durability tests)
+// ---------------------------------------------------------------------------------------------
+
+/// The shipped configuration file.
+pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tuplespace.toml");
+
+/// The session id of process `pid` (field 6 of `/proc/PID/stat`), if it exists.
+pub fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `PID (comm) STATE PPID PGRP SESSION ...`: count after the parenthesised name.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The parent of process `pid`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every live (not zombie) process of session `sid`.
+pub fn session_pids(sid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&p| session_of(p) == Some(sid) && alive(p))
+        .collect()
+}
+
+/// SIGKILL to every process of session `sid` (a session we started with `setsid`).
+pub fn kill_session(sid: u32) {
+    for p in session_pids(sid) {
+        let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+    }
+}
+
+/// Polls (every 10 ms) until none of `pids` is alive; false if some still is after `timeout`.
+pub async fn wait_gone(pids: &[u32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pids.iter().all(|&p| !alive(p)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Text without ANSI colour sequences (log lines are matched as text).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `tuplespace up` with the shipped configuration in a temporary directory of its own, every SAP
+/// on a free loopback port, so its data lives in `DIR/data/space.json.d` and the proxy's state
+/// in `DIR/data/proxy.state`. Each `up` runs in a new session (`setsid`), so that everything it
+/// starts (proxy, primary, the backups the primary starts) can be found and killed even after
+/// `up` itself is gone; every session is killed when this is dropped. Start N's output goes to
+/// `DIR/up-N.log`.
+pub struct UpService {
+    tmp: TempDir,
+    pub certs: PathBuf,
+    pub client_sap: String,
+    pub server_sap: String,
+    pub shutdown_sap: String,
+    pub primary_sap: String,
+    pub backup_sap: String,
+    pub heartbeat_sap: String,
+    /// `--set KEY=VALUE` for `up` (it hands them on to every process).
+    pub sets: Vec<String>,
+    /// The `up` of the latest start.
+    pub up: Option<Child>,
+    /// Starts so far (the latest log is `up-<starts>.log`).
+    pub starts: u32,
+    sessions: Vec<u32>,
+}
+
+impl UpService {
+    /// Chooses the directory and ports; starts nothing (a caller may mount something on
+    /// [`UpService::data_dir`] first).
+    pub fn new(sets: &[&str]) -> UpService {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join("data")).expect("create data dir");
+        UpService {
+            certs: tmp.path().join("certs"),
+            tmp,
+            client_sap: free_sap(),
+            server_sap: free_sap(),
+            shutdown_sap: free_sap(),
+            primary_sap: free_sap(),
+            backup_sap: free_sap(),
+            heartbeat_sap: free_sap(),
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            up: None,
+            starts: 0,
+            sessions: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// `DIR/data`: the save file's directory (data root, proxy state).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir().join("data")
+    }
+
+    /// The replicas' data root, `DIR/data/space.json.d`.
+    pub fn data_root(&self) -> PathBuf {
+        self.data_dir().join("space.json.d")
+    }
+
+    pub fn log_path(&self, start: u32) -> PathBuf {
+        self.dir().join(format!("up-{start}.log"))
+    }
+
+    /// The output of start `start` (1 = the first), without colours.
+    pub fn log(&self, start: u32) -> String {
+        strip_ansi(&std::fs::read_to_string(self.log_path(start)).unwrap_or_default())
+    }
+
+    /// Every start's output, for failure messages.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| format!("---- up-{n}.log ----\n{}", self.log(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts `up` (in a new session); does not wait for it to be ready.
+    pub fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).expect("create log file");
+        let out = log.try_clone().expect("clone log file");
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--config".into(),
+            SHIPPED_CONFIG.into(),
+            "--certs".into(),
+            "certs".into(),
+            "--client-sap".into(),
+            self.client_sap.clone(),
+            "--server-sap".into(),
+            self.server_sap.clone(),
+            "--shutdown-sap".into(),
+            self.shutdown_sap.clone(),
+            "--primary-sap".into(),
+            self.primary_sap.clone(),
+            "--backup-sap".into(),
+            self.backup_sap.clone(),
+            "--heartbeat-sap".into(),
+            self.heartbeat_sap.clone(),
+        ];
+        for s in &self.sets {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .current_dir(self.dir())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(log));
+        // SAFETY: setsid(2) is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN} up: {e}"));
+        self.sessions.push(child.id());
+        self.up = Some(child);
+    }
+
+    pub fn up_pid(&self) -> u32 {
+        self.up.as_ref().expect("up started").id()
+    }
+
+    /// The proxy `up` started (its child whose command line has `proxy`).
+    pub fn proxy_pid(&self) -> Option<u32> {
+        let up = self.up_pid();
+        session_pids(up).into_iter().find(|&p| {
+            parent_of(p) == Some(up)
+                && std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"proxy"))
+        })
+    }
+
+    /// STATUS's `cluster` map, or Null when the admin SAP does not answer.
+    pub async fn status(&self) -> Value {
+        let cfg = Config {
+            connect_timeout_ms: 500,
+            request_timeout_ms: 2_000,
+            ..Config::default()
+        };
+        let Ok(mut a) =
+            Client::connect(&self.shutdown_sap, &self.certs, CertRole::Admin, &cfg).await
+        else {
+            return Value::Null;
+        };
+        let r = a
+            .request("STATUS", None)
+            .await
+            .ok()
+            .and_then(|r| r.cluster)
+            .unwrap_or(Value::Null);
+        a.close();
+        r
+    }
+
+    /// Polls STATUS until there is a primary with a synchronised backup; panics (with the logs)
+    /// after `timeout` or if `up` exits.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(up) = self.up.as_mut()
+                && let Ok(Some(s)) = up.try_wait()
+            {
+                panic!("up exited ({s}) while starting\n{}", self.logs());
+            }
+            let st = self.status().await;
+            if get(&st, "backup_synced") == Some(&Value::Bool(true))
+                && get(&st, "primary").is_some_and(|p| *p != Value::Null)
+            {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no primary with a synchronised backup within {timeout:?}: {st:?}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client on the client SAP.
+    pub async fn client(&self) -> Client {
+        Client::connect(
+            &self.client_sap,
+            &self.certs,
+            CertRole::Client,
+            &client_cfg(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the client SAP: {e}\n{}", self.logs()))
+    }
+
+    /// PUTs `key=value` (fresh connection each try) until one is acknowledged; how long that
+    /// took, or None after `timeout`.
+    pub async fn first_write(&self, key: &str, value: &str, timeout: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        let cfg = Config {
+            connect_timeout_ms: 250,
+            request_timeout_ms: 5_000,
+            ..Config::default()
+        };
+        let k: Vec<&str> = key.split(',').collect();
+        let v: Vec<&str> = value.split(',').collect();
+        loop {
+            if let Ok(mut c) =
+                Client::connect(&self.client_sap, &self.certs, CertRole::Client, &cfg).await
+            {
+                let r = c
+                    .request("PUT", Some(Value::Array(vec![pair(&k, &v)])))
+                    .await;
+                c.close();
+                if let Ok(r) = r
+                    && r.status == Status::Ok
+                {
+                    return Some(t0.elapsed());
+                }
+            }
+            if t0.elapsed() >= timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Reaps the current `up` if it has exited (so that it is no zombie).
+    pub fn reap(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            match up.try_wait() {
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => self.up = Some(up),
+            }
+        }
+    }
+
+    /// SIGKILL to everything every start left running, waiting until it is gone.
+    pub async fn kill_everything(&mut self) {
+        let mut pids = Vec::new();
+        for &s in &self.sessions {
+            pids.extend(session_pids(s));
+            kill_session(s);
+        }
+        if let Some(mut up) = self.up.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        assert!(
+            wait_gone(&pids, EXIT_TIMEOUT).await,
+            "processes {pids:?} still alive after SIGKILL"
+        );
+    }
+
+    /// Graceful stop: SIGTERM to `up` (it asks the service to save and stop), bounded wait, then
+    /// SIGKILL to whatever is left.
+    pub async fn stop(&mut self) {
+        if let Some(up) = self.up.as_mut() {
+            let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM);
+            let _ = wait_exit_async(up, Duration::from_secs(40)).await;
+        }
+        self.kill_everything().await;
+    }
+}
+
+impl Drop for UpService {
+    fn drop(&mut self) {
+        for &s in &self.sessions {
+            kill_session(s);
+        }
+        if let Some(mut up) = self.up.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// The `lazyfs` example (a FUSE filesystem that drops unsynced writes on SIGUSR1), or why it
+/// cannot be used here (the reason is printed by tests that skip).
+pub fn lazyfs_binary() -> Result<PathBuf, String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse does not exist".into());
+    }
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).exists()))
+    };
+    if !rustix::process::geteuid().is_root() && !on_path("fusermount3") && !on_path("fusermount") {
+        return Err("not root and no fusermount3/fusermount on PATH: cannot mount FUSE".into());
+    }
+    // `cargo test` builds the examples beside the binaries: target/<profile>/examples/.
+    let bin = Path::new(BIN)
+        .parent()
+        .map(|d| d.join("examples").join("lazyfs"))
+        .ok_or("no directory for the binary under test")?;
+    if !bin.exists() {
+        return Err(format!(
+            "{} is not built (cargo build --release --examples)",
+            bin.display()
+        ));
+    }
+    Ok(bin)
+}
+
+/// A lazyfs mount; unmounted (SIGTERM: flush and unmount; SIGKILL and a lazy unmount if that
+/// does not work) when dropped.
+pub struct Lazyfs {
+    pub child: Child,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Lazyfs {
+    /// Mounts `backing` at `mountpoint` and waits (bounded) until it is mounted. Err: it could
+    /// not mount (the test is skipped with that reason).
+    pub async fn mount(
+        bin: &Path,
+        mountpoint: &Path,
+        backing: &Path,
+        log: &Path,
+    ) -> Result<Lazyfs, String> {
+        std::fs::create_dir_all(backing).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
+        let err = std::fs::File::create(log).map_err(|e| e.to_string())?;
+        let child = Command::new(bin)
+            .arg(mountpoint)
+            .arg(backing)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(err.try_clone().map_err(|e| e.to_string())?))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut fs = Lazyfs {
+            child,
+            mountpoint: mountpoint.to_owned(),
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if fs.log_text().contains("lazyfs: mounted") {
+                return Ok(fs);
+            }
+            if let Ok(Some(s)) = fs.child.try_wait() {
+                return Err(format!("lazyfs exited ({s}): {}", fs.log_text().trim()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "lazyfs did not mount within 15 s: {}",
+                    fs.log_text().trim()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Power cut: SIGUSR1, then waits for lazyfs to report it (`lazyfs: dropped N unsynced bytes
+    /// in M files`); returns that line.
+    pub async fn power_cut(&mut self) -> String {
+        let drops = |t: &str| t.lines().filter(|l| l.contains("dropped")).count();
+        let before = drops(&self.log_text());
+        signal(self.child.id(), Signal::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let t = self.log_text();
+            if drops(&t) > before {
+                return t
+                    .lines()
+                    .rfind(|l| l.contains("dropped"))
+                    .unwrap_or("")
+                    .to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lazyfs did not report the power cut: {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Lazyfs {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if wait_exit(&mut self.child, Duration::from_secs(15)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Gone without unmounting (killed): detach the dead mount.
+        let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+    }
+}
