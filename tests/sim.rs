@@ -350,7 +350,6 @@ fn counting_appends_as_durable_before_the_sync_loses_acknowledged_writes() {
 /// acknowledged alone at epoch 2. OPERATIONS.md tells the operator to pick the host with the most
 /// advanced copy and says the proxy refuses an older one: it does not.
 #[test]
-#[ignore = "witness accepts a copy older than a confirmed solo grant (docs/FAULTS.md)"]
 fn a_copy_from_before_a_solo_grant_is_refused() {
     let p = SimParams {
         careful_operator: false,
@@ -382,7 +381,6 @@ fn a_copy_from_before_a_solo_grant_is_refused() {
 /// deposed, also by a proxy restarted with its state file: the service stays down until the
 /// state file is set aside (the operator's last resort in the default parameters).
 #[test]
-#[ignore = "a reverted promotion raises the office epoch past every copy (docs/FAULTS.md)"]
 fn a_reverted_promotion_refuses_every_copy_after_a_power_cut() {
     let p = SimParams {
         operator_escalation: 1,
@@ -400,7 +398,6 @@ fn a_reverted_promotion_refuses_every_copy_after_a_power_cut() {
 /// waits ("more likely our own network") and keeps the dead primary seated; a primary restarted
 /// from the logs is refused ("another primary is serving") for as long as the proxy runs.
 #[test]
-#[ignore = "witness keeps a silent primary seated and refuses its restarted copy (docs/FAULTS.md)"]
 fn a_primary_restarted_while_the_proxy_keeps_the_dead_one_seated() {
     let p = SimParams {
         operator_escalation: 0,
@@ -417,7 +414,6 @@ fn a_primary_restarted_while_the_proxy_keeps_the_dead_one_seated() {
 /// missing at the start of the new segment and cuts the log there, losing acknowledged writes.
 /// (Recovery would have to sync the segments it replays before counting them as held.)
 #[test]
-#[ignore = "recovery counts page-cache records as durable (docs/FAULTS.md)"]
 fn a_power_cut_after_a_restart_loses_writes_acknowledged_after_an_unsynced_tail() {
     let p = SimParams {
         kill_keeps_page_cache: true,

@@ -371,6 +371,21 @@ fn cut_log(cut: &Cut) -> Result<(), DurableError> {
     Ok(())
 }
 
+/// Syncs every log segment and the snapshot of a replica directory, then the directory.
+fn sync_copy(dir: &Path) -> Result<(), DurableError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| DurableError::io("cannot list", dir, e))?;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str() else { continue };
+        if segment_index(n).is_some() || n == SNAPSHOT_FILE {
+            File::open(e.path())
+                .and_then(|f| f.sync_all())
+                .map_err(|err| DurableError::io("cannot sync", &e.path(), err))?;
+        }
+    }
+    super::sync_dir(dir)
+}
+
 /// Finds and loads the most advanced complete copy under `root` (locked for this process).
 /// None if there is none. A newer copy held by a running process is an error: starting from an
 /// older one would lose what it holds.
@@ -419,6 +434,10 @@ pub fn recover(
         warn!("recovering from `{}`: {cut}", copy.dir.display());
         cut_log(cut)?;
     }
+    // After a crash of the process (not of the host) the log may hold records that were written
+    // but never synced: they are part of the copy now, so make them durable before anything is
+    // served from them (a later power cut must not take back what a read has shown).
+    sync_copy(&copy.dir)?;
     Ok(Some(Recovered { copy, lock }))
 }
 

@@ -42,6 +42,12 @@ pub struct Durable {
     /// has not yet shown it serves at the new epoch: if the primary fails first, this backup
     /// still holds every acknowledged write and may be promoted.
     pub unconfirmed_drop: Option<String>,
+    /// The epoch raised (promotion, solo grant, revert, new office) and its holder has not yet
+    /// shown it serves at the new one: nothing was acknowledged at it, so a copy recovered from a
+    /// log of this epoch still holds every acknowledged write. None: a recovered copy must be of
+    /// the current epoch.
+    #[serde(default)]
+    pub copy_floor: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -256,14 +262,10 @@ impl Witness {
         true
     }
 
-    /// The office epoch a returning primary must have reached. During an unconfirmed promotion
-    /// nothing was acknowledged at the new epoch, so a copy of the previous office epoch holds
-    /// every acknowledged write.
-    fn effective_office_epoch(&self) -> u64 {
-        match &self.durable.unconfirmed_from {
-            Some((_, _, e)) => *e,
-            None => self.durable.office_epoch,
-        }
+    /// The epoch a primary that does not hold the office (a copy recovered from a log) must
+    /// claim: the current one, or the one before an unconfirmed raise (see `copy_floor`).
+    fn copy_floor(&self) -> u64 {
+        self.durable.copy_floor.unwrap_or(self.durable.epoch)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -333,6 +335,12 @@ impl Witness {
             }
             Input::Answered { link } => self.confirm(link),
             Input::Tick => self.tick(now, &mut out),
+        }
+        if self.durable.epoch > before.epoch
+            && before.epoch > 0
+            && self.durable.copy_floor.is_none()
+        {
+            self.durable.copy_floor = Some(before.epoch);
         }
         if self.durable != before {
             // Whatever depends on the new state (grants, routes) must wait for it to be stable.
@@ -521,12 +529,15 @@ impl Witness {
         if Some(link) == self.primary {
             self.durable.unconfirmed_from = None;
             self.durable.unconfirmed_drop = None;
+            self.durable.copy_floor = None;
         }
     }
 
     /// Whether the witness waits for the primary at `link` to confirm its epoch.
     pub fn awaits_confirmation(&self) -> bool {
-        self.durable.unconfirmed_from.is_some() || self.durable.unconfirmed_drop.is_some()
+        self.durable.unconfirmed_from.is_some()
+            || self.durable.unconfirmed_drop.is_some()
+            || self.durable.copy_floor.is_some()
     }
 
     /// The promoted replica failed before it confirmed: the previous holder gets the office back.
@@ -623,15 +634,23 @@ impl Witness {
                         out.push(Action::Drop { link });
                         return;
                     }
-                    self.refuse(
-                        link,
-                        &info,
-                        "primary",
-                        epoch,
-                        "another primary is serving",
-                        out,
-                    );
-                    return;
+                    if self.heard_recently(p, now) || epoch == 0 || epoch < self.copy_floor() {
+                        self.refuse(
+                            link,
+                            &info,
+                            "primary",
+                            epoch,
+                            "another primary is serving",
+                            out,
+                        );
+                        return;
+                    }
+                    // The seated primary fell silent (both replicas died at once, and we waited
+                    // as for a fault of our own network): a copy recovered from a log that holds
+                    // every acknowledged write takes its place, at a new epoch.
+                    self.members.remove(&p);
+                    self.primary = None;
+                    out.push(Action::Drop { link: p });
                 }
                 if self.is_previous_holder(&info) {
                     // The promoted replica is not registered (we restarted): wait for it, or for
@@ -656,7 +675,7 @@ impl Witness {
                     return;
                 }
                 let holder = self.is_office_holder(&info);
-                if !(holder || epoch == 0 || epoch >= self.effective_office_epoch()) {
+                if !(holder || epoch == 0 || epoch >= self.copy_floor()) {
                     // A deposed primary coming back.
                     self.refuse(link, &info, "primary", epoch, "it was deposed", out);
                     return;
@@ -676,6 +695,10 @@ impl Witness {
                     return;
                 }
                 self.durable.epoch = self.durable.epoch.max(epoch).max(1);
+                if !holder && self.durable.primary.is_some() {
+                    // A new office: a previous holder that comes back is deposed.
+                    self.durable.epoch += 1;
+                }
                 if !holder {
                     self.durable.office_epoch = self.durable.epoch;
                     self.durable.synced_backup = None;
@@ -1083,6 +1106,17 @@ mod tests {
         }
     }
 
+    /// A hello from the replica with handle `handle` on link `link`.
+    fn hello_as(link: LinkId, role: Role, epoch: u64, handle: &str) -> Input {
+        Input::Hello {
+            link,
+            role,
+            epoch,
+            info: info(handle),
+            primary: None,
+        }
+    }
+
     fn backup_of(link: LinkId, primary: &str) -> Input {
         Input::Hello {
             link,
@@ -1296,9 +1330,20 @@ mod tests {
         );
         let a = f.at(320, Input::Tick);
         assert!(has(&a, |x| *x == Action::Grant { link: 2, epoch: 2 }));
+        // The promoted replica serves at epoch 2 (confirmed).
+        f.at(330, hb(2, 2, false));
         // Old primary comes back over a new connection claiming primary at epoch 1.
-        let a = f.at(500, hello(3, Role::Primary, 1));
-        assert!(has(&a, |x| matches!(x, Action::Fence { link: 3, .. })));
+        let a = f.at(500, hello_as(3, Role::Primary, 1, "1"));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 3, .. })),
+            "{a:?}"
+        );
+        // So does any other copy of epoch 1 (a replica restarted from an old log).
+        let a = f.at(505, hello(4, Role::Primary, 1));
+        assert!(
+            has(&a, |x| matches!(x, Action::Fence { link: 4, .. })),
+            "{a:?}"
+        );
         // Old heartbeat on the old link is ignored.
         let a = f.at(510, hb(1, 1, true));
         assert!(!has(&a, |x| matches!(
@@ -1452,7 +1497,7 @@ mod tests {
             "the only copy is never fenced: {a:?}"
         );
         // The same primary reconnecting (a cut link healed) is accepted back: nobody replaced it.
-        let a = f.at(20, hello(2, Role::Primary, 1));
+        let a = f.at(20, hello_as(2, Role::Primary, 1, "1"));
         assert!(has(&a, |x| matches!(x, Action::RouteTo { link: 2, .. })));
         assert_eq!(f.w.epoch(), 1);
     }
@@ -1529,6 +1574,7 @@ mod tests {
             synced_backup: None,
             unconfirmed_from: Some(("a".into(), "sap-a".into(), 2)),
             unconfirmed_drop: None,
+            copy_floor: Some(2),
         };
         let mut w = Witness::restore(HB, HB, d.clone());
         let a = w.step(0, hello(7, Role::Primary, 2));
@@ -1539,6 +1585,7 @@ mod tests {
         // Once confirmed, an epoch-2 copy is deposed.
         let mut d2 = d;
         d2.unconfirmed_from = None;
+        d2.copy_floor = None;
         let mut w = Witness::restore(HB, HB, d2);
         let a = w.step(0, hello(7, Role::Primary, 2));
         assert!(

@@ -301,6 +301,11 @@ impl Disk {
             // on the disk now.
             seg.synced = ri;
         }
+        // `recover::sync_copy`: every segment the copy was read from is synced before anything
+        // is served from it (records a crashed process left in the page cache become durable).
+        for s in &mut self.segs {
+            s.synced = s.recs.len();
+        }
         self.segs.push(Segment::default());
         self.owner = Some(owner);
         self.after.clear();
