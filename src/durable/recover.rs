@@ -409,7 +409,7 @@ pub fn recover(
             warn!("{cut} (copy `{}`, {})", dir.display(), c.pos);
         }
         if !c.base {
-            info!(dir = %dir.display(), "incomplete copy (its initial copy never finished): skipped");
+            info!(dir = %dir.display(), "incomplete copy (no complete base copy on disk): skipped");
             continue;
         }
         let better = match &best {

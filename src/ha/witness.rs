@@ -698,6 +698,16 @@ impl Witness {
                 if !holder && self.durable.primary.is_some() {
                     // A new office: a previous holder that comes back is deposed.
                     self.durable.epoch += 1;
+                    if epoch == 0 {
+                        out.push(Action::Notify {
+                            kind: "empty-primary",
+                            detail: format!(
+                                "primary {} holds no copy (epoch 0) although epoch {} had a primary: what was acknowledged before is only in copies elsewhere",
+                                info.handle,
+                                self.durable.epoch - 1
+                            ),
+                        });
+                    }
                 }
                 if !holder {
                     self.durable.office_epoch = self.durable.epoch;

@@ -1058,6 +1058,19 @@ fn open_data(args: &ServerArgs, cfg: &Config, role: Role) -> Result<Start, Serve
             })
         }
         None => {
+            let found = recover::replica_dirs(&search).len();
+            if found > 0 {
+                warn!(
+                    root = %search.display(),
+                    copies = found,
+                    "the data root holds replica directories but no complete copy (with fsync \"never\" or \"interval\" a power cut may have taken them back): starting from {}",
+                    args.init_file
+                        .as_ref()
+                        .filter(|p| !p.is_dir())
+                        .map(|p| format!("INIT_FILE `{}`", p.display()))
+                        .unwrap_or_else(|| "an empty space".into())
+                );
+            }
             let space = match &args.init_file {
                 Some(p) if !p.is_dir() => load_init(p)?,
                 _ => Space::new(),
