@@ -10,6 +10,25 @@
 //! by P, synchronised, and recorded as such by the witness); one replacement backup a primary may
 //! start (pid 3); a writer issuing `Set(1)`, `Set(2)` (distinct values, one key) and a reader.
 //!
+//! Disks. All replicas run on one host (as `up` runs them) and each process has its own log
+//! directory there, modelled as its durable prefix (what it holds, `wal::Durable`, and the copy
+//! `durable::recover` would replay from it) and its unsynced tail. The stores append what the
+//! server's store appends (`durable::Record`): a new primary's base copy, every write it applies,
+//! a backup's initial copy (`Reset`, `Base`) and every update it applies, and `Epoch(e)` whenever
+//! the replica's epoch rises (the executor hands it over before it carries out the step's
+//! actions); the machines are built `with_log`. The log writer's next group is an event of the
+//! canonical order (`Sync`), caused by the first record appended after the previous group: the
+//! tail is synced (`fsync = "always"`), then what the log holds is published: the machine gets
+//! `LogDurable`, and a backup acknowledges its n-th initial copy once n base records are held and
+//! updates up to what is held (`server::links::acknowledge`). Like any event it may come late, at
+//! the cost of a delay (`Cfg::free_syncs`: at any point, for free). A replica killed (kill -9 or a
+//! power cut: a fault, or by a new primary) loses its unsynced tail; one that exits syncs it. A
+//! restart (a fault, `Cfg::max_restarts`) starts a new process as the primary, which recovers as
+//! `recover::recover` does: the most advanced complete copy (epoch, then update) among the
+//! directories no live process holds (ties: the oldest, as directory names sort), and none if a
+//! live process holds a more advanced one or while the primary's SAPs are held (it could not bind
+//! them); it claims the copy's epoch in its hello.
+//!
 //! The schedule. Every pending event has a place in one canonical order, the order in which it was
 //! caused (as the simulator's clock orders them): a message (connections are ordered streams,
 //! control and relay, each way, as QUIC gives), a connection's end learning that it is down, the
@@ -40,15 +59,25 @@
 //! BACKUP_SAP taken exits at once, and a primary that finds nobody at BACKUP_SAP gives up at once
 //! (the simulator retries until a deadline). Not modelled: request timeouts, proxy_loss_timeout
 //! and backup_sync_timeout (set beyond the clock bound), replica pauses (a cut stands in), several
-//! keys and conditional writes (one register, blind writes of distinct values).
+//! keys and conditional writes (one register, blind writes of distinct values). Disks: a group
+//! is the whole tail (a power cut that keeps part of a group is a sync of that part, then a
+//! crash); torn and corrupt tails (cut at recovery like a shorter tail), snapshots, removal of
+//! superseded copies, storage errors and `fsync = "interval"` are not modelled, nor the page cache
+//! that a kill -9 (unlike a power cut) leaves readable.
 //!
 //! Properties: the client history is linearizable (no acknowledged write lost, none seen undone,
 //! none applied that was answered `unavailable`); no write is applied twice in any replica's
-//! history; at most one replica releases write replies in any epoch. And, so that the bounds are
-//! not vacuous, examples must exist of: a failover; a write acknowledged after a failover; a write
-//! acknowledged after a proxy restart; a deposed primary saying hello again as primary; with two
-//! faults, the proxy restarting while a promotion is unconfirmed, and a second fault while a new
-//! backup synchronises. A test also plants bugs in the executors and checks they are found.
+//! history; at most one history (a replica's directory, continued by a primary restarted from it)
+//! releases write replies in any epoch; every write acknowledged to a client is in the copy a
+//! restarted primary recovers; and in every state, a power cut of the host would keep every
+//! acknowledged write (each complete copy recovery could then pick, ties included, holds them).
+//! And, so that the bounds are not vacuous, examples must exist of: a failover; a write
+//! acknowledged after a failover; a write acknowledged after a proxy restart; a deposed primary
+//! saying hello again as primary; with two faults, the proxy restarting while a promotion is
+//! unconfirmed, a second fault while a new backup synchronises, a primary restarted from a log,
+//! and one whose recovered copy holds an acknowledged write. Tests also plant bugs in the
+//! executors, and treat appends as held before they are synced (`fsync = "never"`), and check that
+//! the checker finds them.
 //!
 //! `cargo test --release --test model -- --nocapture` runs the bounded check (two faults anywhere
 //! on the canonical schedule, 7 ms: 9.2 million states, about 40 s on two cores); the `#[ignore]`d
@@ -57,10 +86,11 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use stateright::report::WriteReporter;
-use stateright::{Checker, Expectation, Model, Property};
+use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
 use tuplespace::ha::Millis;
 use tuplespace::ha::replica::{self, BackupId, Replica, Timing};
 use tuplespace::ha::router::{self, Outcome, Router};
@@ -87,7 +117,7 @@ thread_local! {
     static TRACE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
 }
 
-fn log(f: impl FnOnce() -> String) {
+fn trace(f: impl FnOnce() -> String) {
     TRACE.with(|t| {
         if let Some(v) = t.borrow_mut().as_mut() {
             v.push(f());
@@ -135,6 +165,25 @@ struct Cfg {
     reduce: bool,
     /// A bug planted in the executors, to show that the checker finds it.
     bug: Option<Bug>,
+    /// The replicas' logs (`Off`: none, the replicas as they were before the durability layer).
+    fsync: Fsync,
+    /// Restarts of a replica as a primary from the most advanced copy in the logs of dead
+    /// processes (each a fault).
+    max_restarts: u8,
+    /// A log's sync is a free action, taken at any point (not an event in the canonical order).
+    free_syncs: bool,
+}
+
+/// How a log's appends become durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fsync {
+    /// No logs.
+    Off,
+    /// `fsync = "always"`: the writer publishes what a group holds once it is synced.
+    Always,
+    /// `fsync = "never"`: the writer publishes what it wrote to the OS as held, and nothing is
+    /// synced within a run (the page cache is written back long after): a crash loses it.
+    Never,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +218,9 @@ impl Cfg {
             bfs: false,
             reduce: false,
             bug: None,
+            fsync: Fsync::Always,
+            max_restarts: 1,
+            free_syncs: false,
         }
     }
 
@@ -288,6 +340,132 @@ impl Kv {
         let mut seen = BTreeSet::new();
         self.applied.iter().copied().find(|v| !seen.insert(*v))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// disks (a one-register version of `durable::Record`, `wal::Durable` and `durable::recover`)
+
+/// One log record, appended by the store in the order it applies them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Rec {
+    /// Start of a base copy: no usable copy until the next `Base`.
+    Reset,
+    /// End of a base copy (its `Pairs` folded in): the space at `kv.seq`, with its dedupe table.
+    Base { epoch: u64, kv: Kv },
+    Change {
+        epoch: u64,
+        seq: u64,
+        rid: u64,
+        val: Val,
+        reply: KvReply,
+    },
+    /// The replica's epoch rose.
+    Epoch(u64),
+}
+
+/// What a log holds (`wal::Durable`): a position (epoch, then update), whether it is a complete
+/// copy, and the base records appended since its process started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Held {
+    epoch: u64,
+    seq: u64,
+    base: bool,
+    bases: u64,
+}
+
+impl Held {
+    /// The log writer's accounting of one more record.
+    fn after(mut self, r: &Rec) -> Held {
+        match r {
+            Rec::Reset => self.base = false,
+            Rec::Base { epoch, kv } => {
+                (self.epoch, self.seq) = (*epoch, kv.seq);
+                self.base = true;
+                self.bases += 1;
+            }
+            Rec::Change { epoch, seq, .. } => {
+                self.epoch = self.epoch.max(*epoch);
+                self.seq = *seq;
+            }
+            Rec::Epoch(e) => self.epoch = self.epoch.max(*e),
+        }
+        self
+    }
+
+    fn pos(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
+    }
+}
+
+/// One replica directory on the host: its durable prefix (what it holds, and the copy recovery
+/// would build from it) and its unsynced tail.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Log {
+    /// The live process holding its lock.
+    owner: Option<Pid>,
+    held: Held,
+    /// (Shared between states: it changes only when a group is synced.)
+    copy: Arc<Kv>,
+    tail: Vec<Rec>,
+    /// What the writer last published to its process (`held` with fsync always).
+    published: Held,
+    /// The writer's next group (an event in the canonical order; `Ord::MAX` with free syncs).
+    sync: Option<Ord>,
+}
+
+impl Log {
+    fn new(owner: Pid) -> Log {
+        Log {
+            owner: Some(owner),
+            held: Held::default(),
+            copy: Arc::default(),
+            tail: Vec::new(),
+            published: Held::default(),
+            sync: None,
+        }
+    }
+
+    /// What everything appended holds.
+    fn appended(&self) -> Held {
+        self.tail.iter().fold(self.held, |h, r| h.after(r))
+    }
+
+    /// The tail reaches the disk (replayed as `recover::apply` does).
+    fn make_durable(&mut self) {
+        for r in std::mem::take(&mut self.tail) {
+            self.held = self.held.after(&r);
+            match r {
+                Rec::Reset => self.copy = Arc::default(),
+                Rec::Base { kv, .. } => self.copy = Arc::new(kv),
+                Rec::Change {
+                    seq,
+                    rid,
+                    val,
+                    reply,
+                    ..
+                } => {
+                    if self.held.base && seq > self.copy.seq {
+                        let copy = Arc::make_mut(&mut self.copy);
+                        copy.apply(val);
+                        copy.seq = seq;
+                        copy.dedupe.insert(rid, reply);
+                    }
+                }
+                Rec::Epoch(_) => {}
+            }
+        }
+    }
+}
+
+/// Backup side: what it owes the primary an acknowledgement for on its replication connection
+/// (`server::links::acknowledge`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Acker {
+    conn: ConnId,
+    /// The initial copy up to this update, the n-th this process received.
+    synced: Option<(u64, u64)>,
+    want: u64,
+    acked: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,12 +605,24 @@ struct Rep {
     reach: BTreeMap<BackupId, Ord>,
     /// Taking the primary's SAPs (after a takeover).
     taking_saps: Option<Ord>,
+    /// Its log directory (index in `St::logs`).
+    dir: Option<usize>,
+    /// The highest epoch handed to the store (and so to the log).
+    log_epoch: u64,
+    /// Backup side: initial copies received by this process, and the acknowledgements owed.
+    bases: u64,
+    acker: Option<Acker>,
 }
 
 impl Rep {
     fn new(role: Role, primary: Option<Pid>, cfg: &Cfg, now: Millis) -> Rep {
+        let m = Replica::new(role, cfg.timing(), now);
         Rep {
-            m: Replica::new(role, cfg.timing(), now),
+            m: if cfg.fsync == Fsync::Off {
+                m
+            } else {
+                m.with_log(0, 0)
+            },
             kv: Kv::default(),
             proxy_conn: None,
             welcomed: false,
@@ -445,8 +635,20 @@ impl Rep {
             bind: None,
             reach: BTreeMap::new(),
             taking_saps: None,
+            dir: None,
+            log_epoch: 0,
+            bases: 0,
+            acker: None,
         }
     }
+}
+
+/// Who releases write replies: a history, i.e. a replica's directory (continued by a primary
+/// restarted from it), or a process without a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Writer {
+    Dir(usize),
+    Pid(Pid),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -473,6 +675,8 @@ struct St {
     restart: Option<(Ord, u8)>,
     /// Index pid - 1; None once dead.
     reps: Vec<Option<Rep>>,
+    /// The replica directories on the host, in the order they were created.
+    logs: Vec<Log>,
     conns: BTreeMap<ConnId, Conn>,
     backup_sap: Option<Pid>,
     primary_saps: Option<Pid>,
@@ -486,9 +690,10 @@ struct St {
     delays: u8,
     replica_kills: u8,
     proxy_restarts: u8,
+    restarts: u8,
     // ghost state for the properties
-    write_epochs: BTreeMap<u64, Pid>,
-    two_writers: Option<(u64, Pid, Pid)>,
+    write_epochs: BTreeMap<u64, Writer>,
+    two_writers: Option<(u64, Writer, Writer)>,
     applied_twice: Option<(Pid, Val)>,
     failover: bool,
     acked_after_failover: bool,
@@ -499,6 +704,11 @@ struct St {
     deposed_back: bool,
     /// A fault struck after an earlier one, while a primary's new backup was synchronising.
     fault_during_resync: bool,
+    /// A replica restarted as a primary from a log; one that recovered an acknowledged write.
+    restarted: bool,
+    restart_kept_ack: bool,
+    /// An acknowledged write missing from the copy a restarted primary recovered (its log).
+    lost_on_restart: Option<(usize, Val)>,
     /// What the last action changed; None: everything (the start, a clock step).
     touched: Option<Touch>,
     /// Set while an action runs when the router's routing changed or a client got an answer.
@@ -515,6 +725,8 @@ struct Touch {
     /// What outlives the proxy changed (its state file, the clients' history), or something
     /// it sent was delivered.
     proxy_vital: bool,
+    /// A log or who holds the primary's SAPs changed (what a restart depends on).
+    disk: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -553,6 +765,12 @@ enum Act {
     KillProxy {
         late: bool,
     },
+    /// The log writer's next group (of directory `n`): written, synced (fsync always) and
+    /// published to its process.
+    Sync(usize),
+    /// A replica started as a primary on the host: it recovers the most advanced complete copy
+    /// among the directories no live process holds (a fault).
+    Restart,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,12 +823,15 @@ impl St {
             incarnation,
         });
         self.restart = None;
-        log(|| format!("  proxy starts (incarnation {incarnation})"));
+        trace(|| format!("  proxy starts (incarnation {incarnation})"));
     }
 
+    /// Starts a replica process. A new primary starts a new directory with a base copy of its
+    /// (empty) space; a backup starts one once it holds BACKUP_SAP (`server::open_data`). A
+    /// restart (two more processes: it and its backup) is beyond `max_pids`.
     fn spawn(&mut self, cfg: &Cfg, role: Role, primary: Option<Pid>) -> Option<Pid> {
-        if self.reps.len() >= cfg.max_pids as usize {
-            log(|| "  no process left to start (a bound of the model)".into());
+        if self.reps.len() >= (cfg.max_pids + 2 * self.restarts) as usize {
+            trace(|| "  no process left to start (a bound of the model)".into());
             return None;
         }
         let mut r = Rep::new(role, primary, cfg, self.now);
@@ -619,14 +840,220 @@ impl St {
         }
         self.reps.push(Some(r));
         let pid = self.reps.len() as Pid;
-        log(|| format!("  replica {pid} starts as {role:?}"));
+        trace(|| format!("  replica {pid} starts as {role:?}"));
+        if role == Role::Primary {
+            self.new_dir(cfg, pid);
+            self.append(
+                cfg,
+                pid,
+                Rec::Base {
+                    epoch: 0,
+                    kv: Kv::default(),
+                },
+            );
+        }
         Some(pid)
+    }
+
+    /// A new replica directory for `pid`.
+    fn new_dir(&mut self, cfg: &Cfg, pid: Pid) {
+        if cfg.fsync == Fsync::Off {
+            return;
+        }
+        self.logs.push(Log::new(pid));
+        let d = self.logs.len() - 1;
+        if let Some(r) = self.rep_mut(pid) {
+            r.dir = Some(d);
+        }
+    }
+
+    /// The store appends a record to the replica's log; the writer takes it in its next group.
+    fn append(&mut self, cfg: &Cfg, pid: Pid, rec: Rec) {
+        let Some(d) = self.rep(pid).and_then(|r| r.dir) else {
+            return;
+        };
+        if self.logs[d].sync.is_none() {
+            self.logs[d].sync = Some(if cfg.free_syncs {
+                Ord::MAX
+            } else {
+                self.fresh()
+            });
+        }
+        self.logs[d].tail.push(rec);
+    }
+
+    /// The writer's group: with fsync always, the tail is synced; then what it holds is
+    /// published (the replica machine's `LogDurable`, and the backup's acknowledgements).
+    fn sync(&mut self, cfg: &Cfg, d: usize) {
+        let log = &mut self.logs[d];
+        log.sync = None;
+        match cfg.fsync {
+            Fsync::Always => {
+                log.make_durable();
+                log.published = log.held;
+            }
+            Fsync::Never => log.published = log.appended(),
+            Fsync::Off => {}
+        }
+        let (owner, p) = (log.owner, log.published);
+        if let Some(pid) = owner {
+            trace(|| format!("  replica {pid}: log holds {p:?}"));
+            self.rep_step(
+                cfg,
+                pid,
+                replica::Input::LogDurable {
+                    epoch: p.epoch,
+                    seq: p.seq,
+                },
+            );
+            self.acknowledge(cfg, pid);
+        }
+    }
+
+    /// What the replica's log writer last published (None: no log).
+    fn published(&self, pid: Pid) -> Option<Held> {
+        self.rep(pid)
+            .and_then(|r| r.dir)
+            .map(|d| self.logs[d].published)
+    }
+
+    /// Backup side: acknowledges the initial copy and the updates its log holds
+    /// (`server::links::acknowledge`; without a log, everything received).
+    fn acknowledge(&mut self, cfg: &Cfg, pid: Pid) {
+        // The planted bug acknowledges what it received, applied and held or not.
+        let held = self
+            .published(pid)
+            .filter(|_| cfg.bug != Some(Bug::BackupIgnoresUpdates));
+        let Some(a) = self.rep_mut(pid).and_then(|r| r.acker.as_mut()) else {
+            return;
+        };
+        let mut msgs = Vec::new();
+        if let Some((seq, n)) = a.synced {
+            if held.is_some_and(|d| !d.base || d.bases < n || d.seq < seq) {
+                return;
+            }
+            a.synced = None;
+            a.acked = a.acked.max(seq);
+            msgs.push(Msg::Synced { seq, pid });
+        }
+        let upto = held.map_or(a.want, |d| a.want.min(d.seq));
+        if upto > a.acked {
+            a.acked = upto;
+            msgs.push(Msg::Ack { seq: upto });
+        }
+        let conn = a.conn;
+        for m in msgs {
+            self.send(conn, Addr::Rep(pid), CONTROL, m);
+        }
+    }
+
+    /// The most advanced complete copies (epoch, then update) among the directories `which`
+    /// selects, and their position. Recovery takes the first in name order (creation time, then
+    /// pid: the oldest here), an order the protocol cannot rely on.
+    fn top_copies(&self, which: impl Fn(&Log) -> bool) -> Option<((u64, u64), Vec<usize>)> {
+        let pos = self
+            .logs
+            .iter()
+            .filter(|l| l.held.base && which(l))
+            .map(|l| l.held.pos())
+            .max()?;
+        let dirs = (0..self.logs.len())
+            .filter(|d| {
+                let l = &self.logs[*d];
+                l.held.base && which(l) && l.held.pos() == pos
+            })
+            .collect();
+        Some((pos, dirs))
+    }
+
+    /// The directories a primary started now may recover (`recover::recover`): the most advanced
+    /// complete copies no live process holds, unless a live process holds a more advanced one
+    /// (then it refuses to start); none while the primary's SAPs are taken (it cannot bind
+    /// them).
+    fn recoverable(&self, cfg: &Cfg) -> Option<Vec<usize>> {
+        if cfg.fsync == Fsync::Off || self.primary_saps.is_some() {
+            return None;
+        }
+        let (pos, dirs) = self.top_copies(|l| l.owner.is_none())?;
+        if self
+            .top_copies(|l| l.owner.is_some())
+            .is_some_and(|(p, _)| p > pos)
+        {
+            return None;
+        }
+        Some(dirs)
+    }
+
+    /// The writes clients were told are applied.
+    fn acked(&self, cfg: &Cfg) -> Vec<Val> {
+        (0..cfg.writes)
+            .filter(|s| self.ops[*s as usize].st == OpState::Done(Outcome::Reply(KvReply::Applied)))
+            .map(|s| s + 1)
+            .collect()
+    }
+
+    /// An acknowledged write missing from a copy that recovery may pick among `dirs`.
+    fn missing(&self, cfg: &Cfg, dirs: &[usize]) -> Option<(usize, Val)> {
+        let acked = self.acked(cfg);
+        dirs.iter().find_map(|d| {
+            acked
+                .iter()
+                .find(|v| !self.logs[*d].copy.applied.contains(v))
+                .map(|v| (*d, *v))
+        })
+    }
+
+    /// An acknowledged write that a power cut of the host now (every process killed, every
+    /// unsynced tail lost) could lose: missing from a copy recovery may pick.
+    fn power_cut_loses(&self, cfg: &Cfg) -> Option<(usize, Val)> {
+        if cfg.fsync == Fsync::Off {
+            return None;
+        }
+        match self.top_copies(|_| true) {
+            Some((_, dirs)) => self.missing(cfg, &dirs),
+            None => self.acked(cfg).first().map(|v| (usize::MAX, *v)),
+        }
+    }
+
+    /// A replica started as a primary on the host: it recovers the first of the copies it may
+    /// (`dirs`), and claims its epoch.
+    fn restart(&mut self, cfg: &Cfg, dirs: &[usize]) {
+        self.faults += 1;
+        self.restarts += 1;
+        // Every write a client was told is applied must be in the copy it recovers.
+        match self.missing(cfg, dirs) {
+            Some(m) => {
+                self.lost_on_restart.get_or_insert(m);
+            }
+            None => self.restart_kept_ack |= !self.acked(cfg).is_empty(),
+        }
+        let d = dirs[0];
+        let log = &mut self.logs[d];
+        log.held.bases = 0;
+        log.published = log.held;
+        let (copy, held) = (Kv::clone(&log.copy), log.held);
+        let acked = self.acked(cfg);
+        self.restarted = true;
+        let mut r = Rep::new(Role::Primary, None, cfg, self.now);
+        r.m = Replica::new(Role::Primary, cfg.timing(), self.now).with_log(held.epoch, held.seq);
+        r.kv = copy;
+        r.dir = Some(d);
+        r.log_epoch = held.epoch;
+        self.reps.push(Some(r));
+        let pid = self.reps.len() as Pid;
+        self.logs[d].owner = Some(pid);
+        self.primary_saps = Some(pid);
+        trace(|| {
+            format!(
+                "  replica {pid} starts as Primary from directory {d}: {held:?}, {acked:?} acknowledged"
+            )
+        });
     }
 
     /// The process is gone; its connections die, and the other ends notice later (after the
     /// idle timeout for a kill -9, at once for an exit).
     fn kill(&mut self, cfg: &Cfg, a: Addr, graceful: bool) {
-        log(|| format!("  {a:?} {}", if graceful { "exits" } else { "killed" }));
+        trace(|| format!("  {a:?} {}", if graceful { "exits" } else { "killed" }));
         match a {
             Addr::Proxy => {
                 self.proxy = None;
@@ -638,6 +1065,19 @@ impl St {
                 }
             }
             Addr::Rep(p) => {
+                // Its log stays on the disk: an exit's last flush syncs the tail, a kill -9 (or
+                // a power cut) loses it.
+                if let Some(d) = self.rep(p).and_then(|r| r.dir) {
+                    let log = &mut self.logs[d];
+                    if graceful {
+                        log.make_durable();
+                    } else {
+                        log.tail.clear();
+                    }
+                    log.owner = None;
+                    log.sync = None;
+                    log.published = log.held;
+                }
                 self.reps[p as usize - 1] = None;
                 if self.backup_sap == Some(p) {
                     self.backup_sap = None;
@@ -780,6 +1220,13 @@ impl St {
         for (o, _, _) in &mut self.terminates {
             f(o);
         }
+        for l in &mut self.logs {
+            if let Some(o) = &mut l.sync
+                && *o != Ord::MAX
+            {
+                f(o);
+            }
+        }
     }
 
     // ---- the proxy ----
@@ -825,7 +1272,7 @@ impl St {
             }
             router::Action::Witness(w) => {
                 if !matches!(w, W::HeartbeatAck { .. }) {
-                    log(|| format!("  proxy: {w:?}"));
+                    trace(|| format!("  proxy: {w:?}"));
                 }
                 match w {
                     W::Persist(d) => {
@@ -885,7 +1332,7 @@ impl St {
 
     fn answer(&mut self, cfg: &Cfg, slot: Slot, outcome: Outcome<KvReply>) {
         self.routing = true;
-        log(|| format!("  client: {:?} (slot {slot}) -> {outcome:?}", cfg.op(slot)));
+        trace(|| format!("  client: {:?} (slot {slot}) -> {outcome:?}", cfg.op(slot)));
         let restarted = self.proxy.as_ref().is_some_and(|p| p.incarnation > 1);
         let failover = self.failover;
         let Some(op) = self.ops.get_mut(slot as usize) else {
@@ -996,6 +1443,12 @@ impl St {
         let Some(r) = self.rep_mut(pid) else { return };
         let mut out = Vec::new();
         r.m.step(now, input, &mut out);
+        let epoch = r.m.epoch();
+        if epoch > r.log_epoch {
+            // The executor hands a risen epoch to the store before it carries out the actions.
+            r.log_epoch = epoch;
+            self.append(cfg, pid, Rec::Epoch(epoch));
+        }
         for a in out {
             self.rep_apply(cfg, pid, a);
         }
@@ -1013,7 +1466,7 @@ impl St {
         use replica::Action as A;
         let me = Addr::Rep(pid);
         if !matches!(a, A::Heartbeat { .. }) {
-            log(|| format!("  replica {pid}: {a:?}"));
+            trace(|| format!("  replica {pid}: {a:?}"));
         }
         let Some(r) = self.rep_mut(pid) else { return };
         match a {
@@ -1062,14 +1515,18 @@ impl St {
             A::Release((rid, reply)) => {
                 if !matches!(reply, KvReply::Read(_)) {
                     let epoch = r.m.epoch();
+                    let me = match r.dir {
+                        Some(d) => Writer::Dir(d),
+                        None => Writer::Pid(pid),
+                    };
                     match self.write_epochs.get(&epoch) {
-                        Some(other) if *other != pid => {
+                        Some(other) if *other != me => {
                             if self.two_writers.is_none() {
-                                self.two_writers = Some((epoch, *other, pid));
+                                self.two_writers = Some((epoch, *other, me));
                             }
                         }
                         _ => {
-                            self.write_epochs.insert(epoch, pid);
+                            self.write_epochs.insert(epoch, me);
                         }
                     }
                 }
@@ -1114,6 +1571,7 @@ impl St {
                 }
             }
             A::Promote { .. } => {
+                r.acker = None;
                 if let Some(c) = r.inbound.take() {
                     self.close(c);
                 }
@@ -1153,11 +1611,23 @@ impl St {
                 },
             ),
             StoreOut::Write { seq, val, reply } => {
+                let epoch = r.log_epoch;
                 if let Some(v) = r.kv.applied_twice()
                     && self.applied_twice.is_none()
                 {
                     self.applied_twice = Some((pid, v));
                 }
+                self.append(
+                    cfg,
+                    pid,
+                    Rec::Change {
+                        epoch,
+                        seq,
+                        rid,
+                        val,
+                        reply: reply.clone(),
+                    },
+                );
                 let Some(r) = self.rep(pid) else { return };
                 if let Some((_, c)) = r.backup {
                     let update = Msg::Update {
@@ -1234,6 +1704,12 @@ impl St {
             }
             Msg::ReplHello { epoch } => {
                 if r.m.role() == Role::Backup && epoch >= r.m.epoch() {
+                    r.acker = Some(Acker {
+                        conn,
+                        synced: None,
+                        want: 0,
+                        acked: 0,
+                    });
                     if let Some(old) = r.inbound.replace(conn) {
                         self.close(old);
                     }
@@ -1243,9 +1719,17 @@ impl St {
             }
             Msg::Snapshot(kv) => {
                 if r.inbound == Some(conn) {
-                    r.kv = kv;
-                    let seq = r.kv.seq;
-                    self.send(conn, me, CONTROL, Msg::Synced { seq, pid });
+                    // The store logs the copy (Reset, Pairs, Base); the n-th copy this process
+                    // received is acknowledged once its log holds n base records.
+                    r.kv = kv.clone();
+                    r.bases += 1;
+                    let (seq, n, epoch) = (kv.seq, r.bases, r.log_epoch);
+                    if let Some(a) = &mut r.acker {
+                        a.synced = Some((seq, n));
+                    }
+                    self.append(cfg, pid, Rec::Reset);
+                    self.append(cfg, pid, Rec::Base { epoch, kv });
+                    self.acknowledge(cfg, pid);
                 }
             }
             Msg::Update {
@@ -1255,17 +1739,29 @@ impl St {
                 reply,
             } => {
                 if r.inbound == Some(conn) {
+                    if let Some(a) = &mut r.acker {
+                        a.want = a.want.max(seq);
+                    }
                     if seq > r.kv.seq && cfg.bug != Some(Bug::BackupIgnoresUpdates) {
                         r.kv.apply(val);
                         r.kv.seq = seq;
-                        r.kv.dedupe.insert(rid, reply);
+                        r.kv.dedupe.insert(rid, reply.clone());
+                        let epoch = r.log_epoch;
                         if let Some(v) = r.kv.applied_twice()
                             && self.applied_twice.is_none()
                         {
                             self.applied_twice = Some((pid, v));
                         }
+                        let change = Rec::Change {
+                            epoch,
+                            seq,
+                            rid,
+                            val,
+                            reply,
+                        };
+                        self.append(cfg, pid, change);
                     }
-                    self.send(conn, me, CONTROL, Msg::Ack { seq });
+                    self.acknowledge(cfg, pid);
                 }
             }
             Msg::ReplWatermark(w) => {
@@ -1338,6 +1834,7 @@ impl St {
                     ConnId::Repl(_, bid) => {
                         if r.inbound == Some(id) {
                             r.inbound = None;
+                            r.acker = None;
                             self.rep_step(
                                 cfg,
                                 pid,
@@ -1415,7 +1912,7 @@ impl St {
             preceded,
         };
         let op = cfg.op(slot);
-        log(|| format!("  client {client} invokes {op:?} (slot {slot})"));
+        trace(|| format!("  client {client} invokes {op:?} (slot {slot})"));
         self.proxy_step(
             cfg,
             router::Input::Request {
@@ -1451,7 +1948,7 @@ impl St {
         };
         let Some((_, msg)) = msg else { return };
         let to = if dir == 0 { c.b } else { c.a };
-        log(|| format!("  {to:?} gets {msg:?}"));
+        trace(|| format!("  {to:?} gets {msg:?}"));
         match to {
             Addr::Proxy => self.proxy_msg(cfg, id, msg),
             Addr::Rep(p) => self.rep_msg(cfg, p, id, msg),
@@ -1468,7 +1965,7 @@ impl St {
             .backup_sap
             .filter(|b| self.alive(Addr::Rep(*b)) && !self.cut(Addr::Rep(pid), Addr::Rep(*b)))
         else {
-            log(|| format!("  replica {pid}: backup {id} unreachable"));
+            trace(|| format!("  replica {pid}: backup {id} unreachable"));
             self.rep_step(
                 cfg,
                 pid,
@@ -1479,7 +1976,7 @@ impl St {
             );
             return;
         };
-        log(|| format!("  replica {pid} reaches backup {id} at replica {b}"));
+        trace(|| format!("  replica {pid} reaches backup {id} at replica {b}"));
         let c = ConnId::Repl(pid, id);
         let me = Addr::Rep(pid);
         self.open(c, me, Addr::Rep(b));
@@ -1516,6 +2013,7 @@ impl St {
                     | Act::Hold(..)
                     | Act::Kill(_)
                     | Act::KillProxy { .. }
+                    | Act::Restart
             )
         {
             self.fault_during_resync = true;
@@ -1523,14 +2021,14 @@ impl St {
         match *a {
             Act::Advance { stalled } => {
                 if stalled {
-                    log(|| "FAULT: the proxy misses its tick (stalled)".into());
+                    trace(|| "FAULT: the proxy misses its tick (stalled)".into());
                     self.faults += 1;
                 }
                 self.advance(cfg, !stalled);
             }
             Act::Deliver(id, dir, stream) => self.deliver(cfg, id, dir, stream as usize, false),
             Act::Duplicate(id, dir) => {
-                log(|| "FAULT: a control message is delivered twice".into());
+                trace(|| "FAULT: a control message is delivered twice".into());
                 self.faults += 1;
                 self.deliver(cfg, id, dir, CONTROL, true);
             }
@@ -1544,8 +2042,9 @@ impl St {
                     if let Some(r) = self.rep_mut(pid) {
                         r.bound = true;
                     }
+                    self.new_dir(cfg, pid);
                 } else {
-                    log(|| format!("  replica {pid} cannot bind BACKUP_SAP"));
+                    trace(|| format!("  replica {pid} cannot bind BACKUP_SAP"));
                     self.kill(cfg, Addr::Rep(pid), true);
                 }
             }
@@ -1576,12 +2075,12 @@ impl St {
             }
             Act::Invoke(client) => self.invoke(cfg, client),
             Act::CutConn(id) => {
-                log(|| format!("FAULT: connection {id:?} dies"));
+                trace(|| format!("FAULT: connection {id:?} dies"));
                 self.faults += 1;
                 self.close(id);
             }
             Act::Hold(x, y, one_way) => {
-                log(|| format!("FAULT: path {x:?} -> {y:?} cut (one way: {one_way})"));
+                trace(|| format!("FAULT: path {x:?} -> {y:?} cut (one way: {one_way})"));
                 self.faults += 1;
                 let heal = (self.fresh(), cfg.idle());
                 let (k, xy, yx) = if x < y {
@@ -1592,14 +2091,21 @@ impl St {
                 self.cuts.insert(k, Cut { xy, yx, heal });
             }
             Act::Kill(pid) => {
-                log(|| format!("FAULT: kill -9 replica {pid}"));
+                trace(|| format!("FAULT: kill -9 replica {pid}"));
                 self.faults += 1;
                 self.replica_kills += 1;
                 self.kill(cfg, Addr::Rep(pid), false);
             }
             Act::Deviate(ref a) => self.apply(cfg, a),
+            Act::Sync(d) => self.sync(cfg, d),
+            Act::Restart => {
+                if let Some(dirs) = self.recoverable(cfg) {
+                    trace(|| format!("FAULT: a replica restarts as the primary (copies {dirs:?})"));
+                    self.restart(cfg, &dirs);
+                }
+            }
             Act::KillProxy { late } => {
-                log(|| "FAULT: kill -9 proxy".into());
+                trace(|| "FAULT: kill -9 proxy".into());
                 self.faults += 1;
                 self.proxy_restarts += 1;
                 self.kill(cfg, Addr::Proxy, false);
@@ -1742,6 +2248,13 @@ impl Ha {
         for ((x, y), c) in &s.cuts {
             out.push((c.heal.0, Act::Heal(*x, *y), c.heal.1 == 0));
         }
+        if !self.cfg.free_syncs {
+            for (d, l) in s.logs.iter().enumerate() {
+                if let Some(o) = l.sync {
+                    out.push((o, Act::Sync(d), true));
+                }
+            }
+        }
         out
     }
 
@@ -1845,6 +2358,13 @@ impl Ha {
                     }
                 }
             }
+            // A restart depends on the logs and on who holds the primary's SAPs.
+            if s.restarts < cfg.max_restarts
+                && s.touched.as_ref().is_none_or(|t| t.disk)
+                && s.recoverable(cfg).is_some()
+            {
+                out.push(Act::Restart);
+            }
             // A proxy's death depends on what outlives it and on what it sent.
             if s.proxy.is_some()
                 && s.proxy_restarts < cfg.max_proxy_restarts
@@ -1852,6 +2372,14 @@ impl Ha {
             {
                 out.push(Act::KillProxy { late: false });
                 out.push(Act::KillProxy { late: true });
+            }
+        }
+        // Free syncs: a log writer's group may complete at any point.
+        if cfg.free_syncs {
+            for (d, l) in s.logs.iter().enumerate() {
+                if l.sync.is_some() {
+                    out.push(Act::Sync(d));
+                }
             }
         }
         // A replica that cannot reach the proxy gives up and tries again.
@@ -1899,6 +2427,22 @@ fn touched(a: &St, b: &St) -> Touch {
             procs.insert(Addr::Rep(i as Pid + 1));
         }
     }
+    // A process whose log changed counts as changed.
+    let plain_log = |l: Option<&Log>| {
+        l.cloned().map(|mut l| {
+            l.sync = l.sync.map(|_| 0);
+            l
+        })
+    };
+    let mut disk = a.primary_saps != b.primary_saps;
+    for i in 0..a.logs.len().max(b.logs.len()) {
+        let (x, y) = (a.logs.get(i), b.logs.get(i));
+        if plain_log(x) != plain_log(y) {
+            disk = true;
+            procs.extend(x.and_then(|l| l.owner).map(Addr::Rep));
+            procs.extend(y.and_then(|l| l.owner).map(Addr::Rep));
+        }
+    }
     for id in a.conns.keys().chain(b.conns.keys()) {
         let (x, y) = (a.conns.get(id), b.conns.get(id));
         let same = match (x, y) {
@@ -1927,19 +2471,25 @@ fn touched(a: &St, b: &St) -> Touch {
     Touch {
         procs,
         conns,
+        disk,
         ..Touch::default()
     }
 }
 
 /// The initial state: the proxy, P registered, B started by P, synchronised, and recorded as such
-/// by the witness; reached by the canonical schedule.
+/// by the witness, their logs on the disk; reached by the canonical schedule (syncs included).
 fn boot(cfg: &Cfg) -> St {
+    let cfg = &Cfg {
+        free_syncs: false,
+        ..cfg.clone()
+    };
     let mut s = St {
         now: 0,
         proxy: None,
         disk: None,
         restart: None,
         reps: Vec::new(),
+        logs: Vec::new(),
         conns: BTreeMap::new(),
         backup_sap: None,
         primary_saps: None,
@@ -1957,6 +2507,7 @@ fn boot(cfg: &Cfg) -> St {
         delays: 0,
         replica_kills: 0,
         proxy_restarts: 0,
+        restarts: 0,
         write_epochs: BTreeMap::new(),
         two_writers: None,
         applied_twice: None,
@@ -1966,6 +2517,9 @@ fn boot(cfg: &Cfg) -> St {
         restart_mid_failover: false,
         deposed_back: false,
         fault_during_resync: false,
+        restarted: false,
+        restart_kept_ack: false,
+        lost_on_restart: None,
         touched: None,
         routing: false,
     };
@@ -1987,6 +2541,10 @@ fn boot(cfg: &Cfg) -> St {
                 });
                 if ready {
                     s.routing = false;
+                    // With fsync never, the page cache was written back before the run.
+                    for l in &mut s.logs {
+                        l.make_durable();
+                    }
                     return s;
                 }
                 s.apply(cfg, &Act::Advance { stalled: false });
@@ -2049,6 +2607,14 @@ impl Model for Ha {
                 s.applied_twice.is_none()
             }),
             Property::always("one writer per epoch", |_, s: &St| s.two_writers.is_none()),
+            Property::always(
+                "every acknowledged write is in the recovered copy",
+                |_, s: &St| s.lost_on_restart.is_none(),
+            ),
+            Property::always(
+                "a power cut keeps every acknowledged write",
+                |m: &Ha, s: &St| s.power_cut_loses(&m.cfg).is_none(),
+            ),
             Property::sometimes("a failover happens", |_, s: &St| s.failover),
             Property::sometimes("a write is acknowledged after a failover", |_, s: &St| {
                 s.acked_after_failover
@@ -2068,6 +2634,16 @@ impl Model for Ha {
                 "a second fault strikes during a resync",
                 |_, s: &St| s.fault_during_resync,
             ));
+            if self.cfg.fsync != Fsync::Off && self.cfg.max_restarts > 0 {
+                v.push(Property::sometimes(
+                    "a primary restarts from its log",
+                    |_, s: &St| s.restarted,
+                ));
+                v.push(Property::sometimes(
+                    "a restart recovers an acknowledged write",
+                    |_, s: &St| s.restart_kept_ack,
+                ));
+            }
         }
         v
     }
@@ -2094,13 +2670,14 @@ fn describe(model: &Ha, actions: &[Act]) -> String {
         .as_ref()
         .map(|p| p.router.witness().durable().clone());
     text.push_str(&format!(
-        "at the end: witness {w:?}; disk {:?}; history {:?}; replicas: {:?}\n",
+        "at the end: witness {w:?}; disk {:?}; history {:?}; replicas: {:?}; logs: {:?}\n",
         s.disk,
         s.ops,
         s.reps
             .iter()
             .map(|r| r.as_ref().map(|r| (r.m.role(), r.m.epoch(), r.kv.clone())))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        s.logs
     ));
     text
 }
@@ -2258,6 +2835,48 @@ fn the_checker_finds_planted_bugs() {
     assert!(found(one_fault).is_none());
 }
 
+/// The checker finds a write lost to a crash when appends count as held before they are synced
+/// (`fsync = "never"`): a write acknowledged on both replicas' word, the primary killed, and a
+/// primary restarted from its log, which lacks it. With `fsync = "always"` the same bounds hold.
+#[test]
+fn the_checker_finds_a_write_lost_with_fsync_never() {
+    const LOST: &str = "every acknowledged write is in the recovered copy";
+    let bounds = Cfg {
+        max_time: 6,
+        reads: 0,
+        cuts: false,
+        holds: false,
+        max_proxy_restarts: 0,
+        ..Cfg::quick()
+    };
+    let check = |fsync| {
+        let m = Ha::new(Cfg {
+            fsync,
+            ..bounds.clone()
+        });
+        let c = m
+            .checker()
+            .threads(1)
+            .finish_when(HasDiscoveries::AnyOf([LOST].into()))
+            .spawn_dfs()
+            .join();
+        let found = c
+            .discovery(LOST)
+            .map(|p| describe(c.model(), &p.into_actions()));
+        (c.unique_state_count(), found)
+    };
+    let (n, found) = check(Fsync::Never);
+    let trace = found.expect("a lost write with fsync never");
+    println!("fsync never: a lost acknowledged write after {n} states:\n{trace}");
+    assert!(
+        trace.contains("Kill(") && trace.contains("Restart"),
+        "{trace}"
+    );
+    let (n, found) = check(Fsync::Always);
+    println!("fsync always: {n} states");
+    assert!(found.is_none(), "{}", found.unwrap_or_default());
+}
+
 /// Deeper: two faults and one deviation from the canonical schedule (messages overtaking each
 /// other, a message crossing a tick), 7 ms, with the reduction (80 million states, about 8
 /// minutes on two cores).
@@ -2305,8 +2924,51 @@ fn failover_protocol_is_safe_remote() {
     });
 }
 
+/// Disks, deeper: both replicas crash (a power cut in two steps, or one after the other) and a
+/// primary restarts from the logs; three faults, no cuts, 7 ms (FIGURES_TWO_CRASHES).
+#[test]
+#[ignore]
+fn disks_two_crashes_and_a_restart() {
+    run(Cfg {
+        max_faults: 3,
+        max_replica_kills: 2,
+        cuts: false,
+        holds: false,
+        ..Cfg::quick()
+    });
+}
+
+/// Disks, deeper: the primary killed, the proxy killed and restarted, and a primary restarted from
+/// the logs, in any order; two writes, no cuts, 9 ms (FIGURES_UNCONFIRMED).
+#[test]
+#[ignore]
+fn disks_restart_and_proxy_restart() {
+    run(Cfg {
+        max_faults: 3,
+        max_time: 9,
+        writes: 2,
+        reads: 0,
+        cuts: false,
+        holds: false,
+        ..Cfg::quick()
+    });
+}
+
+/// Disks, slow: a log's group may complete at any point (syncs are free actions, so a disk may
+/// lag any number of clock steps); two faults, 6 ms (FIGURES_SLOW).
+#[test]
+#[ignore]
+fn disks_slow_syncs() {
+    run(Cfg {
+        max_time: 6,
+        free_syncs: true,
+        ..Cfg::quick()
+    });
+}
+
 /// Any bounds, from the environment (TIME, FAULTS, DELAYS, WRITES, READS, CUTS, HOLDS, ONEWAY,
-/// STALLS, DUPS, REMOTE, PIDS, REDUCE, HB, GRACE, BFS, DEPTH, BUG=1|2).
+/// STALLS, DUPS, REMOTE, PIDS, REDUCE, HB, GRACE, BFS, DEPTH, BUG=1|2, FSYNC=0 (no logs)|1
+/// (always)|2 (never), RESTARTS, KILLS, PROXY_RESTARTS, FREE_SYNCS).
 #[test]
 #[ignore]
 fn explore_with_bounds_from_env() {
@@ -2339,6 +3001,15 @@ fn explore_with_bounds_from_env() {
             2 => Some(Bug::ProxyForgets),
             _ => None,
         },
+        fsync: match env("FSYNC", 1) {
+            0 => Fsync::Off,
+            2 => Fsync::Never,
+            _ => Fsync::Always,
+        },
+        max_restarts: env("RESTARTS", 1) as u8,
+        max_replica_kills: env("KILLS", 1) as u8,
+        max_proxy_restarts: env("PROXY_RESTARTS", 1) as u8,
+        free_syncs: env("FREE_SYNCS", 0) == 1,
         ..Cfg::quick()
     });
 }
