@@ -200,21 +200,7 @@ impl<R: Read> FrameReader<R> {
     /// The next record, or how the sequence ended.
     pub fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, FrameEnd> {
         let mut head = [0u8; FRAME_HEADER];
-        match read_full(&mut self.inner, &mut head) {
-            Ok(0) => return Err(FrameEnd::Eof),
-            Ok(n) if n < FRAME_HEADER => {
-                return Err(FrameEnd::Torn {
-                    offset: self.offset,
-                });
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(FrameEnd::Corrupt {
-                    offset: self.offset,
-                    why: format!("read error: {e}"),
-                });
-            }
-        }
+        fill(&mut self.inner, &mut head, self.offset, true)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if len > self.max_frame {
@@ -227,20 +213,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         self.buf.resize(len, 0);
-        match read_full(&mut self.inner, &mut self.buf) {
-            Ok(n) if n < len => {
-                return Err(FrameEnd::Torn {
-                    offset: self.offset,
-                });
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(FrameEnd::Corrupt {
-                    offset: self.offset,
-                    why: format!("read error: {e}"),
-                });
-            }
-        }
+        fill(&mut self.inner, &mut self.buf, self.offset, false)?;
         if crc32fast::hash(&self.buf) != crc {
             return Err(FrameEnd::Corrupt {
                 offset: self.offset,
@@ -253,6 +226,20 @@ impl<R: Read> FrameReader<R> {
         })?;
         self.offset += (FRAME_HEADER + len) as u64;
         Ok(v)
+    }
+}
+
+/// Fills `buf` from `r`. A short read is a torn frame at `offset`, except that nothing at all
+/// where a frame may start (`may_end`) is the clean end of the sequence.
+fn fill(r: &mut impl Read, buf: &mut [u8], offset: u64, may_end: bool) -> Result<(), FrameEnd> {
+    match read_full(r, buf) {
+        Ok(0) if may_end => Err(FrameEnd::Eof),
+        Ok(n) if n < buf.len() => Err(FrameEnd::Torn { offset }),
+        Ok(_) => Ok(()),
+        Err(e) => Err(FrameEnd::Corrupt {
+            offset,
+            why: format!("read error: {e}"),
+        }),
     }
 }
 

@@ -208,10 +208,9 @@ pub async fn run(
     {
         info!(sap = %ep.local_addr().map(|a| a.to_string()).unwrap_or_default(), ?role, "server listening");
     }
-    let (ev_tx2, dur_tx, mut dur_rx) = {
-        let (t, r) = tokio::sync::watch::channel(Durable::default());
-        (ev_tx.clone(), t, r)
-    };
+    // What the log holds durably, published by its writer thread; its failures become events.
+    let (dur_tx, mut dur_rx) = tokio::sync::watch::channel(Durable::default());
+    let storage_events = ev_tx.clone();
     let start = {
         let args = args.clone();
         let cfg = cfg.clone();
@@ -240,7 +239,7 @@ pub async fn run(
                         dur_tx.send_replace(d);
                     }),
                     on_error: Box::new(move |e| {
-                        let _ = ev_tx2.send(Event::StorageFailed(e));
+                        let _ = storage_events.send(Event::StorageFailed(e));
                     }),
                 },
             )?;
