@@ -444,9 +444,10 @@ impl<R> Replica<R> {
                 self.release_committed(out);
             }
             Input::LogDurable { epoch, seq } => {
-                if let Some((e, s)) = &mut self.log {
-                    *e = (*e).max(epoch);
-                    *s = (*s).max(seq);
+                // Exactly what the log holds now, not a maximum: a backup's log position drops
+                // when it starts over from a new initial copy (publications arrive in order).
+                if let Some(held) = &mut self.log {
+                    *held = (epoch, seq);
                 }
                 self.release_committed(out);
             }
@@ -994,6 +995,28 @@ mod tests {
                 save: true
             }),
             "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_reply_waits_for_the_log_even_after_the_log_position_dropped() {
+        // Found by the model checker (tests/model.rs disks_slow_syncs_and_a_proxy_restart): a
+        // backup's log held update 1, then it started over from a new initial copy at update 0;
+        // promoted, its first write (update 1) must wait until the log holds it again.
+        let mut r = Replica::<u32>::new(Role::Primary, timing(), 0).with_log(1, 0);
+        run(&mut r, 0, Input::Tick);
+        run(&mut r, 1, Input::ProxyUp { epoch: 1 });
+        run(&mut r, 2, Input::LogDurable { epoch: 1, seq: 1 });
+        run(&mut r, 3, Input::LogDurable { epoch: 1, seq: 0 });
+        run(&mut r, 4, Input::Grant { epoch: 1 });
+        let a = run(&mut r, 5, Input::Write { seq: 1, reply: 1 });
+        assert!(
+            released(&a).is_empty(),
+            "released before the log holds it: {a:?}"
+        );
+        assert_eq!(
+            released(&run(&mut r, 6, Input::LogDurable { epoch: 1, seq: 1 })),
+            vec![1]
         );
     }
 }

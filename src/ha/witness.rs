@@ -114,6 +114,8 @@ pub enum Action {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Member {
     info: ReplicaInfo,
+    /// For a backup: the handle or SAP of the primary that started it, as it said in its hello.
+    primary_of: Option<String>,
     last_heard: Millis,
     /// The link closed: the member is silent until it says hello on a new one.
     down: bool,
@@ -127,6 +129,7 @@ impl Member {
     fn new(info: ReplicaInfo, now: Millis) -> Member {
         Member {
             info,
+            primary_of: None,
             last_heard: now,
             down: false,
             acks_sent: 0,
@@ -595,8 +598,10 @@ impl Witness {
         now: Millis,
         out: &mut Vec<Action>,
     ) {
-        self.members.remove(&old);
-        self.members.insert(link, Member::new(info, now));
+        let primary_of = self.members.remove(&old).and_then(|m| m.primary_of);
+        let mut member = Member::new(info, now);
+        member.primary_of = primary_of;
+        self.members.insert(link, member);
         out.push(Action::Drop { link: old });
     }
 
@@ -712,6 +717,8 @@ impl Witness {
                 if !holder {
                     self.durable.office_epoch = self.durable.epoch;
                     self.durable.synced_backup = None;
+                    // Whatever backup is registered holds none of the new office's writes.
+                    self.backup_synced = false;
                 }
                 self.durable.primary = Some((info.handle.clone(), info.sap.clone()));
                 self.members.insert(link, Member::new(info.clone(), now));
@@ -798,7 +805,9 @@ impl Witness {
                 // every acknowledged write at this epoch still does.
                 self.backup_synced = self.primary.is_none()
                     && self.durable.synced_backup.as_ref() == Some(&info.handle);
-                self.members.insert(link, Member::new(info.clone(), now));
+                let mut member = Member::new(info.clone(), now);
+                member.primary_of = primary_of_backup;
+                self.members.insert(link, member);
                 self.backup = Some(link);
                 out.push(Action::Welcome {
                     link,
@@ -816,18 +825,18 @@ impl Witness {
         }
     }
 
-    /// Whether the registered backup `b` was started by the registered primary.
+    /// Whether the registered backup `b` was started by the registered primary (by the handle or
+    /// SAP it named in its hello; one that named none is not known to be this primary's).
     fn belongs(&self, b: LinkId) -> bool {
-        let (Some(p), Some(_)) = (
+        let (Some(p), Some(m)) = (
             self.primary.and_then(|p| self.members.get(&p)),
             self.members.get(&b),
         ) else {
             return false;
         };
-        match &self.durable.primary {
-            Some((h, s)) => *h == p.info.handle || *s == p.info.sap,
-            None => false,
-        }
+        m.primary_of
+            .as_ref()
+            .is_some_and(|h| *h == p.info.handle || *h == p.info.sap)
     }
 
     fn welcome_primary(&mut self, link: LinkId, claimed: u64, out: &mut Vec<Action>) {
@@ -1368,13 +1377,22 @@ mod tests {
         let mut f = Fx::pair();
         let a = f.at(50, Input::PeerLost { link: 1, epoch: 1 });
         // A synchronised backup is let go, not fenced, until the primary confirms the new epoch.
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
+        assert!(has(&a, |x| matches!(
+            x,
+            Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+        )));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
         assert_eq!(f.w.backup(), None);
         assert_eq!(f.w.durable().unconfirmed_drop.as_deref(), Some("2"));
         // Until then it is told to come back later.
         let a = f.at(55, hello(2, Role::Backup, 1));
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }), "{a:?}");
+        assert!(
+            has(&a, |x| matches!(
+                x,
+                Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+            )),
+            "{a:?}"
+        );
         // The primary heartbeats at the new epoch: the drop is final, the old backup is refused.
         f.at(56, hb(1, 2, false));
         assert_eq!(f.w.durable().unconfirmed_drop, None);
@@ -1421,7 +1439,10 @@ mod tests {
         let mut f = Fx::pair();
         f.at(40, Input::PeerLost { link: 2, epoch: 1 });
         let a = f.at(50, Input::PeerLost { link: 1, epoch: 1 });
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
+        assert!(has(&a, |x| matches!(
+            x,
+            Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+        )));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
     }
 
@@ -1430,7 +1451,10 @@ mod tests {
         let mut f = Fx::pair();
         f.at(250, hb(1, 1, true));
         let a = f.at(320, Input::Tick);
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
+        assert!(has(&a, |x| matches!(
+            x,
+            Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+        )));
         assert!(has(&a, |x| *x == Action::Grant { link: 1, epoch: 2 }));
         assert_eq!(f.w.primary(), Some(1));
     }
@@ -1441,7 +1465,10 @@ mod tests {
         let mut f = Fx::pair();
         f.at(250, hb(1, 1, true));
         let a = f.at(320, Input::Tick);
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }));
+        assert!(has(&a, |x| matches!(
+            x,
+            Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+        )));
         let mut a = vec![];
         for t in (350..=700).step_by(50) {
             a.extend(f.at(t, Input::Tick));
@@ -1528,7 +1555,13 @@ mod tests {
         let a = w.step(0, hello(1, Role::Primary, 3));
         assert!(has(&a, |x| *x == Action::Drop { link: 1 }), "{a:?}");
         let a = w.step(10, hello(2, Role::Primary, 4));
-        assert!(has(&a, |x| *x == Action::Drop { link: 2 }), "{a:?}");
+        assert!(
+            has(&a, |x| matches!(
+                x,
+                Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+            )),
+            "{a:?}"
+        );
         let a = w.step(20, hello(3, Role::Backup, 4));
         assert!(
             has(
@@ -1600,6 +1633,63 @@ mod tests {
         let a = w.step(0, hello(7, Role::Primary, 2));
         assert!(
             has(&a, |x| matches!(x, Action::Fence { link: 7, .. })),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_new_office_after_a_restart_unseats_the_old_holders_synced_backup() {
+        // Found by the model checker (tests/model.rs disks_a_restarted_primary_dies_after_a_
+        // proxy_restart): the proxy restarted; "b", recorded as the synchronised backup of "a",
+        // registers first; "c", a primary restarted from its log, takes a new office. "b" holds
+        // none of c's writes: it must not stay registered as synchronised (nor at all: it
+        // belongs to "a"), or c's death would promote it and lose c's acknowledged writes.
+        let d = Durable {
+            epoch: 1,
+            office_epoch: 1,
+            primary: Some(("a".into(), "sap-a".into())),
+            synced_backup: Some("b".into()),
+            ..Durable::default()
+        };
+        let mut w = Witness::restore(HB, HB, d);
+        let a = w.step(
+            0,
+            Input::Hello {
+                link: 2,
+                role: Role::Backup,
+                epoch: 1,
+                info: info("b"),
+                primary: Some("a".into()),
+            },
+        );
+        assert!(
+            has(&a, |x| matches!(x, Action::Welcome { link: 2, .. })),
+            "{a:?}"
+        );
+        assert!(
+            w.backup_synced(),
+            "the recorded backup is synchronised until its primary is known"
+        );
+        let a = w.step(1, hello_as(3, Role::Primary, 1, "c"));
+        assert!(
+            has(&a, |x| matches!(x, Action::RouteTo { link: 3, epoch: 2 })),
+            "{a:?}"
+        );
+        assert!(!w.backup_synced(), "{a:?}");
+        assert!(
+            has(&a, |x| matches!(
+                x,
+                Action::Drop { link: 2 } | Action::Fence { link: 2, .. }
+            )),
+            "b belongs to a: {a:?}"
+        );
+        // c falls silent: nobody is promoted.
+        let a = w.step(10 * HB, Input::Tick);
+        assert!(
+            !has(&a, |x| matches!(
+                x,
+                Action::RouteTo { link: 2, .. } | Action::Grant { link: 2, .. }
+            )),
             "{a:?}"
         );
     }
