@@ -422,12 +422,22 @@ impl Router {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        let now = self.now();
         match self
             .machine
             .witness()
             .primary()
             .and_then(|p| self.links.get(&p))
         {
+            Some(_) if !self.machine.witness().primary_heard_recently(now) => {
+                // Both replicas died (or the primary is cut off): nobody can save, and waiting
+                // for shutdown_timeout_ms helps no one. Every acknowledged write is in the logs.
+                warn!("shutdown requested while the primary is silent: stopping without a save");
+                self.finish_shutdown(
+                    Status::Ok,
+                    "service stopped; the primary was not heard within heartbeat_timeout_ms, so nothing was saved (the replicas' logs hold every acknowledged write)".into(),
+                )
+            }
             Some(l) => {
                 info!("shutdown requested: asking the primary to stop its backup and save");
                 let _ = l.control.send(ToServer::Shutdown);
@@ -460,8 +470,19 @@ impl Router {
 
     fn tick(&mut self) {
         self.step(router::Input::Tick);
+        let now = Instant::now();
         if let Some(d) = self.shutdown_deadline
-            && Instant::now() >= d
+            && now + self.cfg.shutdown_timeout() >= d + self.cfg.heartbeat_timeout()
+            && !self.machine.witness().primary_heard_recently(self.now())
+        {
+            // The primary died (or was cut off) after we asked it to save.
+            warn!("the primary fell silent during shutdown: stopping without its save");
+            self.finish_shutdown(
+                Status::Ok,
+                "service stopped; the primary fell silent before confirming its save (the replicas' logs hold every acknowledged write)".into(),
+            );
+        } else if let Some(d) = self.shutdown_deadline
+            && now >= d
         {
             self.finish_shutdown(
                 Status::Unavailable,

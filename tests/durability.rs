@@ -184,11 +184,12 @@ async fn crash_round(
         None => None,
     };
     if scenario == Scenario::Replicas {
-        // The old proxy stops (closing its clients' connections), and with it the old `up`.
-        signal(proxy, Signal::SIGTERM);
+        // The operator stops the old `up` (Ctrl-C). With both replicas dead nobody can save:
+        // it must stop at once, not after shutdown_timeout_ms (10 s) of waiting for a save.
+        signal(up, Signal::SIGINT);
         assert!(
-            wait_gone(&[proxy, up], Duration::from_secs(30)).await,
-            "the old proxy/up did not stop after SIGTERM\n{}",
+            wait_gone(&[proxy, up], Duration::from_secs(6)).await,
+            "the old `up` did not stop within 6 s of SIGINT with both replicas dead\n{}",
             svc.logs()
         );
     }

@@ -576,6 +576,12 @@ impl Witness {
             .is_some_and(|(h, _, _)| *h == info.handle)
     }
 
+    /// Whether the seated primary was heard within the heartbeat timeout (an orderly stop
+    /// need not wait for one that is gone).
+    pub fn primary_heard_recently(&self, now: Millis) -> bool {
+        self.primary.is_some_and(|p| self.heard_recently(p, now))
+    }
+
     fn heard_recently(&self, link: LinkId, now: Millis) -> bool {
         self.members
             .get(&link)
