@@ -458,4 +458,79 @@ mod tests {
         assert!(SapKind::Shutdown.allows(CertRole::Admin));
         assert!(!SapKind::Node.allows(CertRole::Admin));
     }
+
+    /// Runs a TLS handshake in memory between a server holding `server` and a client holding
+    /// `client`; Ok when both sides complete it.
+    fn handshake(server: &Identity, client: &Identity) -> Result<(), rustls::Error> {
+        install_crypto_provider();
+        let mut s = rustls::ServerConnection::new(Arc::new(server_config(server, b"x").unwrap()))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client_config(client, b"x").unwrap()), name)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets()?;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets()?;
+            }
+            if !s.is_handshaking() && !c.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    /// docs/SECURITY.md's rotation: with both CAs in every `ca.pem`, leaves of either CA talk to
+    /// each other; once the old CA is removed, its leaves are refused.
+    #[test]
+    fn ca_rotation_with_two_cas_in_ca_pem() {
+        let old = tempfile::tempdir().unwrap();
+        let new = tempfile::tempdir().unwrap();
+        create_cluster(old.path(), &[], false).unwrap();
+        create_cluster(new.path(), &[], false).unwrap();
+        let both = [
+            std::fs::read_to_string(cert_path(old.path(), "ca")).unwrap(),
+            std::fs::read_to_string(cert_path(new.path(), "ca")).unwrap(),
+        ]
+        .concat();
+        // A host still on its old node certificate, and a client already on the new CA, both
+        // trusting both CAs.
+        let host = tempfile::tempdir().unwrap();
+        let user = tempfile::tempdir().unwrap();
+        for (dir, from, name) in [(&host, &old, "node"), (&user, &new, "client")] {
+            for f in [cert_path(from.path(), name), key_path(from.path(), name)] {
+                std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+            }
+            std::fs::write(cert_path(dir.path(), "ca"), &both).unwrap();
+        }
+        let server = Identity::load(host.path(), "node").unwrap();
+        let client = Identity::load(user.path(), "client").unwrap();
+        handshake(&server, &client).unwrap();
+        // Without the overlap, the same pair is refused.
+        let lone = Identity::load(old.path(), "node").unwrap();
+        assert!(handshake(&lone, &client).is_err());
+        // The rotation finished: the host has a new node certificate and trusts only the new CA;
+        // a leaf of the old CA is refused.
+        let rotated = Identity::load(new.path(), "node").unwrap();
+        handshake(&rotated, &client).unwrap();
+        let stale = Identity::load(old.path(), "client").unwrap();
+        let stale = Identity {
+            roots: rotated.roots.clone(),
+            ..stale
+        };
+        assert!(handshake(&rotated, &stale).is_err());
+    }
 }
