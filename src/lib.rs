@@ -8,6 +8,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod durable;
+pub mod fuzzing;
 pub mod ha;
 pub mod nemesis;
 pub mod net;

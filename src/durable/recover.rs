@@ -186,13 +186,14 @@ pub fn read_copy(
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         let mut r = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, f), max_frame);
         let end = loop {
+            // A record that reads well but cannot be applied is cut off with what follows: the
+            // cut goes before it, or it would stay in the log and cut off every later segment
+            // (the writes made since) at the next recovery.
+            let start = r.offset();
             match r.read::<Record>() {
                 Ok(rec) => {
                     if let Err(why) = apply(&mut c, rec, max_dedupe, build) {
-                        break FrameEnd::Corrupt {
-                            offset: r.offset(),
-                            why,
-                        };
+                        break FrameEnd::Corrupt { offset: start, why };
                     }
                 }
                 Err(end) => break end,
@@ -476,7 +477,7 @@ pub fn remove_superseded(
 mod tests {
     use super::*;
     use crate::durable::wal::{self, Durable, WalHooks, WalMsg, WalOptions};
-    use crate::durable::{FsyncPolicy, Record};
+    use crate::durable::{FsyncPolicy, Record, encode_frame};
     use crate::space::{Change, Pair};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -604,6 +605,56 @@ mod tests {
             std::fs::metadata(&aside).unwrap().len(),
             data.len() as u64 - cut.offset
         );
+    }
+
+    /// Found by the `log_loader` fuzz target: a record that passes its checksum but cannot be
+    /// applied (here an update after a gap) was cut *after* itself, so it stayed in the log; the
+    /// next recovery met it again and set aside every later segment, with the writes acknowledged
+    /// since. fuzz/corpus/log_loader/regression-cut-before-unappliable-record is the input.
+    #[test]
+    fn an_unappliable_record_is_cut_off_and_later_writes_survive_the_next_recovery() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _) = write_copy(t.path(), 1, 3);
+        let seg = segment(&dir);
+        let good = std::fs::metadata(&seg).unwrap().len();
+        let mut gap = Vec::new();
+        encode_frame(&change(1, 9), &mut gap);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &gap).unwrap();
+        drop(f);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        let cut = r.copy.cut.clone().unwrap();
+        assert!(cut.why.contains("updates 4..8 are missing"), "{cut}");
+        assert_eq!(cut.offset, good, "the cut goes before the bad record");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 3 });
+        // The replica goes on: update 4 in a new segment, as a restarted primary writes it.
+        let last = r.copy.last_segment;
+        let lock = r.lock;
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            last,
+            Durable::default(),
+            opts(),
+            WalHooks {
+                on_durable: Box::new(|_| {}),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        w.send(WalMsg::Record(change(1, 4)));
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(lock);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert!(r.copy.cut.is_none(), "{:?}", r.copy.cut);
+        assert_eq!(
+            r.copy.pos,
+            Position { epoch: 1, seq: 4 },
+            "update 4 was lost"
+        );
+        assert_eq!(r.copy.space.len(), 2 + 4);
     }
 
     #[test]
