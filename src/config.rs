@@ -59,8 +59,18 @@ pub struct Config {
     /// (reset streams included: a request counts until the service has answered it).
     pub max_pending_per_connection: usize,
     /// Bytes of client requests the proxy holds pending, all connections together; reading from
-    /// clients pauses (back-pressure) while the budget is spent.
+    /// clients pauses (back-pressure) while the budget is spent. A request counts what it holds
+    /// in memory once read (its bytes and one handle per PUT/POST element), not its frame length.
     pub max_pending_bytes: usize,
+    /// Replies a replica keeps for answering re-sent requests (dedupe table), at most; the oldest
+    /// go first (with a warning) when the proxy's watermark does not trim them in time.
+    pub max_dedupe_entries: usize,
+    /// ... and at most this many bytes of them (estimated memory; the newest reply is always
+    /// kept). The table travels to a new backup and into the log in chunks of about 1 MiB.
+    pub max_dedupe_bytes: usize,
+    /// Threads of a replica that compile client patterns and run GET/DELETE scans, away from the
+    /// store thread that applies writes.
+    pub scan_threads: usize,
 
     // ---- timeouts (ms) ----
     /// QUIC idle timeout on client connections.
@@ -143,6 +153,9 @@ impl Default for Config {
             max_outstanding_per_stream: 1024,
             max_pending_per_connection: 4096,
             max_pending_bytes: 256 << 20,
+            max_dedupe_entries: 1_000_000,
+            max_dedupe_bytes: 256 << 20,
+            scan_threads: 1,
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             node_idle_timeout_ms: 2_000,
@@ -253,6 +266,18 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
         ];
+        for (key, v) in [
+            ("max_dedupe_entries", self.max_dedupe_entries),
+            ("max_dedupe_bytes", self.max_dedupe_bytes),
+            ("scan_threads", self.scan_threads),
+        ] {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if self.scan_threads > 256 {
+            return bad("scan_threads", "must be at most 256");
+        }
         if self.max_pending_per_connection == 0 {
             return bad("max_pending_per_connection", "must be greater than 0");
         }
@@ -321,6 +346,13 @@ impl Config {
         TupleLimits {
             max_arity: self.max_tuple_arity,
             max_element_bytes: self.max_element_bytes,
+        }
+    }
+
+    pub fn dedupe_limits(&self) -> crate::durable::dedupe::DedupeLimits {
+        crate::durable::dedupe::DedupeLimits {
+            entries: self.max_dedupe_entries,
+            bytes: self.max_dedupe_bytes,
         }
     }
 

@@ -29,7 +29,8 @@ use crate::durable::{
 use crate::space::{
     self, Change, IndexHint, Pair, Pattern, SnapshotError, Space, check_tuple, split_text,
 };
-use crate::wire::client::{self, Command, Op, Response, Status};
+use crate::wire::cbor::RawItem;
+use crate::wire::client::{self, Command, Op, Response};
 use crate::wire::frame::{self, FrameDecoder};
 use crate::wire::node::{
     Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
@@ -184,32 +185,38 @@ fn frames_of(stream: &[u8], chunk: usize, max: usize) -> Frames {
 }
 
 fn client_request(body: &[u8], cfg: &Config) {
-    let v = match frame::decode_value(body) {
-        Ok(v) => v,
-        Err(e) => {
-            let r = Response::error(None, Status::Malformed, format!("{e}"));
-            assert!(frame::encode(&r.to_value()).len() < 64 + body.len() + e.to_string().len());
-            return;
-        }
-    };
-    let mem = value_bytes(&v);
-    assert!(
-        mem <= std::mem::size_of::<Value>() + DECODED_BYTES_PER_FRAME_BYTE * body.len(),
-        "a {}-byte frame decoded into {mem} bytes",
-        body.len()
-    );
-    let again = cbor(&v);
-    assert!(
-        again.len() <= reencoded_bound(body.len()),
-        "a {}-byte request re-encodes into {} bytes",
-        body.len(),
-        again.len()
-    );
-    let req = match client::parse_request(v) {
+    // ciborium's view of the frame (a value tree: what the service no longer builds), for the
+    // cross-checks below.
+    let tree = frame::decode_value(body).ok();
+    if let Some(v) = &tree {
+        let mem = value_bytes(v);
+        assert!(
+            mem <= std::mem::size_of::<Value>() + DECODED_BYTES_PER_FRAME_BYTE * body.len(),
+            "a {}-byte frame decoded into {mem} bytes",
+            body.len()
+        );
+        let again = cbor(v);
+        assert!(
+            again.len() <= reencoded_bound(body.len()),
+            "a {}-byte request re-encodes into {} bytes",
+            body.len(),
+            again.len()
+        );
+    }
+    // What the proxy does: read the request in place.
+    let req = match client::parse_request(body) {
         Ok(r) => r,
         Err(m) => {
+            if m.message.starts_with("request is not one CBOR item") {
+                assert!(
+                    tree.is_none(),
+                    "ciborium reads a frame the proxy refuses: {m:?}"
+                );
+            }
+            let n = m.message.len();
             let mut out = Vec::new();
             m.response().encode_into(&mut out);
+            assert!(out.len() < 128 + n);
             return;
         }
     };
@@ -246,11 +253,22 @@ fn client_request(body: &[u8], cfg: &Config) {
     let limits = cfg.tuple_limits();
     match cmd {
         Command::Put(elems) | Command::Post(elems) => {
+            // What a request holds once read: its bytes and one handle per element.
+            assert!(
+                Command::Put(elems.clone()).mem_bytes()
+                    <= 256 + body.len() + elems.len() * std::mem::size_of::<RawItem>()
+            );
             let mut space = small_space();
             let cands: Vec<Option<Pair>> = elems
                 .iter()
-                .map(|v| space::pair_from_value(v, &limits))
+                .map(|v| client::pair_from_raw(v, &limits))
                 .collect();
+            // Read in place, an element gives the pair its value tree gives.
+            for (e, c) in elems.iter().zip(&cands) {
+                if let Some(v) = e.to_value() {
+                    assert_eq!(c, &space::pair_from_value(&v, &limits), "{e:?}");
+                }
+            }
             for p in cands.iter().flatten() {
                 check_tuple(&split_text(&p.key), &limits).expect("accepted key is well formed");
                 check_tuple(&split_text(&p.value), &limits).expect("accepted value is well formed");
@@ -394,7 +412,7 @@ fn summary(r: &Recovered) -> (PathBuf, Position, bool, Space, Vec<u8>) {
 /// the last good record) and the very same copy.
 fn recover_twice(root: &Path, dir: &Path, cfg: &Config) -> Result<(), DurableError> {
     let max_frame = durable::max_frame(cfg);
-    let max_dedupe = crate::server::store::MAX_DEDUPE;
+    let max_dedupe = cfg.max_dedupe_entries;
     let Some(first) = recover::recover(root, max_frame, max_dedupe)? else {
         return Ok(());
     };
@@ -490,6 +508,7 @@ fn base_copy(epoch: u64, seq: u64) -> Vec<Record> {
     vec![
         Record::Reset,
         Record::Pairs(vec![("a".into(), "1".into()), ("b,c".into(), "2".into())]),
+        Record::Dedupe(vec![(6, Reply::Rejected(vec![]))]),
         Record::Base {
             epoch,
             seq,
@@ -742,7 +761,10 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
             "relay-reply-rejected",
             cbor(&RelayReply {
                 rid: 10,
-                reply: Reply::Rejected(vec![text("junk"), Value::Float(f64::NAN)]),
+                reply: Reply::Rejected(vec![
+                    RawItem::from_value(&text("junk")),
+                    RawItem::from_value(&Value::Float(f64::NAN)),
+                ]),
             }),
         ),
         (
@@ -772,6 +794,13 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
                 dedupe: vec![(1, Reply::Malformed("bad".into())), (2, reply.clone())],
             }),
         ),
+        (
+            "repl-dedupe",
+            cbor(&Repl::Dedupe(vec![(
+                3,
+                Reply::Rejected(vec![RawItem::from_value(&text("junk"))]),
+            )])),
+        ),
         ("repl-stop", cbor(&Repl::Stop)),
         (
             "repl-update",
@@ -798,7 +827,7 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
     let mut node: Vec<(String, Vec<u8>)> =
         fixed.into_iter().map(|(n, b)| (n.to_owned(), b)).collect();
     for (name, f) in &client_seeds {
-        if let Ok(Ok(r)) = frame::decode_value(&f[4..]).map(client::parse_request)
+        if let Ok(r) = client::parse_request(&f[4..])
             && let Ok(cmd) = client::command_of(r, 100)
         {
             let relay = Relay::Request {
@@ -822,7 +851,7 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
             seq: 1,
             rid: 1,
             change: Change::Insert(pairs.clone()),
-            reply: Reply::Rejected(vec![text("junk")]),
+            reply: Reply::Rejected(vec![RawItem::from_value(&text("junk"))]),
         },
         Record::Epoch(2),
         Record::Change {

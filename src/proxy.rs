@@ -901,14 +901,8 @@ fn classify(
     cfg: &Config,
     tx: &RespTx,
 ) -> Result<Classified, Box<Response>> {
-    let v = frame::decode_value(body).map_err(|e| {
-        Box::new(Response::error(
-            None,
-            Status::Malformed,
-            format!("request is not one CBOR item: {e}"),
-        ))
-    })?;
-    let req = client::parse_request(v).map_err(|m| Box::new(m.response()))?;
+    // Read in place: no value tree, so a frame of a million tiny items costs its bytes only.
+    let req = client::parse_request(body).map_err(|m| Box::new(m.response()))?;
     let id = req.id;
     match (&req.op, sap) {
         (Op::Other(name), _) => Err(Box::new(Response::error(
@@ -987,7 +981,9 @@ async fn client_stream(
                                     // Back-pressure: this stream stops reading while the
                                     // connection (all its streams, reset ones included) or the
                                     // proxy as a whole has too much pending.
-                                    let Some(permit) = budgets.acquire(body.len()).await else { return };
+                                    // The budget counts what the request holds in memory
+                                    // (its bytes and one handle per element), not its frame.
+                                    let Some(permit) = budgets.acquire(cmd.mem_bytes().max(body.len()).min(cfg.max_pending_bytes)).await else { return };
                                     outstanding += 1;
                                     let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
                                     if router.send(msg).is_err() { return; }

@@ -234,7 +234,10 @@ pub fn render(r: &Response) -> String {
         } else {
             s.push_str(&format!("\n{} rejected:", rej.len()));
             for v in rej {
-                s.push_str(&format!("\n  {}", value_to_json(v)));
+                let json = v
+                    .to_value()
+                    .map_or(serde_json::Value::Null, |v| value_to_json(&v));
+                s.push_str(&format!("\n  {json}"));
             }
         }
     }

@@ -21,6 +21,7 @@
 //! releases a reply only once its own log and its backup hold the write; a backup acknowledges an
 //! update only once its log holds it.
 
+pub mod dedupe;
 pub mod recover;
 pub mod wal;
 
@@ -69,7 +70,10 @@ pub enum Record {
     Reset,
     /// Pairs of a base copy (key text, value text).
     Pairs(Vec<(String, String)>),
-    /// End of a base copy: the space as of update `seq` at `epoch`, with the dedupe table.
+    /// Entries of a base copy's dedupe table, in chunks (between its pairs and `Base`).
+    Dedupe(Vec<(u64, Reply)>),
+    /// End of a base copy: the space as of update `seq` at `epoch`, with the rest of the dedupe
+    /// table (empty since the table is logged in `Dedupe` chunks; older logs hold it all here).
     /// Until this record a directory holds no usable copy.
     Base {
         epoch: u64,
@@ -98,8 +102,11 @@ pub enum SnapRecord {
         seq: u64,
         /// The first log segment to replay after this snapshot (older ones are obsolete).
         next_segment: u64,
+        /// Empty from version 2 on (the table follows in `Dedupe` records).
         dedupe: Vec<(u64, Reply)>,
     },
+    /// Entries of the dedupe table, in chunks (version 2).
+    Dedupe(Vec<(u64, Reply)>),
     Pairs(Vec<(String, String)>),
     End {
         pairs: u64,
@@ -107,7 +114,8 @@ pub enum SnapRecord {
 }
 
 pub const SNAPSHOT_FORMAT: &str = "tuplespace-replica-snapshot";
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version written; version 1 (the whole dedupe table in the header) is still read.
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Pairs per snapshot frame.
 pub const SNAPSHOT_CHUNK: usize = 4096;
 pub const LOCK_FILE: &str = "LOCK";
@@ -319,11 +327,15 @@ pub fn write_snapshot(
             epoch: pos.epoch,
             seq: pos.seq,
             next_segment,
-            dedupe,
+            dedupe: vec![],
         },
         &mut buf,
         &mut w,
     )?;
+    // A table of a million replies would not fit one frame: chunks of ~1 MiB.
+    for c in dedupe::chunks(dedupe, dedupe::DEDUPE_CHUNK_BYTES) {
+        put(&SnapRecord::Dedupe(c), &mut buf, &mut w)?;
+    }
     let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
     let mut n = 0u64;
     for (k, v) in space.iter() {

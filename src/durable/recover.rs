@@ -240,9 +240,9 @@ fn read_snapshot(
             next_segment,
             dedupe,
         }) => {
-            if format != SNAPSHOT_FORMAT || version != SNAPSHOT_VERSION {
+            if format != SNAPSHOT_FORMAT || !(1..=SNAPSHOT_VERSION).contains(&version) {
                 return Err(bad(format!(
-                    "format `{format}` version {version}, expected `{SNAPSHOT_FORMAT}` version {SNAPSHOT_VERSION}"
+                    "format `{format}` version {version}, expected `{SNAPSHOT_FORMAT}` version 1 to {SNAPSHOT_VERSION}"
                 )));
             }
             c.pos = Position { epoch, seq };
@@ -258,6 +258,9 @@ fn read_snapshot(
     let mut n = 0u64;
     loop {
         match r.read::<SnapRecord>() {
+            Ok(SnapRecord::Dedupe(entries)) => {
+                c.dedupe.extend(entries);
+            }
             Ok(SnapRecord::Pairs(ps)) => {
                 n += ps.len() as u64;
                 for (k, v) in ps {
@@ -293,10 +296,18 @@ fn apply(c: &mut Copy, rec: Record, max_dedupe: usize, build: bool) -> Result<()
                 }
             }
         }
+        Record::Dedupe(entries) => {
+            if build {
+                c.dedupe.extend(entries);
+            }
+        }
         Record::Base { epoch, seq, dedupe } => {
             c.base = true;
             c.pos = Position { epoch, seq };
-            c.dedupe = dedupe.into_iter().collect();
+            // The table came in `Dedupe` records after the `Reset` (older logs: all of it here).
+            if build {
+                c.dedupe.extend(dedupe);
+            }
             c.replayed += 1;
         }
         Record::Change {
@@ -539,6 +550,109 @@ mod tests {
         drop(lock);
         let d = *seen.lock().unwrap();
         (dir, d)
+    }
+
+    /// A dedupe table of `n` replies of about 1 KB each (far more than one 1 MiB frame).
+    fn big_table(n: u64) -> Vec<(u64, Reply)> {
+        (0..n)
+            .map(|rid| {
+                let junk = ciborium::Value::Text("x".repeat(1000) + &rid.to_string());
+                (
+                    rid,
+                    Reply::Rejected(vec![crate::wire::cbor::RawItem::from_value(&junk)]),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dedupe_table_larger_than_a_frame_is_logged_in_chunks_and_recovered() {
+        use crate::durable::dedupe::{DEDUPE_CHUNK_BYTES, chunks};
+        let t = tempfile::tempdir().unwrap();
+        let table = big_table(3000);
+        assert!(crate::wire::frame::encode(&table).len() > 2 * MAX);
+        let (dir, lock) = create_dir(t.path()).unwrap();
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            None,
+            Durable::default(),
+            opts(),
+            WalHooks {
+                on_durable: Box::new(|_| {}),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        // As the store logs an initial copy: pairs, the table in chunks, then the base.
+        w.send(WalMsg::Record(Record::Reset));
+        w.send(WalMsg::Record(Record::Pairs(vec![(
+            "a".into(),
+            "1".into(),
+        )])));
+        let parts = chunks(table.clone(), DEDUPE_CHUNK_BYTES);
+        assert!(parts.len() >= 3, "{} chunks", parts.len());
+        for c in parts {
+            w.send(WalMsg::Record(Record::Dedupe(c)));
+        }
+        w.send(WalMsg::Record(Record::Base {
+            epoch: 1,
+            seq: 0,
+            dedupe: vec![],
+        }));
+        w.send(WalMsg::Record(change(1, 1)));
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(lock);
+        // Every record fits a reader limited to 2 MiB, which the whole table would not.
+        let r = recover(t.path(), 2 * MAX, 1_000_000).unwrap().unwrap();
+        assert!(r.copy.cut.is_none(), "{:?}", r.copy.cut);
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 1 });
+        let mut want: BTreeMap<u64, Reply> = table.into_iter().collect();
+        want.insert(1, Reply::Rejected(vec![]));
+        assert_eq!(r.copy.dedupe, want);
+    }
+
+    #[test]
+    fn a_snapshot_holds_a_large_dedupe_table_in_chunks_and_old_base_records_still_read() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, lock) = create_dir(t.path()).unwrap();
+        let table = big_table(3000);
+        let space: Space = [("a".to_owned(), "1".to_owned())].into_iter().collect();
+        crate::durable::write_snapshot(
+            &dir,
+            &space,
+            Position { epoch: 2, seq: 7 },
+            0,
+            table.clone(),
+        )
+        .unwrap();
+        drop(lock);
+        let r = recover(t.path(), 2 * MAX, 1_000_000).unwrap().unwrap();
+        assert_eq!(r.copy.pos, Position { epoch: 2, seq: 7 });
+        assert_eq!(r.copy.space, space);
+        assert_eq!(r.copy.dedupe, table.iter().cloned().collect());
+        drop(r);
+
+        // A log written before the table was chunked: the whole table in `Base`.
+        let t = tempfile::tempdir().unwrap();
+        let (dir, lock) = create_dir(t.path()).unwrap();
+        let small = big_table(10);
+        let mut bytes = Vec::new();
+        for rec in [
+            Record::Reset,
+            Record::Base {
+                epoch: 1,
+                seq: 0,
+                dedupe: small.clone(),
+            },
+        ] {
+            crate::durable::encode_frame(&rec, &mut bytes);
+        }
+        std::fs::write(segment(&dir), bytes).unwrap();
+        drop(lock);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.dedupe, small.into_iter().collect());
     }
 
     #[test]

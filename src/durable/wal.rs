@@ -233,7 +233,7 @@ impl Writer {
                 self.bytes_since += (self.buf.len() - before) as u64;
                 match &r {
                     Record::Reset => self.pos.base = false,
-                    Record::Pairs(_) => {}
+                    Record::Pairs(_) | Record::Dedupe(_) => {}
                     Record::Base { epoch, seq, .. } => {
                         self.pos.pos = Position {
                             epoch: *epoch,

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use super::store::{SpaceCopy, StoreMsg};
 use crate::config::Config;
+use crate::durable::dedupe;
 use crate::durable::wal::Durable;
 use crate::ha::replica::BackupId;
 use crate::net::endpoint;
@@ -274,9 +275,17 @@ pub async fn connect_backup(
             }
         }
         out.queue(&Repl::Snapshot { pairs: chunk });
+        // The dedupe table may hold a million replies or a few large ones: chunks of ~1 MiB,
+        // each far below the node frame limit (one reply alone is at most max_response_bytes).
+        for c in dedupe::chunks(dedupe, dedupe::DEDUPE_CHUNK_BYTES) {
+            out.queue(&Repl::Dedupe(c));
+            if out.flush().await.is_err() {
+                return;
+            }
+        }
         out.queue(&Repl::SnapshotDone {
             seq: snap_seq,
-            dedupe,
+            dedupe: vec![],
         });
         if out.flush().await.is_err() {
             return;
@@ -374,6 +383,9 @@ pub async fn serve_replication(
                             reset: first_chunk,
                         });
                         first_chunk = false;
+                    }
+                    Ok(Repl::Dedupe(entries)) => {
+                        let _ = store.send(StoreMsg::LoadDedupe(entries));
                     }
                     Ok(Repl::SnapshotDone { seq, dedupe }) => {
                         if first_chunk {

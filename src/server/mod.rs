@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod links;
+pub mod scan;
 pub mod store;
 
 use std::collections::HashMap;
@@ -1024,7 +1025,7 @@ fn open_data(args: &ServerArgs, cfg: &Config, role: Role) -> Result<Start, Serve
     let init_dir = args.init_file.as_ref().filter(|p| p.is_dir());
     let search = init_dir.cloned().unwrap_or_else(|| root.clone());
     let started = std::time::Instant::now();
-    match recover::recover(&search, dur::max_frame(cfg), store::MAX_DEDUPE)? {
+    match recover::recover(&search, dur::max_frame(cfg), cfg.max_dedupe_entries)? {
         Some(rec) => {
             let c = rec.copy;
             info!(

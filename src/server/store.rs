@@ -3,33 +3,40 @@
 //! A plain OS thread, not an async task: a regex scan over a million pairs or a DELETE over the
 //! whole space blocks only this thread, never the event loops that carry heartbeats. Writes are
 //! applied here one after another in arrival order, which is the order the proxy sent them.
-//! Full-scan GETs run on a copy-on-write snapshot (O(1) clone) in the blocking pool so that a slow
-//! read does not hold up later writes.
+//! This thread never compiles or runs a regular expression on a request's behalf and never scans
+//! a range of keys: such GETs and DELETEs go to the scan threads (`scan`), which work on O(1)
+//! copies of the space, so a slow or expensive pattern does not hold up later writes. Requests of
+//! one client connection still take effect in the order they were sent: while one of its requests
+//! is with the scan threads, the connection's later requests wait here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ciborium::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::durable::dedupe::{self, DEDUPE_CHUNK_BYTES, Dedupe};
 use crate::durable::wal::{Wal, WalMsg};
 use crate::durable::{Position, Record, SNAPSHOT_CHUNK};
 use crate::space::{self, Change, IndexHint, Pair, Pattern, Space};
-use crate::wire::client::{Command, pairs_node_len, pairs_response_len};
+use crate::wire::cbor::RawItem;
+use crate::wire::client::{Command, pair_from_raw};
 use crate::wire::node::{RelayReply, Reply};
 
-/// Spaces at least this large have full-scan GETs moved off the store thread.
-const OFFLOAD_SCAN_ABOVE: usize = 10_000;
+use super::scan::{self, Done, Job, Kind, Outcome, Pat, Pool, Work};
+
+/// Rounds a DELETE's match is brought up to date on the scan threads while writes keep coming;
+/// after them the store does it over the keys changed during the last round.
+const OFFLOAD_ROUNDS: u32 = 3;
 /// Compiled patterns kept for reuse (clients repeat the same patterns).
 const PATTERN_CACHE: usize = 1024;
 /// Only short patterns are cached: a compiled regex may be as large as `regex_size_limit`, and a
 /// client must not be able to pin thousands of those in memory.
 const PATTERN_CACHE_MAX_SOURCE: usize = 64;
-/// Dedupe entries kept at most, whatever the watermark says (bounds memory).
-pub const MAX_DEDUPE: usize = 1_000_000;
+/// Least time between two warnings that the dedupe table dropped entries.
+const EVICTION_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A copy of the space, the update it reflects, and the dedupe table (for a new backup).
 pub type SpaceCopy = (Space, u64, Vec<(u64, Reply)>);
@@ -52,6 +59,8 @@ pub enum StoreMsg {
         pairs: Vec<(String, String)>,
         reset: bool,
     },
+    /// Entries of the dedupe table of an initial copy (after its pairs, before `Synced`).
+    LoadDedupe(Vec<(u64, Reply)>),
     /// End of an initial copy: the copy reflects the primary's update `seq`.
     Synced {
         seq: u64,
@@ -65,6 +74,10 @@ pub enum StoreMsg {
     SetSaveFile(Option<PathBuf>),
     /// The replica's epoch rose: logged, and carried by every later logged change.
     Epoch(u64),
+    /// A scan thread starts a job: a copy of the space and the update it reflects.
+    ScanCopy(std::sync::mpsc::SyncSender<(Space, u64)>),
+    /// A scan thread finished a job.
+    ScanDone(Box<Done>),
     Stop,
 }
 
@@ -105,12 +118,16 @@ struct Store {
     wal: Option<Wal>,
     cfg: Arc<Config>,
     patterns: HashMap<String, Result<Pattern, String>>,
-    dedupe: BTreeMap<u64, Reply>,
+    dedupe: Dedupe,
+    last_eviction_warning: Option<std::time::Instant>,
+    scans: Pool,
+    /// Client connections with a request on the scan threads, and their requests that arrived
+    /// since (run in order once it is done).
+    waiting: HashMap<u64, VecDeque<(u64, Command)>>,
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
     len: Arc<AtomicU64>,
     seq_pub: Arc<AtomicU64>,
-    rt: tokio::runtime::Handle,
 }
 
 /// Shared counters the async side reads without asking the thread.
@@ -132,6 +149,20 @@ pub fn spawn(
     std::thread::JoinHandle<()>,
 )> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let scans = {
+        let (copy_tx, done_tx) = (tx.clone(), tx.clone());
+        Pool::start(
+            cfg.scan_threads,
+            cfg.pattern_limits(),
+            cfg.max_response_bytes,
+            move || {
+                let (t, r) = std::sync::mpsc::sync_channel(1);
+                copy_tx.send(StoreMsg::ScanCopy(t)).ok()?;
+                r.recv().ok()
+            },
+            move |d| done_tx.send(StoreMsg::ScanDone(Box::new(d))).is_ok(),
+        )?
+    };
     stats
         .pairs
         .store(init.space.len() as u64, Ordering::Relaxed);
@@ -141,14 +172,16 @@ pub fn spawn(
         seq: init.seq,
         epoch: init.epoch,
         wal: init.wal,
-        cfg,
+        cfg: cfg.clone(),
         patterns: HashMap::new(),
-        dedupe: init.dedupe.into_iter().collect(),
+        dedupe: Dedupe::from_entries(init.dedupe, cfg.dedupe_limits()),
+        last_eviction_warning: None,
+        scans,
+        waiting: HashMap::new(),
         save_file,
         out,
         len: stats.pairs,
         seq_pub: stats.seq,
-        rt: tokio::runtime::Handle::current(),
     };
     let h = std::thread::Builder::new()
         .name("store".into())
@@ -181,6 +214,15 @@ impl Store {
         }
     }
 
+    /// Logs dedupe entries in chunks that each fit a log record.
+    fn log_dedupe(&self, entries: Vec<(u64, Reply)>) {
+        if self.wal.is_some() {
+            for c in dedupe::chunks(entries, DEDUPE_CHUNK_BYTES) {
+                self.log(Record::Dedupe(c));
+            }
+        }
+    }
+
     /// Logs the whole space as a base copy (a new replica directory).
     fn log_base(&self) {
         self.log(Record::Reset);
@@ -194,15 +236,12 @@ impl Store {
         if !chunk.is_empty() {
             self.log(Record::Pairs(chunk));
         }
+        self.log_dedupe(self.dedupe.to_vec());
         self.log(Record::Base {
             epoch: self.epoch,
             seq: self.seq,
-            dedupe: self.dedupe_vec(),
+            dedupe: vec![],
         });
-    }
-
-    fn dedupe_vec(&self) -> Vec<(u64, Reply)> {
-        self.dedupe.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// Hands the log writer a copy of the space when it asks for one (O(1) clone).
@@ -216,61 +255,45 @@ impl Store {
                     epoch: self.epoch,
                     seq: self.seq,
                 },
-                dedupe: self.dedupe_vec(),
+                dedupe: self.dedupe.to_vec(),
             });
         }
     }
 
-    fn pattern(&mut self, src: &str) -> Result<Pattern, String> {
+    /// A pattern this thread may use: a cached one, or one that needs no regex and no parser
+    /// (a plain key, `.*`). Anything else is for the scan threads to compile.
+    fn cheap_pattern(&self, src: &str) -> Pat {
         if let Some(p) = self.patterns.get(src) {
-            return p.clone();
+            return match p {
+                Ok(p) => Pat::Compiled(p.clone()),
+                // A known error: the scan thread answers it without compiling again.
+                Err(m) => Pat::Invalid(m.clone()),
+            };
         }
-        let p = Pattern::compile(src, &self.cfg.pattern_limits()).map_err(|e| e.to_string());
+        match Pattern::plain(src, &self.cfg.pattern_limits()) {
+            Some(p) => Pat::Compiled(p),
+            None => Pat::Source(src.to_owned()),
+        }
+    }
+
+    fn cache_pattern(&mut self, src: String, p: Result<Pattern, String>) {
         if src.len() <= PATTERN_CACHE_MAX_SOURCE {
             if self.patterns.len() >= PATTERN_CACHE {
                 self.patterns.clear();
             }
-            self.patterns.insert(src.to_owned(), p.clone());
+            self.patterns.insert(src, p);
         }
-        p
-    }
-
-    fn patterns(&mut self, k: &str, v: &str) -> Result<(Pattern, Pattern), String> {
-        let kp = self.pattern(k);
-        let vp = self.pattern(v);
-        match (kp, vp) {
-            (Ok(k), Ok(v)) => Ok((k, v)),
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        }
-    }
-
-    /// The compiled patterns, or None after answering `ok` with no pairs and a message saying
-    /// which pattern does not compile (PROTOCOL §4: a bad pattern is not an error status).
-    fn patterns_or_answer(&mut self, rid: u64, k: &str, v: &str) -> Option<(Pattern, Pattern)> {
-        match self.patterns(k, v) {
-            Ok(p) => Some(p),
-            Err(m) => {
-                self.emit(StoreOut::Read {
-                    after_seq: self.seq,
-                    reply: RelayReply {
-                        rid,
-                        reply: Reply::Pairs {
-                            pairs: vec![],
-                            message: Some(m),
-                        },
-                    },
-                });
-                None
-            }
-        }
-    }
-
-    fn too_large(&self, pairs: &[Pair]) -> Option<Reply> {
-        too_large_reply(pairs, self.cfg.max_response_bytes)
     }
 
     fn emit(&self, o: StoreOut) {
         let _ = self.out.send(o);
+    }
+
+    fn answer(&self, rid: u64, after_seq: u64, reply: Reply) {
+        self.emit(StoreOut::Read {
+            after_seq,
+            reply: RelayReply { rid, reply },
+        });
     }
 
     /// Returns false to stop the thread.
@@ -282,7 +305,7 @@ impl Store {
                 }
             }
             StoreMsg::Watermark(w) => {
-                self.dedupe = self.dedupe.split_off(&w);
+                self.dedupe.trim_below(w);
                 self.emit(StoreOut::Watermark(w));
             }
             StoreMsg::Apply {
@@ -319,16 +342,23 @@ impl Store {
                     self.space.insert_raw(k, v);
                 }
             }
+            StoreMsg::LoadDedupe(entries) => {
+                if self.wal.is_some() {
+                    self.log(Record::Dedupe(entries.clone()));
+                }
+                self.remember_all(entries);
+            }
             StoreMsg::Synced { seq, dedupe } => {
                 self.seq = seq;
-                self.dedupe = dedupe.into_iter().collect();
-                if self.wal.is_some() {
-                    self.log(Record::Base {
-                        epoch: self.epoch,
-                        seq,
-                        dedupe: self.dedupe_vec(),
-                    });
-                }
+                // The entries came in `LoadDedupe` chunks (a primary of an older version sends
+                // them all here).
+                self.log_dedupe(dedupe.clone());
+                self.remember_all(dedupe);
+                self.log(Record::Base {
+                    epoch: self.epoch,
+                    seq,
+                    dedupe: vec![],
+                });
             }
             StoreMsg::Epoch(e) => {
                 if e > self.epoch {
@@ -337,7 +367,7 @@ impl Store {
                 }
             }
             StoreMsg::Snapshot(tx) => {
-                let _ = tx.send((self.space.clone(), self.seq, self.dedupe_vec()));
+                let _ = tx.send((self.space.clone(), self.seq, self.dedupe.to_vec()));
             }
             StoreMsg::Save(tx) => {
                 let r = match &self.save_file {
@@ -349,31 +379,91 @@ impl Store {
                 let _ = tx.send(r);
             }
             StoreMsg::SetSaveFile(f) => self.save_file = f,
+            StoreMsg::ScanCopy(tx) => {
+                let _ = tx.send((self.space.clone(), self.seq));
+            }
+            StoreMsg::ScanDone(done) => self.scan_done(*done),
             StoreMsg::Stop => return false,
         }
         true
     }
 
     fn remember(&mut self, rid: u64, reply: Reply) {
-        self.dedupe.insert(rid, reply);
-        while self.dedupe.len() > MAX_DEDUPE {
-            self.dedupe.pop_first();
+        let n = self.dedupe.insert(rid, reply);
+        self.evicted(n);
+    }
+
+    fn remember_all(&mut self, entries: Vec<(u64, Reply)>) {
+        let n = self.dedupe.extend(entries);
+        self.evicted(n);
+    }
+
+    fn evicted(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .last_eviction_warning
+            .is_none_or(|t| now.duration_since(t) >= EVICTION_WARNING_EVERY)
+        {
+            self.last_eviction_warning = Some(now);
+            tracing::warn!(
+                entries = self.dedupe.len(),
+                bytes = self.dedupe.bytes(),
+                evicted_total = self.dedupe.evicted(),
+                max_dedupe_entries = self.cfg.max_dedupe_entries,
+                max_dedupe_bytes = self.cfg.max_dedupe_bytes,
+                "the dedupe table is full and dropped its oldest answers: a request re-sent after a failover from among them could be applied twice; the proxy's watermark is not keeping up (raise max_dedupe_entries / max_dedupe_bytes, or look for a client that never reads its answers)"
+            );
         }
     }
 
     fn request(&mut self, rid: u64, client: Option<u64>, cmd: Command) {
-        if client.is_none() {
+        let Some(client) = client else {
             // SPEC §3: a request without a connection indicator is rejected by the primary.
-            self.emit(StoreOut::Read {
-                after_seq: 0,
-                reply: RelayReply {
-                    rid,
-                    reply: Reply::Malformed("request carries no connection indicator; only the proxy may relay requests".into()),
-                },
-            });
+            self.answer(
+                rid,
+                0,
+                Reply::Malformed(
+                    "request carries no connection indicator; only the proxy may relay requests"
+                        .into(),
+                ),
+            );
+            return;
+        };
+        // Requests on one stream take effect in the order they were sent (PROTOCOL §3): while a
+        // request of this connection is on the scan threads, the later ones wait for it.
+        if let Some(q) = self.waiting.get_mut(&client) {
+            q.push_back((rid, cmd));
             return;
         }
-        if let Some(r) = self.dedupe.get(&rid) {
+        self.run(rid, client, cmd);
+    }
+
+    /// The connection's request on the scan threads is done: runs what waited behind it, until
+    /// one of those goes to the scan threads in turn.
+    fn release(&mut self, client: u64) {
+        let Some(mut queue) = self.waiting.remove(&client) else {
+            return;
+        };
+        while let Some((rid, cmd)) = queue.pop_front() {
+            self.run(rid, client, cmd);
+            if let Some(q) = self.waiting.get_mut(&client) {
+                *q = queue;
+                return;
+            }
+        }
+    }
+
+    fn offload(&mut self, job: Job, urgent: bool) {
+        self.waiting.entry(job.client).or_default();
+        let (space, seq) = (&self.space, self.seq);
+        self.scans.submit(job, urgent, || (space.clone(), seq));
+    }
+
+    fn run(&mut self, rid: u64, client: u64, cmd: Command) {
+        if let Some(r) = self.dedupe.get(rid) {
             self.emit(StoreOut::Dedup {
                 after_seq: self.seq,
                 reply: RelayReply {
@@ -396,99 +486,142 @@ impl Store {
                     .value_of(&key)
                     .map(|v| vec![Pair::new(key.clone(), v.clone())])
                     .unwrap_or_default();
-                self.emit(StoreOut::Read {
-                    after_seq: self.seq,
-                    reply: RelayReply {
-                        rid,
-                        reply: Reply::Pairs {
-                            pairs,
-                            message: None,
-                        },
-                    },
-                });
-            }
-            Command::Get { key, value } => {
-                let Some((kp, vp)) = self.patterns_or_answer(rid, &key, &value) else {
-                    return;
-                };
-                let after_seq = self.seq;
-                if matches!(kp.hint(), IndexHint::Scan) && self.space.len() > OFFLOAD_SCAN_ABOVE {
-                    let snap = self.space.clone();
-                    let out = self.out.clone();
-                    let max = self.cfg.max_response_bytes;
-                    self.rt.spawn_blocking(move || {
-                        let pairs = snap.get(&kp, &vp);
-                        let reply = too_large_reply(&pairs, max).unwrap_or(Reply::Pairs {
-                            pairs,
-                            message: None,
-                        });
-                        let _ = out.send(StoreOut::Read {
-                            after_seq,
-                            reply: RelayReply { rid, reply },
-                        });
-                    });
-                    return;
-                }
-                let pairs = self.space.get(&kp, &vp);
-                let reply = self.too_large(&pairs).unwrap_or(Reply::Pairs {
-                    pairs,
-                    message: None,
-                });
-                self.emit(StoreOut::Read {
-                    after_seq,
-                    reply: RelayReply { rid, reply },
-                });
-            }
-            Command::Delete { key, value } => {
-                let Some((kp, vp)) = self.patterns_or_answer(rid, &key, &value) else {
-                    return;
-                };
-                let matching = self.space.get(&kp, &vp);
-                if let Some(r) = self.too_large(&matching) {
-                    return self.emit(StoreOut::Read {
-                        after_seq: self.seq,
-                        reply: RelayReply { rid, reply: r },
-                    });
-                }
-                let change = Change::Remove(matching.iter().map(|p| p.key.clone()).collect());
-                self.space.apply(&change);
-                self.write(
+                self.answer(
                     rid,
-                    change,
+                    self.seq,
                     Reply::Pairs {
-                        pairs: matching,
+                        pairs,
                         message: None,
                     },
                 );
             }
+            Command::Get { key, value } => self.match_request(rid, client, Kind::Get, key, value),
+            Command::Delete { key, value } => {
+                self.match_request(rid, client, Kind::Delete, key, value)
+            }
             Command::Put(elems) | Command::Post(elems) if elems.is_empty() => {
-                self.emit(StoreOut::Read {
-                    after_seq: self.seq,
-                    reply: RelayReply {
-                        rid,
-                        reply: Reply::Rejected(vec![]),
-                    },
-                });
+                self.answer(rid, self.seq, Reply::Rejected(vec![]));
             }
             Command::Put(elems) => {
-                let cands = elems
-                    .iter()
-                    .map(|v| space::pair_from_value(v, &limits))
-                    .collect();
+                let cands = elems.iter().map(|v| pair_from_raw(v, &limits)).collect();
                 let (change, rejected) = self.space.put(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
                 self.write(rid, change, reply);
             }
             Command::Post(elems) => {
-                let cands = elems
-                    .iter()
-                    .map(|v| space::pair_from_value(v, &limits))
-                    .collect();
+                let cands = elems.iter().map(|v| pair_from_raw(v, &limits)).collect();
                 let (change, rejected) = self.space.post(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
                 self.write(rid, change, reply);
             }
         }
+    }
+
+    /// A GET or DELETE: here if it needs no regex and only looks keys up, else on a scan thread.
+    fn match_request(&mut self, rid: u64, client: u64, kind: Kind, key: String, value: String) {
+        let (kp, vp) = (self.cheap_pattern(&key), self.cheap_pattern(&value));
+        if let (Pat::Compiled(k), Pat::Compiled(v)) = (&kp, &vp)
+            && matches!(k.hint(), IndexHint::Exact(_) | IndexHint::AnyOf(_))
+            && !k.uses_regex()
+            && !v.uses_regex()
+        {
+            let max = self.cfg.max_response_bytes;
+            match scan::matching(&self.space, k, v, max) {
+                Err(size) => self.answer(rid, self.seq, scan::too_large(&size, max)),
+                Ok((pairs, _)) => match kind {
+                    Kind::Get => self.answer(
+                        rid,
+                        self.seq,
+                        Reply::Pairs {
+                            pairs,
+                            message: None,
+                        },
+                    ),
+                    Kind::Delete => self.delete(rid, pairs),
+                },
+            }
+            return;
+        }
+        let job = Job {
+            rid,
+            client,
+            kind,
+            work: Work::Scan { key: kp, value: vp },
+            round: 0,
+            copy: None,
+        };
+        self.offload(job, false);
+    }
+
+    /// Removes `pairs` (the current match of a DELETE) and answers them.
+    fn delete(&mut self, rid: u64, pairs: Vec<Pair>) {
+        let change = Change::Remove(pairs.iter().map(|p| p.key.clone()).collect());
+        self.space.apply(&change);
+        self.write(
+            rid,
+            change,
+            Reply::Pairs {
+                pairs,
+                message: None,
+            },
+        );
+    }
+
+    /// A scan thread finished: answer a GET; apply a DELETE once its match is up to date.
+    fn scan_done(&mut self, d: Done) {
+        for (src, p) in d.compiled {
+            self.cache_pattern(src, p);
+        }
+        let max = self.cfg.max_response_bytes;
+        match (d.kind, d.outcome) {
+            (_, Outcome::Answer(reply)) => self.answer(d.rid, d.seq, reply),
+            (Kind::Get, Outcome::Matched { pairs, .. }) => self.answer(
+                d.rid,
+                d.seq,
+                Reply::Pairs {
+                    pairs,
+                    message: None,
+                },
+            ),
+            (
+                Kind::Delete,
+                Outcome::Matched {
+                    key,
+                    value,
+                    pairs,
+                    size,
+                    copy,
+                },
+            ) => {
+                if d.seq == self.seq {
+                    // Nothing was written since the copy: its match is the current one.
+                    self.delete(d.rid, pairs);
+                } else if d.round < OFFLOAD_ROUNDS {
+                    let job = Job {
+                        rid: d.rid,
+                        client: d.client,
+                        kind: Kind::Delete,
+                        work: Work::Revalidate {
+                            key,
+                            value,
+                            base: copy,
+                            matched: pairs,
+                            size,
+                        },
+                        round: d.round,
+                        copy: None,
+                    };
+                    // The connection keeps waiting.
+                    return self.offload(job, true);
+                } else {
+                    match scan::revalidate(&copy, &self.space, pairs, size, &key, &value, max) {
+                        Ok((pairs, _)) => self.delete(d.rid, pairs),
+                        Err(size) => self.answer(d.rid, self.seq, scan::too_large(&size, max)),
+                    }
+                }
+            }
+        }
+        self.release(d.client);
     }
 
     fn write(&mut self, rid: u64, change: Change, reply: Reply) {
@@ -517,19 +650,8 @@ fn is_plain_key(p: &str) -> bool {
     !p.is_empty() && p.chars().all(|c| c == ',' || c.is_alphanumeric())
 }
 
-fn too_large_reply(pairs: &[Pair], max: usize) -> Option<Reply> {
-    // One size rule for both encodings: what reaches the client also fits every node link.
-    let n = pairs_response_len(pairs).max(pairs_node_len(pairs));
-    (n > max).then(|| {
-        Reply::TooLarge(format!(
-            "the answer would hold {} pairs (~{n} bytes), more than max_response_bytes ({max}); nothing was changed: narrow the pattern",
-            pairs.len()
-        ))
-    })
-}
-
 /// The elements at `idx` (ascending), moved out of `elems`, exactly as sent.
-fn pick(elems: Vec<Value>, idx: &[usize]) -> Vec<Value> {
+fn pick(elems: Vec<RawItem>, idx: &[usize]) -> Vec<RawItem> {
     let mut want = idx.iter().peekable();
     elems
         .into_iter()
@@ -543,4 +665,137 @@ fn pick(elems: Vec<Value>, idx: &[usize]) -> Vec<Value> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ciborium::Value;
+
+    fn start(
+        cfg: Config,
+    ) -> (
+        std::sync::mpsc::Sender<StoreMsg>,
+        mpsc::UnboundedReceiver<StoreOut>,
+    ) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let init = StoreInit {
+            space: Space::new(),
+            seq: 0,
+            epoch: 1,
+            dedupe: vec![],
+            wal: None,
+            log_base: false,
+        };
+        let (tx, _h) = spawn(init, Arc::new(cfg), None, out, StoreStats::default()).unwrap();
+        (tx, rx)
+    }
+
+    fn pair(k: &str, v: &str) -> RawItem {
+        let t = |s: &str| Value::Array(s.split(',').map(|e| Value::Text(e.into())).collect());
+        RawItem::from_value(&Value::Array(vec![t(k), t(v)]))
+    }
+
+    fn table(tx: &std::sync::mpsc::Sender<StoreMsg>) -> Vec<(u64, Reply)> {
+        let (t, r) = tokio::sync::oneshot::channel();
+        tx.send(StoreMsg::Snapshot(t)).unwrap();
+        r.blocking_recv().unwrap().2
+    }
+
+    #[test]
+    fn a_backup_store_takes_a_chunked_dedupe_table_within_its_byte_limit() {
+        let big = |rid: u64| {
+            (
+                rid,
+                Reply::Pairs {
+                    pairs: (0..100)
+                        .map(|i| Pair::new(format!("k,{i}"), "v".repeat(90)))
+                        .collect(),
+                    message: None,
+                },
+            )
+        };
+        let one = 64 + big(0).1.mem_bytes();
+        let cfg = Config {
+            max_dedupe_bytes: 50 * one,
+            ..Config::default()
+        };
+        let (tx, _rx) = start(cfg);
+        tx.send(StoreMsg::Load {
+            pairs: vec![("a".into(), "1".into())],
+            reset: true,
+        })
+        .unwrap();
+        let entries: Vec<_> = (0..200).map(big).collect();
+        for c in dedupe::chunks(entries, 20 * one) {
+            tx.send(StoreMsg::LoadDedupe(c)).unwrap();
+        }
+        tx.send(StoreMsg::Synced {
+            seq: 9,
+            dedupe: vec![],
+        })
+        .unwrap();
+        let got = table(&tx);
+        assert_eq!(got.len(), 50, "bounded by bytes");
+        assert_eq!(got.first().map(|e| e.0), Some(150), "the newest are kept");
+        assert_eq!(got.last().map(|e| e.0), Some(199));
+        // A reset (a new initial copy) empties it.
+        tx.send(StoreMsg::Load {
+            pairs: vec![],
+            reset: true,
+        })
+        .unwrap();
+        assert!(table(&tx).is_empty());
+    }
+
+    #[test]
+    fn a_connection_waits_behind_its_scan_and_others_do_not() {
+        let (tx, mut rx) = start(Config::default());
+        let elems: Vec<RawItem> = (0..1000).map(|i| pair(&format!("k,{i}"), "v")).collect();
+        tx.send(StoreMsg::Requests(vec![(1, Some(7), Command::Put(elems))]))
+            .unwrap();
+        tx.send(StoreMsg::Requests(vec![
+            (
+                2,
+                Some(7),
+                Command::Get {
+                    key: r"k,\d+".into(),
+                    value: ".*".into(),
+                },
+            ),
+            (3, Some(7), Command::Put(vec![pair("k,5000", "v")])),
+            (4, Some(8), Command::Put(vec![pair("other", "v")])),
+            (
+                5,
+                Some(7),
+                Command::Delete {
+                    key: r"k,\d+".into(),
+                    value: "v".into(),
+                },
+            ),
+            (6, Some(7), Command::Put(vec![pair("k,1", "w")])),
+        ]))
+        .unwrap();
+        let mut order = Vec::new();
+        while order.len() < 6 {
+            match rx.blocking_recv().unwrap() {
+                StoreOut::Read { reply, .. } => order.push((reply.rid, reply.reply)),
+                StoreOut::Write { rid, reply, .. } => order.push((rid, reply)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let rids: Vec<u64> = order.iter().map(|o| o.0).collect();
+        // Connection 8 is not held up by connection 7's scan; 7's requests keep their order.
+        assert_eq!(rids, vec![1, 4, 2, 3, 5, 6]);
+        let n = |i: usize| match &order[i].1 {
+            Reply::Pairs { pairs, .. } => pairs.len(),
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(n(2), 1000, "the GET does not see the later PUT");
+        assert_eq!(n(4), 1001, "the DELETE sees it");
+        assert!(
+            matches!(&order[5].1, Reply::Rejected(r) if r.is_empty()),
+            "k,1 was free again"
+        );
+    }
 }

@@ -143,6 +143,29 @@ impl Pattern {
         })
     }
 
+    /// The pattern `src` without running the regex parser, if it is one of the shapes that need
+    /// none: a plain key (alphanumerics and commas only: it matches exactly itself), `.*`, or
+    /// `(?s).*`. Same result as [`Pattern::compile`] for those; `None` for anything else.
+    pub fn plain(src: &str, limits: &PatternLimits) -> Option<Pattern> {
+        if src.len() > limits.max_pattern_bytes {
+            return None;
+        }
+        let (matcher, hint) = match src {
+            ".*" => (Matcher::AnyLine, IndexHint::Scan),
+            "(?s).*" => (Matcher::Anything, IndexHint::Scan),
+            _ if !src.is_empty() && src.chars().all(|c| c == ',' || c.is_alphanumeric()) => (
+                Matcher::Literal(src.to_owned()),
+                IndexHint::Exact(src.to_owned()),
+            ),
+            _ => return None,
+        };
+        Some(Pattern {
+            source: src.to_owned(),
+            matcher,
+            hint,
+        })
+    }
+
     /// True if the whole of `text` matches.
     pub fn is_match(&self, text: &str) -> bool {
         match &self.matcher {
@@ -151,6 +174,12 @@ impl Pattern {
             Matcher::Anything => true,
             Matcher::Regex(re) => re.is_match(text),
         }
+    }
+
+    /// True if matching runs a regular expression (cost grows with the pattern and the text);
+    /// false for the literal and "anything" shapes, which cost a comparison at most.
+    pub fn uses_regex(&self) -> bool {
+        matches!(self.matcher, Matcher::Regex(_))
     }
 
     pub fn hint(&self) -> &IndexHint {
@@ -439,6 +468,28 @@ mod tests {
                 assert_eq!(fast.is_match(t), slow.is_match(t), "{src:?} on {t:?}");
             }
         }
+    }
+
+    #[test]
+    fn plain_agrees_with_compile() {
+        let l = PatternLimits::default();
+        for src in ["user,1", "日本,٣", "a", ".*", "(?s).*"] {
+            let fast = Pattern::plain(src, &l).unwrap();
+            let slow = p(src);
+            assert_eq!(fast.hint(), slow.hint(), "{src}");
+            assert_eq!(fast.uses_regex(), slow.uses_regex(), "{src}");
+            for t in ["", "a", "user,1", "user,10", "a\nb", "日本,٣"] {
+                assert_eq!(fast.is_match(t), slow.is_match(t), "{src:?} on {t:?}");
+            }
+        }
+        for src in ["", "a.*", "a|b", "(?i)a", "a b", "user,\\d"] {
+            assert!(Pattern::plain(src, &l).is_none(), "{src}");
+        }
+        let tiny = PatternLimits {
+            max_pattern_bytes: 2,
+            ..l
+        };
+        assert!(Pattern::plain("abc", &tiny).is_none());
     }
 
     #[test]

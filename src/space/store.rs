@@ -66,8 +66,47 @@ impl Space {
     /// Every pair whose key and value fully match, ascending by key text.
     pub fn get(&self, key: &Pattern, value: &Pattern) -> Vec<Pair> {
         let mut out = Vec::new();
-        self.for_each_match(key, value, |k, v| out.push(Pair::new(k, v)));
+        self.for_each_match(key, value, |k, v| {
+            out.push(Pair::new(k, v));
+            true
+        });
         out
+    }
+
+    /// Like [`Space::get`], but stops as soon as `keep(key, value)` says no for a match: returns
+    /// the pairs matched so far and whether the scan was complete (`false`: stopped early, the
+    /// refused pair not included). Lets a caller bound an answer while it is built.
+    pub fn get_while(
+        &self,
+        key: &Pattern,
+        value: &Pattern,
+        mut keep: impl FnMut(&str, &str) -> bool,
+    ) -> (Vec<Pair>, bool) {
+        let mut out = Vec::new();
+        let complete = self.for_each_match(key, value, |k, v| {
+            if keep(k, v) {
+                out.push(Pair::new(k, v));
+                true
+            } else {
+                false
+            }
+        });
+        (out, complete)
+    }
+
+    /// The changes between this space and `newer` (a later version of the same space), ascending
+    /// by key: `(key, Some(value))` for a key added or changed, `(key, None)` for one removed.
+    /// Fast when `newer` shares most of its structure with `self` (an O(1) copy since changed):
+    /// shared subtrees are not visited.
+    pub fn changes_to<'a>(
+        &'a self,
+        newer: &'a Space,
+    ) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+        self.map.diff(&newer.map).map(|d| match d {
+            imbl::ordmap::DiffItem::Add(k, v) => (k.as_str(), Some(v.as_str())),
+            imbl::ordmap::DiffItem::Update { new: (k, v), .. } => (k.as_str(), Some(v.as_str())),
+            imbl::ordmap::DiffItem::Remove(k, _) => (k.as_str(), None),
+        })
     }
 
     /// In order, inserts each well-formed (`Some`) candidate whose key is
@@ -145,41 +184,35 @@ impl Space {
     }
 
     /// Calls `f` for each matching pair, ascending, visiting only the keys
-    /// the key pattern's hint allows.
-    fn for_each_match(&self, key: &Pattern, value: &Pattern, mut f: impl FnMut(&str, &str)) {
+    /// the key pattern's hint allows, until `f` returns false. Returns true if
+    /// every candidate was visited.
+    fn for_each_match(
+        &self,
+        key: &Pattern,
+        value: &Pattern,
+        mut f: impl FnMut(&str, &str) -> bool,
+    ) -> bool {
         // The hint only narrows; both regexes still decide.
-        let mut check = |k: &String, v: &String| {
-            if key.is_match(k) && value.is_match(v) {
-                f(k, v);
-            }
-        };
+        let mut check = |k: &String, v: &String| !(key.is_match(k) && value.is_match(v)) || f(k, v);
         match key.hint() {
-            IndexHint::Exact(k) => {
-                if let Some((k, v)) = self.map.get_key_value(k.as_str()) {
-                    check(k, v);
-                }
-            }
+            IndexHint::Exact(k) => match self.map.get_key_value(k.as_str()) {
+                Some((k, v)) => check(k, v),
+                None => true,
+            },
             IndexHint::AnyOf(keys) => {
                 // Sorted by the pattern module, so results come out ascending.
-                for k in keys {
-                    if let Some((k, v)) = self.map.get_key_value(k.as_str()) {
-                        check(k, v);
-                    }
-                }
+                keys.iter()
+                    .all(|k| match self.map.get_key_value(k.as_str()) {
+                        Some((k, v)) => check(k, v),
+                        None => true,
+                    })
             }
-            IndexHint::Prefix(prefix) => {
-                let range = self
-                    .map
-                    .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded));
-                for (k, v) in range.take_while(|(k, _)| k.starts_with(prefix.as_str())) {
-                    check(k, v);
-                }
-            }
-            IndexHint::Scan => {
-                for (k, v) in self.map.iter() {
-                    check(k, v);
-                }
-            }
+            IndexHint::Prefix(prefix) => self
+                .map
+                .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+                .all(|(k, v)| check(k, v)),
+            IndexHint::Scan => self.map.iter().all(|(k, v)| check(k, v)),
         }
     }
 }
@@ -304,6 +337,38 @@ mod tests {
             backup.apply(c);
         }
         assert_eq!(primary, backup);
+    }
+
+    #[test]
+    fn get_while_stops_early() {
+        let s = sample();
+        let mut n = 0;
+        let (got, complete) = s.get_while(&pat(".*"), &pat(".*"), |_, _| {
+            n += 1;
+            n <= 2
+        });
+        assert!(!complete);
+        assert_eq!(got.len(), 2);
+        let (got, complete) = s.get_while(&pat("user,.*"), &pat(".*"), |_, _| true);
+        assert!(complete);
+        assert_eq!(got, s.get(&pat("user,.*"), &pat(".*")));
+    }
+
+    #[test]
+    fn changes_to_lists_what_a_later_copy_changed() {
+        let mut s: Space = (0..10_000)
+            .map(|i| (format!("k,{i}"), "v".to_owned()))
+            .collect();
+        let old = s.clone();
+        s.put(vec![some("new", "x")]);
+        s.post(vec![some("k,5", "w")]);
+        s.delete(&pat("k,7"), &pat(".*"));
+        let got: Vec<_> = old.changes_to(&s).collect();
+        assert_eq!(
+            got,
+            vec![("k,5", Some("w")), ("k,7", None), ("new", Some("x"))]
+        );
+        assert_eq!(s.changes_to(&s).count(), 0);
     }
 
     #[test]

@@ -97,7 +97,8 @@ pub fn check_tuple<S: AsRef<str>>(elems: &[S], limits: &TupleLimits) -> Result<(
     Ok(())
 }
 
-fn check_element(index: usize, e: &str, limits: &TupleLimits) -> Result<(), TupleError> {
+/// Checks element `index` of a tuple: non-empty, at most `max_element_bytes`, alphanumeric.
+pub fn check_element(index: usize, e: &str, limits: &TupleLimits) -> Result<(), TupleError> {
     if e.is_empty() {
         return Err(TupleError::EmptyElement { index });
     }

@@ -5,7 +5,8 @@
 use ciborium::Value;
 use serde::{Deserialize, Serialize};
 
-use crate::space::Pair;
+use crate::space::{Pair, TupleLimits};
+use crate::wire::cbor::{self, Head, RawItem, Reader};
 
 /// Response status (PROTOCOL.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -118,8 +119,8 @@ impl Op {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     Get { key: String, value: String },
-    Put(Vec<Value>),
-    Post(Vec<Value>),
+    Put(Vec<RawItem>),
+    Post(Vec<RawItem>),
     Delete { key: String, value: String },
 }
 
@@ -135,14 +136,27 @@ impl Command {
             Command::Delete { .. } => "DELETE",
         }
     }
+
+    /// Memory the command holds (what a pending request costs the proxy): strings and element
+    /// bytes, plus one handle per element.
+    pub fn mem_bytes(&self) -> usize {
+        std::mem::size_of::<Command>()
+            + match self {
+                Command::Get { key, value } | Command::Delete { key, value } => {
+                    key.capacity() + value.capacity()
+                }
+                Command::Put(e) | Command::Post(e) => e.iter().map(RawItem::mem_bytes).sum(),
+            }
+    }
 }
 
-/// A request as read from a frame: `id` and `op` present and typed, `args` not yet checked.
+/// A request as read from a frame: `id` and `op` present and typed, `args` not yet checked (kept
+/// as the bytes sent, never decoded into a value tree).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     pub id: u64,
     pub op: Op,
-    pub args: Option<Value>,
+    pub args: Option<RawItem>,
 }
 
 /// A request that cannot be understood; answered `malformed` with whatever id could be read.
@@ -165,23 +179,84 @@ fn as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-/// Reads a request from a decoded CBOR item (PROTOCOL.md §3).
-pub fn parse_request(v: Value) -> Result<Request, Malformed> {
-    let Value::Map(entries) = v else {
-        return Err(Malformed {
-            id: None,
-            message: "request must be a CBOR map with keys id, op, args".into(),
-        });
+/// What one map entry of a request held, as far as the request cares.
+enum Field {
+    Id(Option<u64>),
+    Op(Option<String>),
+    Args(std::ops::Range<usize>),
+    Other,
+}
+
+/// Reads a request from a frame body (PROTOCOL.md §3) without building a value tree: the body is
+/// checked to be one well-formed CBOR item, then `id` and `op` are read in place and `args` kept
+/// as its bytes (one copy of them; the frame buffer is not pinned). Costs O(body) time and
+/// O(args) memory, whatever the body nests.
+pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
+    let not_cbor = |e: crate::wire::frame::CborError| Malformed {
+        id: None,
+        message: format!("request is not one CBOR item: {e}"),
     };
-    let mut id_v = None;
-    let mut op_v = None;
+    cbor::validate(body).map_err(not_cbor)?;
+    let mut r = Reader::new(body);
+    let not_map = || Malformed {
+        id: None,
+        message: "request must be a CBOR map with keys id, op, args".into(),
+    };
+    let n = match r.head().map_err(not_cbor)? {
+        Head::Map(n) => n,
+        _ => return Err(not_map()),
+    };
+    let mut id_v: Option<Option<u64>> = None;
+    let mut op_v: Option<Option<String>> = None;
     let mut args = None;
-    for (k, val) in entries {
-        match k {
-            Value::Text(k) if k == "id" => id_v = Some(val),
-            Value::Text(k) if k == "op" => op_v = Some(val),
-            Value::Text(k) if k == "args" => args = Some(val),
-            _ => {} // unknown keys are ignored (forward compatibility)
+    let mut seen = 0u64;
+    loop {
+        match n {
+            Some(n) if seen == n => break,
+            None if r.at_break().map_err(not_cbor)? => break,
+            _ => {}
+        }
+        seen += 1;
+        let field = match r.text().map_err(not_cbor)? {
+            Some(k) if k == "id" => match r.peek().map_err(not_cbor)? {
+                Head::Uint(i) => {
+                    r.head().map_err(not_cbor)?;
+                    Field::Id(Some(i))
+                }
+                _ => {
+                    r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                    Field::Id(None)
+                }
+            },
+            Some(k) if k == "op" => match r.text().map_err(not_cbor)? {
+                Some(op) => Field::Op(Some(op.into_owned())),
+                None => {
+                    r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                    Field::Op(None)
+                }
+            },
+            Some(k) if k == "args" => {
+                let start = r.pos();
+                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                Field::Args(start..r.pos())
+            }
+            Some(_) => {
+                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                Field::Other
+            }
+            None => {
+                // A key that is not text: skip it and its value (unknown keys are ignored).
+                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                Field::Other
+            }
+        };
+        // The last occurrence of a key wins.
+        match field {
+            Field::Id(v) => id_v = Some(v),
+            Field::Op(v) => op_v = Some(v),
+            Field::Args(span) => args = Some(span),
+            Field::Other => {}
         }
     }
     let id = match id_v {
@@ -191,19 +266,17 @@ pub fn parse_request(v: Value) -> Result<Request, Malformed> {
                 message: "request has no `id`".into(),
             });
         }
-        Some(v) => match as_u64(&v) {
-            Some(id) => id,
-            None => {
-                return Err(Malformed {
-                    id: None,
-                    message: "`id` must be an unsigned integer below 2^64".into(),
-                });
-            }
-        },
+        Some(Some(id)) => id,
+        Some(None) => {
+            return Err(Malformed {
+                id: None,
+                message: "`id` must be an unsigned integer below 2^64".into(),
+            });
+        }
     };
     let op = match op_v {
-        Some(Value::Text(op)) => Op::parse(&op),
-        Some(_) => {
+        Some(Some(op)) => Op::parse(&op),
+        Some(None) => {
             return Err(Malformed {
                 id: Some(id),
                 message: "`op` must be a text string".into(),
@@ -216,65 +289,181 @@ pub fn parse_request(v: Value) -> Result<Request, Malformed> {
             });
         }
     };
+    let args = args.map(|span| RawItem::from_checked(bytes::Bytes::copy_from_slice(&body[span])));
     Ok(Request { id, op, args })
 }
 
-/// Checks the argument shape of a data operation.
+/// Checks the argument shape of a data operation (reading `args` in place).
 pub fn command_of(req: Request, max_pairs: usize) -> Result<Command, Malformed> {
     let id = Some(req.id);
-    let patterns = |args: Option<Value>, name: &str| -> Result<(String, String), Malformed> {
-        match args {
-            Some(Value::Array(mut a)) if a.len() == 2 => {
-                let v = a.pop();
-                let k = a.pop();
-                match (k, v) {
-                    (Some(Value::Text(k)), Some(Value::Text(v))) => Ok((k, v)),
-                    _ => Err(Malformed {
-                        id,
-                        message: format!("{name} args must be two text strings [keyexp, valexp]"),
-                    }),
-                }
-            }
-            _ => Err(Malformed {
+    let name = match req.op {
+        Op::Get => "GET",
+        Op::Delete => "DELETE",
+        Op::Put => "PUT",
+        Op::Post => "POST",
+        Op::Shutdown | Op::Status | Op::Other(_) => {
+            return Err(Malformed {
                 id,
-                message: format!(
-                    "{name} args must be an array of two text strings [keyexp, valexp]"
-                ),
-            }),
+                message: "not a data operation".into(),
+            });
         }
     };
-    let list = |args: Option<Value>, name: &str| -> Result<Vec<Value>, Malformed> {
-        match args {
-            Some(Value::Array(a)) if a.len() <= max_pairs => Ok(a),
-            Some(Value::Array(a)) => Err(Malformed {
-                id,
-                message: format!(
-                    "{name} carries {} elements, more than the limit of {max_pairs}; split the request",
-                    a.len()
-                ),
-            }),
-            Some(_) => Err(Malformed {
-                id,
-                message: format!("{name} args must be an array of pairs, not a single value"),
-            }),
-            None => Err(Malformed {
-                id,
-                message: format!("{name} needs `args`: an array of pairs"),
-            }),
-        }
+    let bad = |message: String| Malformed { id, message };
+    let Some(args) = req.args else {
+        return Err(bad(match req.op {
+            Op::Get | Op::Delete => {
+                format!("{name} args must be an array of two text strings [keyexp, valexp]")
+            }
+            _ => format!("{name} needs `args`: an array of pairs"),
+        }));
     };
     match req.op {
-        Op::Get => patterns(req.args, "GET").map(|(key, value)| Command::Get { key, value }),
-        Op::Delete => {
-            patterns(req.args, "DELETE").map(|(key, value)| Command::Delete { key, value })
+        Op::Get | Op::Delete => {
+            let (key, value) = patterns_of(&args).map_err(|two| {
+                bad(if two {
+                    format!("{name} args must be two text strings [keyexp, valexp]")
+                } else {
+                    format!("{name} args must be an array of two text strings [keyexp, valexp]")
+                })
+            })?;
+            Ok(if req.op == Op::Get {
+                Command::Get { key, value }
+            } else {
+                Command::Delete { key, value }
+            })
         }
-        Op::Put => list(req.args, "PUT").map(Command::Put),
-        Op::Post => list(req.args, "POST").map(Command::Post),
-        Op::Shutdown | Op::Status | Op::Other(_) => Err(Malformed {
-            id,
-            message: "not a data operation".into(),
-        }),
+        _ => {
+            let elems = elements_of(&args, max_pairs).map_err(|e| {
+                bad(match e {
+                    ElemsError::NotArray => {
+                        format!("{name} args must be an array of pairs, not a single value")
+                    }
+                    ElemsError::TooMany(Some(n)) => format!(
+                        "{name} carries {n} elements, more than the limit of {max_pairs}; split the request"
+                    ),
+                    ElemsError::TooMany(None) => format!(
+                        "{name} carries more than the limit of {max_pairs} elements; split the request"
+                    ),
+                })
+            })?;
+            Ok(if req.op == Op::Put {
+                Command::Put(elems)
+            } else {
+                Command::Post(elems)
+            })
+        }
     }
+}
+
+/// `[keyexp, valexp]`: Err(true) if it is a two-item array of something else.
+fn patterns_of(args: &RawItem) -> Result<(String, String), bool> {
+    let mut r = Reader::new(args.as_bytes());
+    let n = match r.array() {
+        Ok(Some(n)) => n,
+        _ => return Err(false),
+    };
+    // Count the items first (cheap: the bytes were validated), so `[1, 2, 3]` is "not two".
+    let mut count = r.clone();
+    let mut items = 0u64;
+    loop {
+        match n {
+            Some(n) if items == n => break,
+            None if count.at_break().map_err(|_| false)? => break,
+            _ => {}
+        }
+        if items == 2 || count.skip(cbor::MAX_DEPTH).is_err() {
+            return Err(false);
+        }
+        items += 1;
+    }
+    if items != 2 {
+        return Err(false);
+    }
+    let k = r.text().ok().flatten().ok_or(true)?.into_owned();
+    let v = r.text().ok().flatten().ok_or(true)?.into_owned();
+    Ok((k, v))
+}
+
+enum ElemsError {
+    NotArray,
+    /// More elements than allowed (how many, when the header says).
+    TooMany(Option<u64>),
+}
+
+/// The elements of a PUT/POST as slices of `args` (no copy, no value tree).
+fn elements_of(args: &RawItem, max_pairs: usize) -> Result<Vec<RawItem>, ElemsError> {
+    let bytes = args.as_bytes();
+    let whole = args.clone().into_bytes();
+    let mut r = Reader::new(bytes);
+    let n = match r.array() {
+        Ok(Some(n)) => n,
+        _ => return Err(ElemsError::NotArray),
+    };
+    if let Some(n) = n
+        && n > max_pairs as u64
+    {
+        return Err(ElemsError::TooMany(Some(n)));
+    }
+    let mut out = Vec::with_capacity(n.map_or(0, |n| n as usize));
+    loop {
+        match n {
+            Some(n) if out.len() as u64 == n => break,
+            None if r.at_break().map_err(|_| ElemsError::NotArray)? => break,
+            _ => {}
+        }
+        if out.len() == max_pairs {
+            return Err(ElemsError::TooMany(None));
+        }
+        let start = r.pos();
+        r.skip(cbor::MAX_DEPTH).map_err(|_| ElemsError::NotArray)?;
+        out.push(RawItem::from_checked(whole.slice(start..r.pos())));
+    }
+    Ok(out)
+}
+
+/// Reads a PUT/POST element as a [`Pair`], or `None` if it is not exactly `[key-tuple,
+/// value-tuple]` with two well-formed tuples (same rule as [`crate::space::pair_from_value`],
+/// read in place: a huge ill-formed element costs nothing).
+pub fn pair_from_raw(e: &RawItem, limits: &TupleLimits) -> Option<Pair> {
+    let mut r = Reader::new(e.as_bytes());
+    let n = r.array().ok()??;
+    if n.is_some_and(|n| n != 2) {
+        return None;
+    }
+    let key = tuple_from_reader(&mut r, limits)?;
+    let value = tuple_from_reader(&mut r, limits)?;
+    if n.is_none() && !r.at_break().ok()? {
+        return None;
+    }
+    Some(Pair { key, value })
+}
+
+fn tuple_from_reader(r: &mut Reader<'_>, limits: &TupleLimits) -> Option<String> {
+    let n = r.array().ok()??;
+    // Check arity before touching elements so a huge array costs nothing.
+    if n.is_some_and(|n| n == 0 || n > limits.max_arity as u64) {
+        return None;
+    }
+    let mut out = String::new();
+    let mut index = 0usize;
+    loop {
+        match n {
+            Some(n) if index as u64 == n => break,
+            None if r.at_break().ok()? => break,
+            _ => {}
+        }
+        if index == limits.max_arity {
+            return None;
+        }
+        let e = r.text().ok()??;
+        crate::space::tuple::check_element(index, &e, limits).ok()?;
+        if index > 0 {
+            out.push(',');
+        }
+        out.push_str(&e);
+        index += 1;
+    }
+    (index > 0).then_some(out)
 }
 
 /// A response (PROTOCOL.md §4). Fields that do not apply are `None` and absent on the wire.
@@ -283,7 +472,8 @@ pub struct Response {
     pub id: Option<u64>,
     pub status: Status,
     pub pairs: Option<Vec<Pair>>,
-    pub rejected: Option<Vec<Value>>,
+    /// PUT/POST elements not used, exactly as the client sent them.
+    pub rejected: Option<Vec<RawItem>>,
     pub message: Option<String>,
     pub cluster: Option<Value>,
 }
@@ -330,14 +520,22 @@ impl Response {
                 ),
             ));
         }
-        if let Some(r) = &self.rejected {
-            m.push((t("rejected"), Value::Array(r.clone())));
-        }
         if let Some(msg) = &self.message {
             m.push((t("message"), t(msg)));
         }
         if let Some(c) = &self.cluster {
             m.push((t("cluster"), c.clone()));
+        }
+        // Last, as `encode_into` writes it.
+        if let Some(r) = &self.rejected {
+            m.push((
+                t("rejected"),
+                Value::Array(
+                    r.iter()
+                        .map(|x| x.to_value().unwrap_or(Value::Null))
+                        .collect(),
+                ),
+            ));
         }
         Value::Map(m)
     }
@@ -345,7 +543,23 @@ impl Response {
     /// Appends this response as one frame, serialising straight from the fields (no CBOR value
     /// tree is built: this is the hot path of every answer).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         crate::wire::frame::encode_into(&WireResponse(self), out);
+        if out.len() == start {
+            return;
+        }
+        // `rejected` comes last, its elements copied as sent (serde cannot write raw CBOR): the
+        // map head above already counts it.
+        if let Some(r) = &self.rejected {
+            cbor::write_head(out, 3, "rejected".len() as u64);
+            out.extend_from_slice(b"rejected");
+            cbor::write_head(out, 4, r.len() as u64);
+            for x in r {
+                out.extend_from_slice(x.as_bytes());
+            }
+            let len = (out.len() - start - 4) as u32;
+            out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        }
     }
 
     /// Reads a response map (used by our client and tests).
@@ -383,7 +597,7 @@ impl Response {
             None => None,
         };
         let rejected = match get("rejected") {
-            Some(Value::Array(a)) => Some(a.clone()),
+            Some(Value::Array(a)) => Some(a.iter().map(RawItem::from_value).collect()),
             Some(_) => return None,
             None => None,
         };
@@ -438,6 +652,7 @@ impl serde::Serialize for WireResponse<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let r = self.0;
+        // `rejected` is counted here and written by `Response::encode_into` after the map.
         let n = 2
             + usize::from(r.pairs.is_some())
             + usize::from(r.rejected.is_some())
@@ -448,9 +663,6 @@ impl serde::Serialize for WireResponse<'_> {
         m.serialize_entry("status", r.status.as_str())?;
         if let Some(p) = &r.pairs {
             m.serialize_entry("pairs", &WirePairs(p))?;
-        }
-        if let Some(x) = &r.rejected {
-            m.serialize_entry("rejected", x)?;
         }
         if let Some(x) = &r.message {
             m.serialize_entry("message", x)?;
@@ -484,34 +696,80 @@ fn tuple_cbor_len(text: &str) -> usize {
     cbor_head_len(n) + total
 }
 
-/// Upper bound of the encoded size of a `pairs` answer, computed before anything is changed so
-/// that a too-large DELETE can be refused without touching the space.
-pub fn pairs_response_len(pairs: &[Pair]) -> usize {
-    // 64 bytes covers the map head, `id`, `status`, `message`-less envelope.
-    64 + cbor_head_len(pairs.len())
-        + pairs
-            .iter()
-            .map(|p| 1 + tuple_cbor_len(&p.key) + tuple_cbor_len(&p.value))
-            .sum::<usize>()
+/// The size of a `pairs` answer, counted pair by pair while it is built: the larger of its client
+/// encoding and its node encoding (a relay reply or a replicated update carries pairs as
+/// `{key: text, value: text}` maps). This is the one size rule: an answer under
+/// `max_response_bytes` by it reaches the client and fits every node link.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AnswerSize {
+    pairs: usize,
+    client: usize,
+    node: usize,
 }
 
-/// Upper bound of the encoded size of `pairs` on the node links (a relay reply or a replicated
-/// update carries them as `{key: text, value: text}` maps), so that an answer the client check
-/// lets through always fits the node links too.
+/// Room for the envelope of an answer: map head, `id`, `status`, a `message`-less reply.
+const ANSWER_ENVELOPE: usize = 64;
+
+impl AnswerSize {
+    pub fn add(&mut self, key: &str, value: &str) {
+        self.pairs += 1;
+        self.client += 1 + tuple_cbor_len(key) + tuple_cbor_len(value);
+        // map head, "key", "value", and the two texts with their heads
+        self.node += 1
+            + 4
+            + 6
+            + cbor_head_len(key.len())
+            + key.len()
+            + cbor_head_len(value.len())
+            + value.len();
+    }
+
+    /// Takes back a pair counted by [`AnswerSize::add`].
+    pub fn sub(&mut self, key: &str, value: &str) {
+        let mut one = AnswerSize::default();
+        one.add(key, value);
+        self.pairs -= 1;
+        self.client -= one.client;
+        self.node -= one.node;
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    /// Upper bound of the answer's client encoding.
+    pub fn client_bytes(&self) -> usize {
+        ANSWER_ENVELOPE + cbor_head_len(self.pairs) + self.client
+    }
+
+    /// Upper bound of the answer's node encoding.
+    pub fn node_bytes(&self) -> usize {
+        ANSWER_ENVELOPE + cbor_head_len(self.pairs) + self.node
+    }
+
+    /// What counts against `max_response_bytes`.
+    pub fn bytes(&self) -> usize {
+        self.client_bytes().max(self.node_bytes())
+    }
+}
+
+fn answer_size(pairs: &[Pair]) -> AnswerSize {
+    let mut s = AnswerSize::default();
+    for p in pairs {
+        s.add(&p.key, &p.value);
+    }
+    s
+}
+
+/// Upper bound of the encoded size of a `pairs` answer (client encoding).
+pub fn pairs_response_len(pairs: &[Pair]) -> usize {
+    answer_size(pairs).client_bytes()
+}
+
+/// Upper bound of the encoded size of `pairs` on the node links, so that an answer the client
+/// check lets through always fits the node links too.
 pub fn pairs_node_len(pairs: &[Pair]) -> usize {
-    64 + cbor_head_len(pairs.len())
-        + pairs
-            .iter()
-            .map(|p| {
-                // map head, "key", "value", and the two texts with their heads
-                1 + 4
-                    + 6
-                    + cbor_head_len(p.key.len())
-                    + p.key.len()
-                    + cbor_head_len(p.value.len())
-                    + p.value.len()
-            })
-            .sum::<usize>()
+    answer_size(pairs).node_bytes()
 }
 
 /// A request built by our own client.
@@ -555,37 +813,184 @@ mod tests {
     }
 
     fn req(v: Value) -> Result<Request, Malformed> {
-        parse_request(v)
+        parse_request(&frame::encode(&v)[4..])
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
     }
 
     #[test]
     fn parses_protocol_example() {
-        let v = request_value(
-            1,
-            "put",
-            Some(Value::Array(vec![Value::Text("junk".into())])),
-        );
+        let v = request_value(1, "put", Some(Value::Array(vec![text("junk")])));
         let r = req(v).unwrap();
         assert_eq!(r.id, 1);
         assert_eq!(r.op, Op::Put);
         let c = command_of(r, 10).unwrap();
-        assert_eq!(c, Command::Put(vec![Value::Text("junk".into())]));
+        assert_eq!(c, Command::Put(vec![RawItem::from_value(&text("junk"))]));
+        let get = req(request_value(
+            2,
+            "GET",
+            Some(Value::Array(vec![text("a.*"), text(".*")])),
+        ));
+        assert_eq!(
+            command_of(get.unwrap(), 10).unwrap(),
+            Command::Get {
+                key: "a.*".into(),
+                value: ".*".into()
+            }
+        );
     }
 
     #[test]
     fn malformed_requests_keep_the_id_when_readable() {
         assert_eq!(req(Value::Integer(3.into())).unwrap_err().id, None);
-        let no_op = Value::Map(vec![(Value::Text("id".into()), Value::Integer(7.into()))]);
+        let no_op = Value::Map(vec![(text("id"), Value::Integer(7.into()))]);
         assert_eq!(req(no_op).unwrap_err().id, Some(7));
         let neg = Value::Map(vec![
-            (Value::Text("id".into()), Value::Integer((-1).into())),
-            (Value::Text("op".into()), Value::Text("GET".into())),
+            (text("id"), Value::Integer((-1).into())),
+            (text("op"), text("GET")),
         ]);
         assert_eq!(req(neg).unwrap_err().id, None);
-        let get_bad = req(request_value(9, "get", Some(Value::Text("x".into())))).unwrap();
+        let get_bad = req(request_value(9, "get", Some(text("x")))).unwrap();
         assert_eq!(command_of(get_bad, 10).unwrap_err().id, Some(9));
-        let put_bad = req(request_value(9, "PUT", Some(Value::Text("x".into())))).unwrap();
+        let three = req(request_value(
+            9,
+            "get",
+            Some(Value::Array(vec![text("a"), text("b"), text("c")])),
+        ))
+        .unwrap();
+        assert!(
+            command_of(three, 10)
+                .unwrap_err()
+                .message
+                .contains("an array of two")
+        );
+        let ints = req(request_value(
+            9,
+            "get",
+            Some(Value::Array(vec![text("a"), Value::Integer(1.into())])),
+        ))
+        .unwrap();
+        assert!(
+            command_of(ints, 10)
+                .unwrap_err()
+                .message
+                .contains("must be two text strings")
+        );
+        let put_bad = req(request_value(9, "PUT", Some(text("x")))).unwrap();
         assert!(command_of(put_bad, 10).is_err());
+        let many = req(request_value(
+            9,
+            "PUT",
+            Some(Value::Array(vec![Value::Null; 11])),
+        ))
+        .unwrap();
+        let e = command_of(many, 10).unwrap_err().message;
+        assert!(e.contains("carries 11 elements"), "{e}");
+        // Unknown and non-text keys are ignored; the last `id` wins.
+        let odd = Value::Map(vec![
+            (Value::Integer(1.into()), Value::Array(vec![])),
+            (text("id"), Value::Integer(1.into())),
+            (text("zz"), Value::Map(vec![])),
+            (text("op"), text("status")),
+            (text("id"), Value::Integer(2.into())),
+        ]);
+        let r = req(odd).unwrap();
+        assert_eq!((r.id, r.op), (2, Op::Status));
+        let e = parse_request(&[0xa1, 0x62, b'i', b'd']).unwrap_err();
+        assert!(
+            e.message.starts_with("request is not one CBOR item"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn indefinite_lengths_read_like_definite_ones() {
+        // {_ "id": 5, "op": "PUT", "args": [_ [[_ "k"], ["v"]], 7]}
+        let mut b = vec![
+            0xbf, 0x62, b'i', b'd', 0x05, 0x62, b'o', b'p', 0x63, b'P', b'U', b'T',
+        ];
+        b.extend([0x64, b'a', b'r', b'g', b's', 0x9f]);
+        b.extend([0x82, 0x9f, 0x61, b'k', 0xff, 0x81, 0x61, b'v']);
+        b.extend([0x07, 0xff, 0xff]);
+        let r = parse_request(&b).unwrap();
+        let Command::Put(elems) = command_of(r, 10).unwrap() else {
+            panic!()
+        };
+        assert_eq!(elems.len(), 2);
+        let limits = TupleLimits::default();
+        assert_eq!(pair_from_raw(&elems[0], &limits), Some(Pair::new("k", "v")));
+        assert_eq!(pair_from_raw(&elems[1], &limits), None);
+        assert_eq!(elems[1], Value::Integer(7.into()));
+    }
+
+    #[test]
+    fn pair_from_raw_agrees_with_pair_from_value() {
+        let limits = TupleLimits {
+            max_arity: 3,
+            max_element_bytes: 5,
+        };
+        let tup = |xs: &[&str]| Value::Array(xs.iter().map(|x| text(x)).collect());
+        let samples = vec![
+            Value::Array(vec![tup(&["a", "1"]), tup(&["b"])]),
+            Value::Array(vec![tup(&["a"]), tup(&["b"]), tup(&["c"])]),
+            Value::Array(vec![tup(&["a"])]),
+            Value::Array(vec![tup(&[]), tup(&["b"])]),
+            Value::Array(vec![tup(&["a", "b", "c", "d"]), tup(&["b"])]),
+            Value::Array(vec![tup(&["toolong"]), tup(&["b"])]),
+            Value::Array(vec![tup(&["a,b"]), tup(&["b"])]),
+            Value::Array(vec![tup(&[""]), tup(&["b"])]),
+            Value::Array(vec![tup(&["é"]), tup(&["日本"])]),
+            Value::Array(vec![
+                Value::Array(vec![Value::Tag(1, Box::new(text("a")))]),
+                tup(&["b"]),
+            ]),
+            Value::Array(vec![
+                Value::Array(vec![Value::Integer(1.into())]),
+                tup(&["b"]),
+            ]),
+            text("junk"),
+            Value::Null,
+        ];
+        for v in samples {
+            assert_eq!(
+                pair_from_raw(&RawItem::from_value(&v), &limits),
+                crate::space::pair_from_value(&v, &limits),
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_million_items_cost_no_value_tree() {
+        // One element nesting a million integers: the frame is read in place and the element
+        // kept as its bytes (the value tree would take 32 MB).
+        let mut inner = vec![0x9a];
+        inner.extend(1_000_000u32.to_be_bytes());
+        inner.extend(std::iter::repeat_n(0x01, 1_000_000));
+        let mut args = vec![0x81, 0x81];
+        args.extend(&inner);
+        let mut b = vec![
+            0xa3, 0x62, b'i', b'd', 0x01, 0x62, b'o', b'p', 0x63, b'P', b'U', b'T',
+        ];
+        b.extend([0x64, b'a', b'r', b'g', b's']);
+        b.extend(&args);
+        let r = parse_request(&b).unwrap();
+        let Command::Put(elems) = command_of(r, 10).unwrap() else {
+            panic!()
+        };
+        assert_eq!(elems.len(), 1);
+        let cmd = Command::Put(elems.clone());
+        assert!(cmd.mem_bytes() < b.len() + 1024, "{}", cmd.mem_bytes());
+        assert_eq!(pair_from_raw(&elems[0], &TupleLimits::default()), None);
+        // A million elements at the top level are refused from the header alone.
+        let mut top = b[..17].to_vec();
+        top.push(0x9a);
+        top.extend(1_000_000u32.to_be_bytes());
+        top.extend(std::iter::repeat_n(0x01, 1_000_000));
+        let e = command_of(parse_request(&top).unwrap(), 100_000).unwrap_err();
+        assert!(e.message.contains("1000000 elements"), "{e:?}");
     }
 
     #[test]
@@ -618,5 +1023,17 @@ mod tests {
             direct, bytes,
             "direct serialisation must equal the value-tree encoding"
         );
+        // `rejected` echoes the elements' bytes as sent.
+        let mut r = Response::ok(Some(3));
+        r.message = Some("m".into());
+        r.rejected = Some(vec![
+            RawItem::from_value(&Value::Text("junk".into())),
+            RawItem::from_value(&Value::Array(vec![Value::Integer(1.into())])),
+        ]);
+        let mut direct = vec![];
+        r.encode_into(&mut direct);
+        assert_eq!(direct, frame::encode(&r.to_value()));
+        let back = Response::from_value(&frame::decode_value(&direct[4..]).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 }

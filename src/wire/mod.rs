@@ -1,5 +1,6 @@
 //! Bytes <-> messages. No sockets, no async: the codecs here are driven by `net/` and tested alone.
 
+pub mod cbor;
 pub mod client;
 pub mod frame;
 pub mod node;

@@ -6,10 +6,10 @@
 //! requests never delays a heartbeat. Primary -> backup: a *replication* stream and a separate
 //! *heartbeat* stream.
 
-use ciborium::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::space::{Change, Pair};
+use crate::wire::cbor::RawItem;
 use crate::wire::client::Command;
 
 /// What a server believes it is when it says hello.
@@ -110,9 +110,30 @@ pub enum Reply {
         pairs: Vec<Pair>,
         message: Option<String>,
     },
-    Rejected(Vec<Value>),
+    /// PUT/POST elements not used, as the client sent them.
+    Rejected(Vec<RawItem>),
     TooLarge(String),
     Malformed(String),
+}
+
+impl Reply {
+    /// Estimated memory the reply holds (at least its encoded size on a node link): used to bound
+    /// the dedupe table in bytes and to cut it into chunks.
+    pub fn mem_bytes(&self) -> usize {
+        std::mem::size_of::<Reply>()
+            + match self {
+                Reply::Pairs { pairs, message } => {
+                    pairs.capacity() * std::mem::size_of::<Pair>()
+                        + pairs
+                            .iter()
+                            .map(|p| p.key.capacity() + p.value.capacity() + 16)
+                            .sum::<usize>()
+                        + message.as_ref().map_or(0, |m| m.capacity())
+                }
+                Reply::Rejected(r) => r.iter().map(|x| x.mem_bytes() + 16).sum(),
+                Reply::TooLarge(m) | Reply::Malformed(m) => m.capacity(),
+            }
+    }
 }
 
 /// Server -> proxy on the relay stream.
@@ -133,7 +154,11 @@ pub enum Repl {
     Snapshot {
         pairs: Vec<(String, String)>,
     },
-    /// End of the initial copy: the space as of update `seq`, with the dedupe table.
+    /// Part of the initial copy's dedupe table (after the pairs, before `SnapshotDone`): the
+    /// table may be far larger than one frame.
+    Dedupe(Vec<(u64, Reply)>),
+    /// End of the initial copy: the space as of update `seq`, with the rest of the dedupe table
+    /// (empty: it travels in `Dedupe` chunks).
     SnapshotDone {
         seq: u64,
         dedupe: Vec<(u64, Reply)>,

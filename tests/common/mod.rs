@@ -369,6 +369,9 @@ pub fn rejected_of(r: &Response) -> Vec<Value> {
     r.rejected
         .clone()
         .unwrap_or_else(|| panic!("ok answer to PUT/POST without `rejected`: {r:?}"))
+        .iter()
+        .map(|x| x.to_value().expect("a rejected element decodes"))
+        .collect()
 }
 
 pub fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
