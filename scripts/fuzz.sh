@@ -54,12 +54,13 @@ for t in "${targets[@]}"; do
   TMPDIR="$scratch" nice -n "$nice_level" cargo +nightly fuzz run "$t" "fuzz/corpus/$t" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
-  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"
-  secs="$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$log" | grep -oE 'in [0-9]+' | grep -oE '[0-9]+' | tail -1)"
-  peak="$(grep -oE 'stat::peak_rss_mb: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"
+  # (|| true: a run that stopped early, or never built, prints no statistics)
+  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)"
+  secs="$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$log" | grep -oE 'in [0-9]+' | grep -oE '[0-9]+' | tail -1 || true)"
+  peak="$(grep -oE 'stat::peak_rss_mb: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)"
   if [[ $status -ne 0 ]]; then
     failed+=("$t")
-    found="FOUND A PROBLEM (exit $status): $(grep -E 'ERROR: libFuzzer|panicked at|^SUMMARY' "$log" | head -2 | tr '\n' ' ')"
+    found="FOUND A PROBLEM (exit $status): $(grep -E 'ERROR: libFuzzer|panicked at|^SUMMARY|^error' "$log" | head -2 | tr '\n' ' ' || true)"
   else
     found="nothing found"
   fi

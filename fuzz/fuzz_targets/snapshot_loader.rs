@@ -1,6 +1,7 @@
 #![no_main]
 //! Body: `tuplespace::fuzzing::snapshot_loader` (also replayed over fuzz/corpus/snapshot_loader by tests/fuzz_corpus.rs).
-//! Files go to a scratch directory under $TMPDIR (scripts/fuzz.sh uses /dev/shm).
+//! Files go to a scratch directory (see `tuplespace::fuzzing::Scratch`); scripts/fuzz.sh points
+//! TMPDIR at a directory it removes afterwards.
 
 use std::sync::OnceLock;
 
