@@ -71,6 +71,29 @@ pub struct Config {
     /// Threads of a replica that compile client patterns and run GET/DELETE scans, away from the
     /// store thread that applies writes.
     pub scan_threads: usize,
+    /// Bytes of answers the proxy holds for one client connection that QUIC has not taken yet (the
+    /// client is not reading them). Above it the connection's streams stop reading requests
+    /// (throttle); a connection that stays above it for `slow_reader_timeout_ms` is closed with
+    /// SLOW_READER.
+    pub max_reply_bytes_per_connection: usize,
+    /// Bytes of such unread answers the proxy holds, all connections together. An answer that
+    /// would pass it closes the connection holding the most (SLOW_READER).
+    pub max_reply_bytes: usize,
+    /// Client connections one client certificate may hold at once on one SAP (the next is closed
+    /// with SERVICE_REFUSED), so that one certificate cannot take every `max_clients` slot.
+    pub max_connections_per_identity: usize,
+    /// QUIC handshakes in progress at once on one listening SAP (proxy and servers). Above it a
+    /// new attempt from an address not yet validated gets a stateless Retry (it costs the service
+    /// nothing until the peer proves its address); others wait for a slot.
+    pub max_handshakes: usize,
+    /// Connection attempts a listening SAP holds before the service has started their handshake
+    /// (waiting for a slot included); beyond it QUIC refuses new attempts at once.
+    pub max_incoming: usize,
+    /// Bytes QUIC buffers for connection attempts not yet started, all together per SAP.
+    pub incoming_buffer_bytes: u64,
+    /// Server side: bytes of answers queued for the proxy that QUIC has not taken yet. Above it
+    /// the primary's store stops starting new requests until the proxy has read enough.
+    pub max_relay_reply_bytes: usize,
 
     // ---- timeouts (ms) ----
     /// QUIC idle timeout on client connections.
@@ -81,8 +104,12 @@ pub struct Config {
     pub node_idle_timeout_ms: u64,
     /// QUIC keep-alive interval on node links.
     pub node_keep_alive_ms: u64,
-    /// How long a QUIC connect may take before it is abandoned.
+    /// How long a QUIC connect may take before it is abandoned (also the deadline for a peer's
+    /// handshake on every listening SAP).
     pub connect_timeout_ms: u64,
+    /// How long a client connection may stay above `max_reply_bytes_per_connection` (its answers
+    /// unread) before it is closed with SLOW_READER.
+    pub slow_reader_timeout_ms: u64,
     /// How long the proxy waits for some replica to answer a request before `unavailable`.
     pub request_timeout_ms: u64,
     /// Interval between application heartbeats (server -> proxy, backup <-> primary).
@@ -156,11 +183,19 @@ impl Default for Config {
             max_dedupe_entries: 1_000_000,
             max_dedupe_bytes: 256 << 20,
             scan_threads: 1,
+            max_reply_bytes_per_connection: 64 << 20,
+            max_reply_bytes: 256 << 20,
+            max_connections_per_identity: 256,
+            max_handshakes: 64,
+            max_incoming: 1024,
+            incoming_buffer_bytes: 4 << 20,
+            max_relay_reply_bytes: 64 << 20,
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             node_idle_timeout_ms: 2_000,
             node_keep_alive_ms: 100,
             connect_timeout_ms: 3_000,
+            slow_reader_timeout_ms: 10_000,
             request_timeout_ms: 10_000,
             heartbeat_interval_ms: 50,
             heartbeat_timeout_ms: 300,
@@ -290,6 +325,40 @@ impl Config {
                 "must be at least max_request_bytes (one request must fit)",
             );
         }
+        for (key, v) in [
+            (
+                "max_connections_per_identity",
+                self.max_connections_per_identity,
+            ),
+            ("max_handshakes", self.max_handshakes),
+            ("max_incoming", self.max_incoming),
+            ("max_relay_reply_bytes", self.max_relay_reply_bytes),
+        ] {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if self.slow_reader_timeout_ms == 0 {
+            return bad("slow_reader_timeout_ms", "must be greater than 0");
+        }
+        if self.incoming_buffer_bytes == 0 {
+            return bad("incoming_buffer_bytes", "must be greater than 0");
+        }
+        if self.max_reply_bytes_per_connection < self.max_response_bytes {
+            return bad(
+                "max_reply_bytes_per_connection",
+                "must be at least max_response_bytes (one full answer must fit)",
+            );
+        }
+        if self.max_reply_bytes < self.max_reply_bytes_per_connection {
+            return bad(
+                "max_reply_bytes",
+                "must be at least max_reply_bytes_per_connection",
+            );
+        }
+        if self.max_reply_bytes > (usize::MAX >> 4) {
+            return bad("max_reply_bytes", "is too large");
+        }
         if self.fsync_interval_ms == 0 {
             return bad("fsync_interval_ms", "must be greater than 0");
         }
@@ -377,6 +446,9 @@ impl Config {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn slow_reader_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_reader_timeout_ms)
     }
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)

@@ -7,14 +7,16 @@
 //! the witness. They talk through channels only. The router never blocks.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ciborium::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -22,8 +24,8 @@ use crate::config::Config;
 use crate::ha::Millis;
 use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
-use crate::net::endpoint::{self, LinkParams, NetError};
-use crate::net::stream::{FramedRecv, FramedSend, RecvError};
+use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
+use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::client::{self, CloseCode, Command, Op, Response, Status};
@@ -97,6 +99,10 @@ enum RouterMsg {
     LinkDown {
         link: LinkId,
     },
+    /// A client connection has ended: the primary need not compute its reads still queued.
+    ClientGone {
+        client: u64,
+    },
     /// The durable state is on disk (or writing it failed).
     Persisted(Result<(), String>),
 }
@@ -129,11 +135,277 @@ struct Budgets {
 
 impl Budgets {
     /// Waits until the connection may have one more request of `len` bytes pending.
-    async fn acquire(&self, len: usize) -> Option<Permit> {
+    async fn acquire(self, len: usize) -> Option<Permit> {
         let one = self.connection.clone().acquire_owned().await.ok()?;
         let n = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
         let bytes = self.bytes.clone().acquire_many_owned(n).await.ok()?;
         Some(Arc::new((one, bytes)))
+    }
+
+    /// The same without waiting: None if either budget is spent now.
+    fn try_acquire(&self, len: usize) -> Option<Permit> {
+        let one = self.connection.clone().try_acquire_owned().ok()?;
+        let n = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
+        let bytes = self.bytes.clone().try_acquire_many_owned(n).ok()?;
+        Some(Arc::new((one, bytes)))
+    }
+}
+
+/// Answers the proxy holds for client connections that QUIC has not taken yet (their clients
+/// are not reading them): counted per connection (`max_reply_bytes_per_connection`: above it the
+/// connection's streams stop reading requests, and after `slow_reader_timeout_ms` it is closed)
+/// and all together (`max_reply_bytes`: an answer that passes it closes the connection holding
+/// the most). Both close with SLOW_READER.
+struct ReplyBudget {
+    /// All connections together, connections already cut excluded.
+    held: Mutex<usize>,
+    max: usize,
+    per_connection: usize,
+    conns: Mutex<HashMap<u64, Weak<ConnReplies>>>,
+}
+
+impl ReplyBudget {
+    fn new(cfg: &Config) -> Arc<ReplyBudget> {
+        Arc::new(ReplyBudget {
+            held: Mutex::new(0),
+            max: cfg.max_reply_bytes,
+            per_connection: cfg.max_reply_bytes_per_connection,
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn held(&self) -> usize {
+        *lock(&self.held)
+    }
+
+    /// Over the global budget: closes the connections holding the most until it fits.
+    fn shed(&self) {
+        let mut victims: Vec<(usize, Arc<ConnReplies>)> = lock(&self.conns)
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|c| (c.held(), c))
+            .collect();
+        victims.sort_by_key(|v| std::cmp::Reverse(v.0));
+        for (held, c) in victims {
+            if self.held() <= self.max {
+                break;
+            }
+            warn!(
+                conn_id = c.id,
+                held,
+                max = self.max,
+                "closing the client connection holding the most unread answers: the proxy's reply memory is full"
+            );
+            c.cut(format!(
+                "slow reader: the proxy's memory for unread answers (max_reply_bytes {}) is full and this connection holds the most ({held} bytes); read answers as they come or ask for less at once",
+                self.max
+            ));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One client connection's share of the [`ReplyBudget`].
+struct ConnReplies {
+    id: u64,
+    conn: quinn::Connection,
+    budget: Arc<ReplyBudget>,
+    /// Bytes held, and whether the connection was cut (its bytes no longer count globally).
+    state: Mutex<(usize, bool)>,
+    /// True while the connection holds more than its budget: its streams read no requests.
+    over: watch::Sender<bool>,
+    /// Set once it is cut: its streams stop taking answers at once.
+    is_cut: std::sync::atomic::AtomicBool,
+}
+
+impl ConnReplies {
+    fn new(id: u64, conn: quinn::Connection, budget: Arc<ReplyBudget>) -> Arc<ConnReplies> {
+        let c = Arc::new(ConnReplies {
+            id,
+            conn,
+            budget,
+            state: Mutex::new((0, false)),
+            over: watch::Sender::new(false),
+            is_cut: std::sync::atomic::AtomicBool::new(false),
+        });
+        lock(&c.budget.conns).insert(id, Arc::downgrade(&c));
+        c
+    }
+
+    fn held(&self) -> usize {
+        lock(&self.state).0
+    }
+
+    fn set_over(&self, held: usize) {
+        let now = held > self.budget.per_connection;
+        self.over
+            .send_if_modified(|o| std::mem::replace(o, now) != now);
+    }
+
+    fn charge(&self, n: usize) {
+        {
+            let mut st = lock(&self.state);
+            st.0 += n;
+            if !st.1 {
+                *lock(&self.budget.held) += n;
+            }
+            self.set_over(st.0);
+        }
+        if self.budget.held() > self.budget.max {
+            self.budget.shed();
+        }
+    }
+
+    fn release(&self, n: usize) {
+        let mut st = lock(&self.state);
+        st.0 = st.0.saturating_sub(n);
+        if !st.1 {
+            let mut g = lock(&self.budget.held);
+            *g = g.saturating_sub(n);
+        }
+        self.set_over(st.0);
+    }
+
+    /// Closes the connection with SLOW_READER; its answers stop counting at once (they are freed
+    /// as its streams end).
+    fn cut(&self, why: String) {
+        {
+            let mut st = lock(&self.state);
+            if st.1 {
+                return;
+            }
+            st.1 = true;
+            self.is_cut.store(true, Ordering::Relaxed);
+            let mut g = lock(&self.budget.held);
+            *g = g.saturating_sub(st.0);
+        }
+        self.conn
+            .close(CloseCode::SlowReader.code().into(), why.as_bytes());
+    }
+}
+
+impl Drop for ConnReplies {
+    fn drop(&mut self) {
+        let st = lock(&self.state);
+        if !st.1 {
+            let mut g = lock(&self.budget.held);
+            *g = g.saturating_sub(st.0);
+        }
+        drop(st);
+        lock(&self.budget.conns).remove(&self.id);
+    }
+}
+
+/// Resolves once the connection has stayed above its reply budget for `timeout` without a break.
+async fn slow_reader(mut over: watch::Receiver<bool>, timeout: Duration) {
+    loop {
+        if over.wait_for(|o| *o).await.is_err() {
+            return std::future::pending().await;
+        }
+        if tokio::time::timeout(timeout, over.wait_for(|o| !*o))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Answers of one client stream waiting for QUIC to take them (already encoded: the decoded
+/// answer is freed at once), counted in the connection's reply budget until taken.
+struct Outbox {
+    buf: Vec<u8>,
+    pos: usize,
+    replies: Arc<ConnReplies>,
+}
+
+impl Outbox {
+    fn new(replies: Arc<ConnReplies>) -> Outbox {
+        Outbox {
+            buf: Vec::new(),
+            pos: 0,
+            replies,
+        }
+    }
+
+    fn push(&mut self, r: &Response) {
+        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let before = self.buf.len();
+        r.encode_into(&mut self.buf);
+        self.replies.charge(self.buf.len() - before);
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// QUIC took `n` more bytes.
+    fn taken(&mut self, n: usize) {
+        self.pos += n;
+        self.replies.release(n);
+        if self.is_empty() {
+            self.buf.clear();
+            self.pos = 0;
+            // A large answer's buffer is not kept for the stream's lifetime.
+            if self.buf.capacity() > BATCH_BYTES {
+                self.buf = Vec::new();
+            }
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.replies.release(self.buf.len() - self.pos);
+    }
+}
+
+/// Connections per client certificate on one SAP (`max_connections_per_identity`).
+#[derive(Default)]
+struct Identities {
+    held: Mutex<HashMap<Vec<u8>, usize>>,
+}
+
+/// One connection's place among its certificate's; given back on drop.
+struct IdentitySlot {
+    ids: Arc<Identities>,
+    key: Vec<u8>,
+}
+
+impl Identities {
+    fn enter(self: &Arc<Self>, key: Vec<u8>, max: usize) -> Option<IdentitySlot> {
+        let mut held = lock(&self.held);
+        let n = held.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IdentitySlot {
+            ids: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut held = lock(&self.ids.held);
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -413,6 +685,17 @@ impl Router {
                     );
                 }
             }
+            RouterMsg::ClientGone { client } => {
+                if let Some(relay) = self
+                    .machine
+                    .witness()
+                    .primary()
+                    .and_then(|p| self.links.get(&p))
+                    .and_then(|l| l.relay.as_ref())
+                {
+                    let _ = relay.send(Relay::ClientGone { client });
+                }
+            }
             RouterMsg::Persisted(r) => self.persisted(r),
         }
     }
@@ -671,23 +954,25 @@ pub async fn run(
         max_bidi_streams: 8,
         udp_buffer_bytes: cfg.udp_buffer_bytes,
     };
-    let client_ep = endpoint::server_endpoint(saps.client, &id, CLIENT_ALPN, &client_params)
-        .map_err(|source| ProxyError::Net {
-            what: "cannot open CLIENT_SAP",
-            source,
-        })?;
-    let server_ep =
-        endpoint::server_endpoint(saps.server, &id, NODE_ALPN, &node_params).map_err(|source| {
-            ProxyError::Net {
-                what: "cannot open SERVER_SAP",
+    let limits = ListenLimits::from_config(&cfg);
+    let client_ep =
+        endpoint::server_endpoint(saps.client, &id, CLIENT_ALPN, &client_params, &limits).map_err(
+            |source| ProxyError::Net {
+                what: "cannot open CLIENT_SAP",
                 source,
-            }
-        })?;
-    let shutdown_ep = endpoint::server_endpoint(saps.shutdown, &id, CLIENT_ALPN, &client_params)
+            },
+        )?;
+    let server_ep = endpoint::server_endpoint(saps.server, &id, NODE_ALPN, &node_params, &limits)
         .map_err(|source| ProxyError::Net {
-            what: "cannot open SHUTDOWN_SAP",
-            source,
-        })?;
+        what: "cannot open SERVER_SAP",
+        source,
+    })?;
+    let shutdown_ep =
+        endpoint::server_endpoint(saps.shutdown, &id, CLIENT_ALPN, &client_params, &limits)
+            .map_err(|source| ProxyError::Net {
+                what: "cannot open SHUTDOWN_SAP",
+                source,
+            })?;
     let local = |ep: &quinn::Endpoint| ep.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(
         client_sap = %local(&client_ep),
@@ -737,26 +1022,26 @@ pub async fn run(
     // Bytes of client requests the proxy holds until they are answered, all connections together.
     let pending_bytes = Arc::new(tokio::sync::Semaphore::new(cfg.max_pending_bytes));
 
-    let t_clients = tokio::spawn(accept_clients(
-        client_ep.clone(),
-        SapKind::Client,
-        tx.clone(),
-        cfg.clone(),
-        clients.clone(),
-        conn_ids.clone(),
-        stop.clone(),
-        pending_bytes.clone(),
-    ));
-    let t_admin = tokio::spawn(accept_clients(
-        shutdown_ep.clone(),
-        SapKind::Shutdown,
-        tx.clone(),
-        cfg.clone(),
-        Arc::new(AtomicUsize::new(0)),
-        conn_ids.clone(),
-        stop.clone(),
+    let shared = ClientShared {
+        sap: SapKind::Client,
+        router: tx.clone(),
+        cfg: cfg.clone(),
+        clients: clients.clone(),
+        conn_ids: conn_ids.clone(),
+        stop: stop.clone(),
         pending_bytes,
-    ));
+        // Answers not yet read, all connections of both SAPs together.
+        replies: ReplyBudget::new(&cfg),
+        identities: Arc::default(),
+    };
+    let admin = ClientShared {
+        sap: SapKind::Shutdown,
+        clients: Arc::new(AtomicUsize::new(0)),
+        identities: Arc::default(),
+        ..shared.clone()
+    };
+    let t_clients = tokio::spawn(accept_clients(client_ep.clone(), shared));
+    let t_admin = tokio::spawn(accept_clients(shutdown_ep.clone(), admin));
     let t_servers = tokio::spawn(accept_servers(
         server_ep.clone(),
         tx.clone(),
@@ -785,9 +1070,9 @@ pub async fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn accept_clients(
-    ep: quinn::Endpoint,
+/// What every client connection of one SAP shares.
+#[derive(Clone)]
+struct ClientShared {
     sap: SapKind,
     router: mpsc::UnboundedSender<RouterMsg>,
     cfg: Arc<Config>,
@@ -795,30 +1080,18 @@ async fn accept_clients(
     conn_ids: Arc<AtomicU64>,
     stop: CancellationToken,
     pending_bytes: Arc<tokio::sync::Semaphore>,
-) {
-    loop {
-        let incoming = tokio::select! {
-            i = ep.accept() => match i { Some(i) => i, None => break },
-            _ = stop.cancelled() => break,
-        };
-        let router = router.clone();
-        let cfg = cfg.clone();
-        let clients = clients.clone();
-        let conn_id = conn_ids.fetch_add(1, Ordering::Relaxed);
-        let stop = stop.clone();
-        let pending_bytes = pending_bytes.clone();
-        tokio::spawn(async move {
-            let conn = match tokio::time::timeout(cfg.connect_timeout(), incoming).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    debug!("client handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!("client handshake timed out");
-                    return;
-                }
-            };
+    replies: Arc<ReplyBudget>,
+    identities: Arc<Identities>,
+}
+
+async fn accept_clients(ep: quinn::Endpoint, shared: ClientShared) {
+    let limits = ListenLimits::from_config(&shared.cfg);
+    let stop = shared.stop.clone();
+    endpoint::accept_each(ep, limits, stop, move |conn| {
+        let sh = shared.clone();
+        let conn_id = sh.conn_ids.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let (sap, cfg) = (sh.sap, sh.cfg.clone());
             if !tls::peer_allowed(&conn, sap) {
                 warn!(remote = %conn.remote_address(), ?sap, "refusing peer: certificate role not allowed on this SAP");
                 conn.close(
@@ -827,10 +1100,23 @@ async fn accept_clients(
                 );
                 return;
             }
+            let cert = tls::peer_certificate(&conn).unwrap_or_default();
+            let Some(_slot) = sh.identities.enter(cert, cfg.max_connections_per_identity) else {
+                warn!(remote = %conn.remote_address(), ?sap, limit = cfg.max_connections_per_identity, "service refused: too many connections with one certificate");
+                conn.close(
+                    CloseCode::ServiceRefused.code().into(),
+                    format!(
+                        "service refused: this certificate already holds {} connections (max_connections_per_identity); give each client a certificate of its own (tuplespace certs issue)",
+                        cfg.max_connections_per_identity
+                    )
+                    .as_bytes(),
+                );
+                return;
+            };
             if sap == SapKind::Client {
-                let n = clients.fetch_add(1, Ordering::SeqCst);
+                let n = sh.clients.fetch_add(1, Ordering::SeqCst);
                 if n >= cfg.max_clients {
-                    clients.fetch_sub(1, Ordering::SeqCst);
+                    sh.clients.fetch_sub(1, Ordering::SeqCst);
                     warn!(remote = %conn.remote_address(), limit = cfg.max_clients, "service refused: too many clients");
                     conn.close(
                         CloseCode::ServiceRefused.code().into(),
@@ -844,42 +1130,50 @@ async fn accept_clients(
                 }
             }
             debug!(conn_id, remote = %conn.remote_address(), ?sap, "client connected");
-            serve_client_conn(conn.clone(), conn_id, sap, router, cfg, stop, pending_bytes).await;
+            serve_client_conn(conn, conn_id, &sh).await;
             if sap == SapKind::Client {
-                clients.fetch_sub(1, Ordering::SeqCst);
+                sh.clients.fetch_sub(1, Ordering::SeqCst);
             }
+            let _ = sh.router.send(RouterMsg::ClientGone { client: conn_id });
             debug!(conn_id, "client disconnected");
-        });
-    }
+        }
+    })
+    .await;
 }
 
-async fn serve_client_conn(
-    conn: quinn::Connection,
-    conn_id: u64,
-    sap: SapKind,
-    router: mpsc::UnboundedSender<RouterMsg>,
-    cfg: Arc<Config>,
-    stop: CancellationToken,
-    pending_bytes: Arc<tokio::sync::Semaphore>,
-) {
+async fn serve_client_conn(conn: quinn::Connection, conn_id: u64, sh: &ClientShared) {
+    let cfg = &sh.cfg;
     let budgets = Budgets {
         connection: Arc::new(tokio::sync::Semaphore::new(cfg.max_pending_per_connection)),
-        bytes: pending_bytes,
+        bytes: sh.pending_bytes.clone(),
     };
+    let replies = ConnReplies::new(conn_id, conn.clone(), sh.replies.clone());
+    let slow = slow_reader(replies.over.subscribe(), cfg.slow_reader_timeout());
+    tokio::pin!(slow);
     loop {
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => break },
-            _ = stop.cancelled() => break,
+            _ = sh.stop.cancelled() => break,
+            _ = &mut slow => {
+                let held = replies.held();
+                warn!(conn_id, held, "closing a client connection that leaves its answers unread");
+                replies.cut(format!(
+                    "slow reader: {held} bytes of answers unread, over max_reply_bytes_per_connection ({}) for more than {} ms; read answers as they come or ask for less at once",
+                    cfg.max_reply_bytes_per_connection, cfg.slow_reader_timeout_ms
+                ));
+                break;
+            }
         };
         tokio::spawn(client_stream(
             conn.clone(),
             send,
             recv,
             conn_id,
-            sap,
-            router.clone(),
+            sh.sap,
+            sh.router.clone(),
             cfg.clone(),
             budgets.clone(),
+            replies.clone(),
         ));
     }
 }
@@ -933,41 +1227,73 @@ fn classify(
     }
 }
 
+/// A data request waiting for its place in the pending budgets; the stream reads nothing more
+/// meanwhile, so that requests keep their order.
+type Waiting = (
+    Command,
+    u64,
+    Pin<Box<dyn Future<Output = Option<Permit>> + Send>>,
+);
+
 #[allow(clippy::too_many_arguments)]
 async fn client_stream(
     conn: quinn::Connection,
-    send: quinn::SendStream,
+    mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     conn_id: u64,
     sap: SapKind,
     router: mpsc::UnboundedSender<RouterMsg>,
     cfg: Arc<Config>,
     budgets: Budgets,
+    replies: Arc<ConnReplies>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
     let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
-    let mut out = FramedSend::new(send);
+    // Answers are taken from the router at once and held encoded, counted, until QUIC takes
+    // them: a client that does not read is throttled and then cut, never buffered without limit.
+    let mut out = Outbox::new(replies.clone());
+    let mut over = replies.over.subscribe();
     let max_out = cfg.max_outstanding_per_stream;
     let mut outstanding = 0usize;
     let mut reading = true;
+    let mut waiting: Option<Waiting> = None;
     loop {
-        if !reading && outstanding == 0 {
-            let _ = out.flush().await;
-            out.finish();
+        if !reading && outstanding == 0 && out.is_empty() && waiting.is_none() {
+            let _ = send.finish();
             return;
         }
+        // Throttled while the connection holds more unread answers than its budget.
+        let throttled = *over.borrow_and_update();
         tokio::select! {
             biased;
             Some(resp) = rx.recv() => {
                 outstanding -= 1;
-                out.queue_response(&resp);
+                out.push(&resp);
                 while let Ok(r) = rx.try_recv() {
                     outstanding -= 1;
-                    out.queue_response(&r);
+                    out.push(&r);
                 }
-                if out.flush().await.is_err() { return; }
+                if replies.is_cut.load(Ordering::Relaxed) {
+                    return;
+                }
             }
-            f = input.next(), if reading && outstanding < max_out => {
+            w = send.write(out.pending()), if !out.is_empty() => match w {
+                Ok(n) => out.taken(n),
+                Err(e) => { debug!(conn_id, "client stream ended: {e}"); return; }
+            },
+            p = async {
+                match waiting.as_mut() {
+                    Some(w) => w.2.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            }, if waiting.is_some() => {
+                let (Some((cmd, id, _)), Some(permit)) = (waiting.take(), p) else { return };
+                outstanding += 1;
+                let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
+                if router.send(msg).is_err() { return; }
+            }
+            r = over.changed(), if throttled => if r.is_err() { return },
+            f = input.next(), if reading && !throttled && waiting.is_none() && outstanding < max_out => {
                 let mut next = f;
                 loop {
                     match next {
@@ -983,12 +1309,17 @@ async fn client_stream(
                                     // proxy as a whole has too much pending.
                                     // The budget counts what the request holds in memory
                                     // (its bytes and one handle per element), not its frame.
-                                    let Some(permit) = budgets.acquire(cmd.mem_bytes().max(body.len()).min(cfg.max_pending_bytes)).await else { return };
+                                    let cost = cmd.mem_bytes().max(body.len()).min(cfg.max_pending_bytes);
+                                    let Some(permit) = budgets.try_acquire(cost) else {
+                                        let fut = budgets.clone().acquire(cost);
+                                        waiting = Some((cmd, id, Box::pin(fut)));
+                                        break;
+                                    };
                                     outstanding += 1;
                                     let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
                                     if router.send(msg).is_err() { return; }
                                 }
-                                Err(resp) => out.queue_response(&resp),
+                                Err(resp) => out.push(&resp),
                             }
                         }
                         Ok(None) => { reading = false; break; }
@@ -1000,21 +1331,20 @@ async fn client_stream(
                         Err(RecvError::Frame(FrameError::Truncated)) => {
                             // The client finished its side in the middle of a frame: answer what
                             // was read, say what was not, then finish.
-                            out.queue_response(&Response::error(None, Status::Malformed, "the stream ended in the middle of a frame"));
+                            out.push(&Response::error(None, Status::Malformed, "the stream ended in the middle of a frame"));
                             reading = false;
                             break;
                         }
                         Err(e) => { debug!(conn_id, "client stream ended: {e}"); return; }
                     }
-                    if outstanding >= max_out { break; }
-                    // Drain what is already buffered so answers go out in one write.
+                    if outstanding >= max_out || *over.borrow() { break; }
+                    // Take what is already buffered so answers go out in one write.
                     next = match input.try_next() {
                         Ok(Some(b)) => Ok(Some(b)),
                         Ok(None) => break,
                         Err(e) => Err(e),
                     };
                 }
-                if out.flush().await.is_err() { return; }
             }
         }
     }
@@ -1026,21 +1356,12 @@ async fn accept_servers(
     cfg: Arc<Config>,
     stop: CancellationToken,
 ) {
-    let link_ids = AtomicU64::new(1);
-    loop {
-        let incoming = tokio::select! {
-            i = ep.accept() => match i { Some(i) => i, None => break },
-            _ = stop.cancelled() => break,
-        };
+    let link_ids = Arc::new(AtomicU64::new(1));
+    let limits = ListenLimits::from_config(&cfg);
+    endpoint::accept_each(ep, limits, stop.clone(), move |conn| {
         let link = link_ids.fetch_add(1, Ordering::Relaxed);
-        let router = router.clone();
-        let cfg = cfg.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let conn = match tokio::time::timeout(cfg.connect_timeout(), incoming).await {
-                Ok(Ok(c)) => c,
-                _ => return,
-            };
+        let (router, cfg, stop) = (router.clone(), cfg.clone(), stop.clone());
+        async move {
             if !tls::peer_allowed(&conn, SapKind::Node) {
                 warn!(remote = %conn.remote_address(), "refusing server link: certificate is not a node certificate");
                 conn.close(
@@ -1050,8 +1371,9 @@ async fn accept_servers(
                 return;
             }
             serve_server_conn(conn, link, router, cfg, stop).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_server_conn(

@@ -54,8 +54,15 @@ fn legacy_leaf(dir: &Path, role: CertRole, out: &Path) {
 /// A QUIC server on a free loopback port presenting `id` with the node ALPN; counts the bytes
 /// any peer sends it on any stream.
 async fn fake_node(id: &Identity) -> (SocketAddr, tokio::sync::watch::Receiver<usize>) {
-    let ep = endpoint::server_endpoint("127.0.0.1:0".parse().unwrap(), id, NODE_ALPN, &params())
-        .unwrap();
+    let limits = endpoint::ListenLimits::from_config(&tuplespace::config::Config::default());
+    let ep = endpoint::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        id,
+        NODE_ALPN,
+        &params(),
+        &limits,
+    )
+    .unwrap();
     let addr = ep.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(0usize);
     tokio::spawn(async move {
@@ -250,4 +257,476 @@ async fn a_stream_reset_flood_stays_bounded_and_others_are_served() {
         assert!(rss < 1024, "{name} RSS {rss} MiB");
         println!("{name} RSS {rss} MiB, max pending {max_pending}");
     }
+}
+
+/// Puts `n` pairs `k,I = <value of `len` bytes>` in chunks that fit one request.
+async fn fill(c: &mut tuplespace::client::Client, n: usize, len: usize) {
+    let value = "v".repeat(len);
+    let per = ((512 << 10) / (len + 16)).max(1);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(per) {
+        let args: Vec<Value> = chunk
+            .iter()
+            .map(|i| pair(&["k", &i.to_string()], &[&value]))
+            .collect();
+        let r = c.request("PUT", Some(Value::Array(args))).await.unwrap();
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+    }
+}
+
+/// QUIC Initial packets from a peer that never completes a handshake: a real quinn client (no
+/// certificate) dials a local relay socket, and the relay forwards the first datagram of each
+/// attempt (its Initial: a new destination connection id) to `target`, and nothing else; what
+/// `target` answers is read and dropped. `rate` attempts per second until the handle is dropped;
+/// the counter says how many Initials were sent.
+struct InitialFlood {
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for InitialFlood {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl InitialFlood {
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn start(target: SocketAddr, rate: u32, certs: &Path) -> InitialFlood {
+        use std::collections::HashSet;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        tls::install_crypto_provider();
+        let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let relay_addr = relay.local_addr().unwrap();
+        let id = Identity::load(certs, "client").unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(id.roots.clone())
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![NODE_ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+        let cc = quinn::ClientConfig::new(Arc::new(quic));
+        let ep = endpoint::client_endpoint(relay_addr, &params()).unwrap();
+        let client_addr: SocketAddr = format!("127.0.0.1:{}", ep.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let count = sent.clone();
+        let forward = tokio::spawn(async move {
+            let mut seen = HashSet::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, from)) = relay.recv_from(&mut buf).await else {
+                    return;
+                };
+                // A long header: flags, version (4), DCID length, DCID.
+                if from != client_addr || n < 7 || buf[0] & 0x80 == 0 {
+                    continue;
+                }
+                let len = buf[5] as usize;
+                if n < 6 + len || !seen.insert(buf[6..6 + len].to_vec()) {
+                    continue;
+                }
+                if relay.send_to(&buf[..n], target).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let dial = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+            let mut attempts = std::collections::VecDeque::new();
+            loop {
+                tick.tick().await;
+                if let Ok(c) = ep.connect_with(cc.clone(), relay_addr, "localhost") {
+                    attempts.push_back(c);
+                }
+                // Kept alive a while so that they are not closed at once (a close is not
+                // forwarded anyway); dropped later to bound the test's own memory.
+                if attempts.len() > 4 * rate as usize {
+                    attempts.pop_front();
+                }
+            }
+        });
+        InitialFlood {
+            sent,
+            tasks: vec![forward, dial],
+        }
+    }
+}
+
+fn pid_of(st: &Value, who: &str) -> Option<u32> {
+    get(st, who)
+        .and_then(|m| get(m, "pid"))
+        .and_then(as_u64)
+        .map(|p| p as u32)
+}
+
+fn backup_synced(st: &Value) -> bool {
+    get(st, "backup_synced") == Some(&Value::Bool(true))
+}
+
+/// The pid of the backup if it is synchronised.
+async fn synced_backup(cl: &Cluster) -> Option<u32> {
+    let st = cl.cluster_status().await;
+    if backup_synced(&st) {
+        pid_of(&st, "backup")
+    } else {
+        None
+    }
+}
+
+/// A client connection that sends keep-alives every 500 ms (so it hears a close at once even
+/// when it reads nothing), with certificate `name`.
+async fn keepalive_client(cl: &Cluster, name: &str) -> RawConn {
+    let addr = endpoint::resolve_sap(&cl.client_sap).unwrap();
+    let id = Identity::load(&cl.certs, name).unwrap();
+    let ep = endpoint::client_endpoint(addr, &params()).unwrap();
+    let cc = endpoint::client_config(&id, tuplespace::wire::CLIENT_ALPN, &params()).unwrap();
+    let conn = endpoint::connect(&ep, cc, addr, "127.0.0.1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    RawConn { ep, conn }
+}
+
+/// The highest RSS of `pids` seen while `f` runs (sampled every 50 ms), in MiB.
+struct RssPeak {
+    peak: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssPeak {
+    fn start(pids: Vec<u32>) -> RssPeak {
+        let peak = std::sync::Arc::new(std::sync::Mutex::new(vec![0; pids.len()]));
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let mut g = p.lock().unwrap();
+                for (i, pid) in pids.iter().enumerate() {
+                    g[i] = g[i].max(rss_mib(*pid));
+                }
+            }
+        });
+        RssPeak { peak, task }
+    }
+
+    fn get(&self) -> Vec<u64> {
+        self.peak.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A well-behaved client asking again and again while an attack goes on: every answer must be
+/// `ok`; the slowest is recorded.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u32, Duration, Vec<String>)>,
+}
+
+impl Prober {
+    async fn start(cl: &Cluster) -> Prober {
+        use std::sync::atomic::Ordering;
+        let mut c = cl.client().await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut n, mut slowest, mut bad) = (0u32, Duration::ZERO, vec![]);
+            while !halt.load(Ordering::Relaxed) {
+                let t0 = std::time::Instant::now();
+                let key = format!("probe,{n}");
+                match c
+                    .request("PUT", Some(Value::Array(vec![tpair(&key, "1")])))
+                    .await
+                {
+                    Ok(r) if r.status == Status::Ok => {}
+                    other => bad.push(format!("PUT {key}: {other:?}")),
+                }
+                match c.request("GET", pats(&key, ".*")).await {
+                    Ok(r) if pairs_of(&r).len() == 1 => {}
+                    other => bad.push(format!("GET {key}: {other:?}")),
+                }
+                slowest = slowest.max(t0.elapsed());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (n, slowest, bad)
+        });
+        Prober { stop, task }
+    }
+
+    /// Stops; (rounds, slowest round, failures).
+    async fn finish(self) -> (u32, Duration, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// A client that stops reading, with ~1 MB answers: 1024 GETs per stream. Once it grew the proxy
+/// by 1 GiB per stream and the primary without bound. Now its unread answers count against its
+/// connection's budget (its streams stop reading, then it is cut after `slow_reader_timeout_ms`)
+/// and against the proxy's (the connection holding the most is cut at once); the primary stops
+/// answering ahead of what the proxy reads; memory comes back when the connection is gone, and
+/// another client keeps being served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_throttled_then_cut_and_others_are_served() {
+    const GLOBAL: u64 = 128; // MiB: max_reply_bytes below
+    const RELAY: u64 = 64; // MiB: max_relay_reply_bytes, the default
+    let cl = Cluster::builder()
+        .set("slow_reader_timeout_ms=2000")
+        .set(&format!("max_reply_bytes={}", GLOBAL << 20))
+        .start()
+        .await;
+    let mut c = cl.client().await;
+    fill(&mut c, 1000, 1000).await;
+    let answer = c.request("GET", pats(".*", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&answer).len(), 1000);
+    let (proxy, primary) = (cl.proxy_pid(), cl.server_pid());
+    let base = [rss_mib(proxy), rss_mib(primary)];
+    let peak = RssPeak::start(vec![proxy, primary]);
+    let probe = Prober::start(&cl).await;
+    let one = framed(&cbor(&req(1, "GET", pats(".*", ".*"))));
+    let slow_reader = |how: &Ended, what: &str| match how {
+        Ended::App { code: 5, reason } if reason.contains(what) => {}
+        other => panic!(
+            "expected SLOW_READER naming {what}: {other:?}\n{}",
+            cl.logs()
+        ),
+    };
+
+    // 1. ~100 MB of unread answers on one connection: over its budget (64 MiB), under the
+    //    proxy's. Its streams stop reading; after slow_reader_timeout_ms it is closed.
+    let slow = keepalive_client(&cl, "client").await;
+    let mut s = slow.open().await;
+    s.write(&one.repeat(100)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let how = slow.ended(Duration::from_secs(20)).await;
+    let took = t0.elapsed();
+    slow_reader(&how, "max_reply_bytes_per_connection");
+    assert!(
+        took >= Duration::from_secs(2),
+        "cut after {took:?}, before the timeout"
+    );
+    println!("over its own budget: cut after {took:?}: {how:?}");
+
+    // 2. Three connections with ~56 MB unread each: each under its budget, together over the
+    //    proxy's: the one holding the most is cut at once, the others are left alone.
+    let mut three = vec![];
+    for _ in 0..3 {
+        let c = keepalive_client(&cl, "client").await;
+        let mut s = c.open().await;
+        s.write(&one.repeat(60)).await.unwrap();
+        three.push((c, s));
+    }
+    let cut = wait_until(Duration::from_secs(20), || async {
+        three.iter().any(|(c, _)| c.conn.close_reason().is_some())
+    })
+    .await;
+    assert!(cut, "none of the three was cut\n{}", cl.logs());
+    let mut cut = 0;
+    for (c, _) in &three {
+        match c.ended(Duration::from_millis(500)).await {
+            Ended::Open => {}
+            how => {
+                slow_reader(&how, "max_reply_bytes ");
+                println!("over the proxy's budget: {how:?}");
+                cut += 1;
+            }
+        }
+    }
+    assert_eq!(cut, 1, "exactly the largest holder is cut");
+    drop(three);
+
+    // 3. The issue's row: four streams of 1024 GETs (~4 GB of answers) on one connection.
+    let flood = keepalive_client(&cl, "client").await;
+    let mut streams = vec![];
+    for _ in 0..4 {
+        let mut s = flood.open().await;
+        s.write(&one.repeat(1024)).await.unwrap();
+        streams.push(s);
+    }
+    let how = flood.ended(Duration::from_secs(20)).await;
+    slow_reader(&how, "slow reader");
+    println!("4 x 1024 GETs: {how:?}");
+    drop(streams);
+
+    // Memory comes back once the connections are gone; the other client was served throughout.
+    let settled = wait_until(Duration::from_secs(15), || async {
+        rss_mib(proxy) < base[0] + 64 && rss_mib(primary) < base[1] + 64
+    })
+    .await;
+    let (rounds, slowest, bad) = probe.finish().await;
+    let peaks = peak.get();
+    println!(
+        "RSS MiB: proxy {} -> peak {} -> {}; primary {} -> peak {} -> {}; other client: {rounds} rounds, slowest {slowest:?}",
+        base[0],
+        peaks[0],
+        rss_mib(proxy),
+        base[1],
+        peaks[1],
+        rss_mib(primary)
+    );
+    assert!(bad.is_empty(), "the other client was not served: {bad:?}");
+    assert!(
+        rounds > 0 && slowest < Duration::from_secs(5),
+        "slowest round {slowest:?}"
+    );
+    // The documented bounds: the proxy holds at most max_reply_bytes of unread answers (plus
+    // QUIC's windows and answers being decoded), the primary max_relay_reply_bytes.
+    assert!(
+        peaks[0] < base[0] + GLOBAL + 128,
+        "proxy peak {} MiB",
+        peaks[0]
+    );
+    assert!(
+        peaks[1] < base[1] + RELAY + 128,
+        "primary peak {} MiB",
+        peaks[1]
+    );
+    assert!(
+        settled,
+        "memory not given back: proxy {} MiB, primary {} MiB",
+        rss_mib(proxy),
+        rss_mib(primary)
+    );
+}
+
+/// 20 QUIC Initial packets per second (no certificate, never completing) to the backup's
+/// BACKUP_SAP, then `kill -9` of the backup: each attempt once held the replication listener for
+/// its whole handshake deadline, so the primary's own connection never got through (backup
+/// starts failed one after another and the primary went down). Now handshakes run side by side
+/// and the new backup is synchronised while the flood goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_flood_on_backup_sap_does_not_stop_backup_restarts() {
+    let cl = Cluster::start().await;
+    let first = wait_until(Duration::from_secs(20), || async {
+        synced_backup(&cl).await.is_some()
+    });
+    assert!(first.await, "no backup\n{}", cl.logs());
+    let flood = InitialFlood::start(cl.backup_sap.parse().unwrap(), 20, &cl.certs).await;
+    assert!(wait_until(Duration::from_secs(5), || async { flood.sent() >= 40 }).await);
+    let probe = Prober::start(&cl).await;
+    let mut restarts = vec![];
+    for _ in 0..2 {
+        let old = synced_backup(&cl).await.expect("a synchronised backup");
+        signal(old, nix::sys::signal::Signal::SIGKILL);
+        let t0 = std::time::Instant::now();
+        let ok = wait_until(Duration::from_secs(15), || async {
+            synced_backup(&cl).await.is_some_and(|p| p != old)
+        })
+        .await;
+        assert!(
+            ok,
+            "no new backup synchronised within 15 s of kill -9 while the flood goes on ({} Initials sent)\n{}",
+            flood.sent(),
+            cl.logs()
+        );
+        restarts.push(t0.elapsed());
+        assert!(alive(cl.server_pid()), "the primary exited\n{}", cl.logs());
+    }
+    let sent = flood.sent();
+    let (rounds, slowest, bad) = probe.finish().await;
+    let backup = synced_backup(&cl).await.expect("a synchronised backup");
+    let rss = [
+        rss_mib(cl.server_pid()),
+        rss_mib(backup),
+        rss_mib(cl.proxy_pid()),
+    ];
+    println!(
+        "backup synchronised again after {restarts:?}; {sent} Initials sent; probe {rounds} rounds, slowest {slowest:?}; RSS MiB primary {} backup {} proxy {}",
+        rss[0], rss[1], rss[2]
+    );
+    assert!(bad.is_empty(), "the client was not served: {bad:?}");
+    assert!(rss.iter().all(|r| *r < 256), "RSS {rss:?} MiB");
+}
+
+/// One client certificate cannot take every client slot: past `max_connections_per_identity`
+/// its connections are refused (SERVICE_REFUSED) while another certificate still gets in, and a
+/// slot given back can be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_cannot_hold_every_client_slot() {
+    let cl = Cluster::builder()
+        .max_clients(8)
+        .set("max_connections_per_identity=3")
+        .start()
+        .await;
+    let served = |c: &RawConn| {
+        let conn = c.conn.clone();
+        async move {
+            let Ok((send, recv)) = conn.open_bi().await else {
+                return false;
+            };
+            let mut s = RawStream {
+                send,
+                recv: tuplespace::net::stream::FramedRecv::new(recv, 1 << 20),
+            };
+            s.write_value(&req(1, "GET", pats(".*", ".*"))).await;
+            matches!(s.read().await, Read::Answer(r) if r.status == Status::Ok)
+        }
+    };
+    let mut held = vec![];
+    for _ in 0..3 {
+        let c = keepalive_client(&cl, "client").await;
+        assert!(served(&c).await, "{}", cl.logs());
+        held.push(c);
+    }
+    // The fourth with the same certificate: the handshake succeeds, then it is closed.
+    let fourth = keepalive_client(&cl, "client").await;
+    match fourth.ended(Duration::from_secs(5)).await {
+        Ended::App { code, reason } => {
+            assert_eq!(code, 1, "SERVICE_REFUSED: {reason}");
+            assert!(
+                reason.starts_with("service refused") && reason.contains("certificate"),
+                "{reason}"
+            );
+        }
+        other => panic!("a fourth connection with one certificate was not refused: {other:?}"),
+    }
+    // Another client's certificate gets in (max_clients is 8).
+    tls::issue(
+        &cl.certs,
+        CertRole::Client,
+        "other",
+        &[],
+        &cl.certs.join("other"),
+    )
+    .unwrap();
+    std::fs::rename(
+        cl.certs.join("other/client.pem"),
+        cl.certs.join("other.pem"),
+    )
+    .unwrap();
+    std::fs::rename(
+        cl.certs.join("other/client.key"),
+        cl.certs.join("other.key"),
+    )
+    .unwrap();
+    let other = keepalive_client(&cl, "other").await;
+    assert!(served(&other).await, "another certificate is served");
+    // Held connections are unaffected; one leaving gives its slot back.
+    assert!(served(&held[0]).await);
+    let gone = held.pop().unwrap();
+    gone.conn.close(0u32.into(), b"bye");
+    let _ = tokio::time::timeout(Duration::from_secs(2), gone.ep.wait_idle()).await;
+    let again = wait_until(Duration::from_secs(10), || async {
+        let c = keepalive_client(&cl, "client").await;
+        let ok = served(&c).await;
+        c.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.ep.wait_idle()).await;
+        ok
+    })
+    .await;
+    assert!(again, "a slot given back must be usable again");
 }

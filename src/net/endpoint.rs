@@ -1,9 +1,13 @@
 //! quinn endpoints with everything explicit: ALPN, idle timeout, keep-alive, stream limits, UDP
 //! buffers, and a connect timeout (quinn alone retries a dead port until the idle timeout).
 
+use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
@@ -67,6 +71,97 @@ pub struct LinkParams {
     pub udp_buffer_bytes: usize,
 }
 
+/// Limits on the connection attempts of one listening endpoint (`Config`: `max_handshakes`,
+/// `max_incoming`, `incoming_buffer_bytes`, `connect_timeout_ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct ListenLimits {
+    /// Handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Attempts held before their handshake starts (quinn refuses new ones beyond).
+    pub max_incoming: usize,
+    /// Bytes quinn buffers for attempts not yet started, all together.
+    pub incoming_buffer_bytes: u64,
+    /// Deadline of a peer's handshake, waiting for a slot included.
+    pub handshake_timeout: Duration,
+}
+
+impl ListenLimits {
+    pub fn from_config(cfg: &crate::config::Config) -> ListenLimits {
+        ListenLimits {
+            max_handshakes: cfg.max_handshakes,
+            max_incoming: cfg.max_incoming,
+            incoming_buffer_bytes: cfg.incoming_buffer_bytes,
+            handshake_timeout: cfg.connect_timeout(),
+        }
+    }
+}
+
+/// Serves every connection attempt on `ep` until the endpoint is closed or `stop` is cancelled.
+/// No attempt waits for another: each handshake runs in a task of its own with a deadline, at
+/// most `max_handshakes` at once. Above that, an attempt from an address not yet validated gets a
+/// stateless Retry (nothing is kept until the peer comes back with the token, which a peer that
+/// spoofs or never completes does not), and a validated one waits for a slot until its deadline.
+/// `serve` gets each established connection, in that task.
+pub async fn accept_each<F, Fut>(
+    ep: quinn::Endpoint,
+    limits: ListenLimits,
+    stop: CancellationToken,
+    serve: F,
+) where
+    F: Fn(quinn::Connection) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
+    let serve = Arc::new(serve);
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => match i { Some(i) => i, None => break },
+            _ = stop.cancelled() => break,
+        };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => Some(s),
+            Err(_) if !incoming.remote_address_validated() => {
+                debug!(remote = %incoming.remote_address(), "handshakes at their limit: stateless retry");
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Err(_) => None,
+        };
+        let slots = slots.clone();
+        let serve = serve.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+            let slot = match slot {
+                Some(s) => s,
+                None => match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+                    Ok(Ok(s)) => s,
+                    _ => {
+                        debug!(remote = %incoming.remote_address(), "no handshake slot in time: attempt dropped");
+                        incoming.ignore();
+                        return;
+                    }
+                },
+            };
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout_at(deadline, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    debug!(%remote, "handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "handshake not done within {:?}: abandoned", limits.handshake_timeout);
+                    return;
+                }
+            };
+            drop(slot);
+            serve(conn).await;
+        });
+    }
+}
+
 fn transport(p: &LinkParams) -> Result<Arc<TransportConfig>, NetError> {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -122,12 +217,16 @@ pub fn server_endpoint(
     id: &Identity,
     alpn: &[u8],
     p: &LinkParams,
+    limits: &ListenLimits,
 ) -> Result<quinn::Endpoint, NetError> {
     tls::install_crypto_provider();
     let crypto = tls::server_config(id, alpn)?;
     let quic = QuicServerConfig::try_from(crypto).map_err(|e| NetError::Config(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
     sc.transport_config(transport(p)?);
+    sc.max_incoming(limits.max_incoming);
+    sc.incoming_buffer_size(limits.incoming_buffer_bytes);
+    sc.incoming_buffer_size_total(limits.incoming_buffer_bytes);
     endpoint(addr, Some(sc), p.udp_buffer_bytes)
 }
 

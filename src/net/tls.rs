@@ -139,6 +139,14 @@ pub fn peer_roles(conn: &quinn::Connection) -> Vec<CertRole> {
         .unwrap_or_default()
 }
 
+/// The peer's leaf certificate (DER) of an established connection: its identity for
+/// per-certificate limits.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|c| c.as_ref().to_vec()))
+}
+
 /// True if the peer holds a certificate role allowed on `sap`.
 pub fn peer_allowed(conn: &quinn::Connection, sap: SapKind) -> bool {
     peer_roles(conn).into_iter().any(|r| sap.allows(r))

@@ -2,10 +2,13 @@
 //! snapshot then updates), and heartbeats (backup -> primary pings). Each task ends when its
 //! stream or channel ends; each reports to the replica's event loop through `Event`s.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::store::{SpaceCopy, StoreMsg};
@@ -13,12 +16,13 @@ use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
 use crate::ha::replica::BackupId;
-use crate::net::endpoint;
-use crate::net::stream::{FramedRecv, FramedSend};
+use crate::net::endpoint::{self, ListenLimits};
+use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
+use crate::wire::client::pairs_node_len;
 use crate::wire::frame;
 use crate::wire::node::{
-    Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Role, StreamKind, ToProxy, ToServer,
+    Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
 };
 
 /// Everything the stream tasks tell the replica's event loop. Proxy events carry the link's
@@ -70,8 +74,137 @@ pub type Events = mpsc::UnboundedSender<Event>;
 pub struct ProxyLink {
     pub generation: u64,
     pub control: mpsc::UnboundedSender<ToProxy>,
-    pub relay_out: mpsc::UnboundedSender<RelayReply>,
+    pub relay_out: RelayOut,
     pub conn: quinn::Connection,
+}
+
+/// What the store must know of one proxy link's relay stream: how many bytes of answers wait for
+/// the proxy to read them (the store starts no new request above `max_relay_reply_bytes`), and
+/// which client connections have ended at the proxy (their reads need not be computed).
+pub struct RelayGate {
+    queued: Mutex<usize>,
+    room: Condvar,
+    max: usize,
+    /// Longest the store waits for room: past it, it goes on (and says so) rather than stall on
+    /// a link that neither drains nor fails.
+    wait_at_most: Duration,
+    gone: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    max_gone: usize,
+}
+
+impl RelayGate {
+    pub fn new(cfg: &Config) -> Arc<RelayGate> {
+        Arc::new(RelayGate {
+            queued: Mutex::new(0),
+            room: Condvar::new(),
+            max: cfg.max_relay_reply_bytes,
+            wait_at_most: cfg.request_timeout(),
+            gone: Mutex::new((HashSet::new(), VecDeque::new())),
+            max_gone: cfg.max_clients,
+        })
+    }
+
+    /// Store thread: waits while the answers queued for the proxy pass the budget (back-pressure
+    /// from a proxy that reads slower than the store answers).
+    pub fn wait_for_room(&self) {
+        let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if *q <= self.max {
+            return;
+        }
+        let (q, t) = self
+            .room
+            .wait_timeout_while(q, self.wait_at_most, |q| *q > self.max)
+            .unwrap_or_else(|e| e.into_inner());
+        if t.timed_out() {
+            warn!(
+                queued = *q,
+                max = self.max,
+                "answers for the proxy did not drain within {:?}; going on",
+                self.wait_at_most
+            );
+        }
+    }
+
+    fn charge(&self, n: usize) {
+        *self.queued.lock().unwrap_or_else(|e| e.into_inner()) += n;
+    }
+
+    fn release(&self, n: usize) {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        *q = q.saturating_sub(n);
+        if *q <= self.max {
+            self.room.notify_all();
+        }
+    }
+
+    fn client_gone(&self, client: u64) {
+        let mut g = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0.insert(client) {
+            g.1.push_back(client);
+        }
+        while g.1.len() > self.max_gone {
+            if let Some(old) = g.1.pop_front() {
+                g.0.remove(&old);
+            }
+        }
+    }
+
+    /// True if the proxy said this client connection has ended.
+    pub fn is_gone(&self, client: u64) -> bool {
+        self.gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(&client)
+    }
+}
+
+/// An answer on its way to the proxy, counted in its link's [`RelayGate`] until QUIC has taken
+/// it (or it is dropped with the link).
+struct Charged {
+    reply: RelayReply,
+    bytes: usize,
+    gate: Arc<RelayGate>,
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.gate.release(self.bytes);
+    }
+}
+
+/// The sending end of a proxy link's relay stream.
+pub struct RelayOut {
+    tx: mpsc::UnboundedSender<Charged>,
+    gate: Arc<RelayGate>,
+}
+
+impl RelayOut {
+    /// Queues an answer for the proxy; false if the link is gone.
+    pub fn send(&self, reply: RelayReply) -> bool {
+        let bytes = reply_len(&reply.reply);
+        self.gate.charge(bytes);
+        self.tx
+            .send(Charged {
+                reply,
+                bytes,
+                gate: self.gate.clone(),
+            })
+            .is_ok()
+    }
+}
+
+/// About the size of a reply in the node encoding (the budget needs a bound, not the exact size).
+fn reply_len(r: &Reply) -> usize {
+    let envelope = 64;
+    envelope
+        + match r {
+            Reply::Pairs { pairs, message } => {
+                pairs_node_len(pairs) + message.as_ref().map_or(0, String::len)
+            }
+            Reply::Rejected(v) => v.iter().map(|r| r.as_bytes().len()).sum(),
+            Reply::TooLarge(m) | Reply::Malformed(m) => m.len(),
+        }
 }
 
 impl std::fmt::Debug for ProxyLink {
@@ -143,7 +276,8 @@ pub async fn connect_proxy(
         .await
         .map_err(|e| fail(e.to_string()))?;
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<ToProxy>();
-    let (rel_tx, mut rel_rx) = mpsc::unbounded_channel::<RelayReply>();
+    let (rel_tx, mut rel_rx) = mpsc::unbounded_channel::<Charged>();
+    let gate = RelayGate::new(cfg);
 
     tokio::spawn(async move { out.pump(&mut ctl_rx, |_| true).await });
     let ev = events.clone();
@@ -160,8 +294,29 @@ pub async fn connect_proxy(
         }
         let _ = ev.send(Event::ProxyDown(generation));
     });
-    tokio::spawn(async move { rout.pump(&mut rel_rx, |_| true).await });
+    tokio::spawn(async move {
+        // Answers stay counted in the gate until QUIC has taken them.
+        let mut written = Vec::new();
+        while let Some(m) = rel_rx.recv().await {
+            rout.queue(&m.reply);
+            written.push(m);
+            while rout.queued() < BATCH_BYTES {
+                match rel_rx.try_recv() {
+                    Ok(m) => {
+                        rout.queue(&m.reply);
+                        written.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if rout.flush().await.is_err() {
+                break;
+            }
+            written.clear();
+        }
+    });
     let store = store.clone();
+    let relay_gate = gate.clone();
     let max = cfg.node_frame_limit();
     let mut serving = serving.clone();
     let relay_conn = conn.clone();
@@ -175,6 +330,7 @@ pub async fn connect_proxy(
             }
         }
         let mut input = FramedRecv::new(rrecv, max);
+        let gate = relay_gate;
         while let Ok(Some(batch)) = input.next_batch::<Relay>().await {
             let mut reqs = Vec::with_capacity(batch.len());
             for m in batch {
@@ -182,14 +338,16 @@ pub async fn connect_proxy(
                     Ok(Relay::Request { rid, client, cmd }) => reqs.push((rid, client, cmd)),
                     Ok(Relay::Watermark(w)) => {
                         if !reqs.is_empty() {
-                            let _ = store.send(StoreMsg::Requests(std::mem::take(&mut reqs)));
+                            let _ = store
+                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
                         }
                         let _ = store.send(StoreMsg::Watermark(w));
                     }
+                    Ok(Relay::ClientGone { client }) => gate.client_gone(client),
                     Err(e) => warn!("bad relay frame from the proxy: {e}"),
                 }
             }
-            if !reqs.is_empty() && store.send(StoreMsg::Requests(reqs)).is_err() {
+            if !reqs.is_empty() && store.send(StoreMsg::Requests(reqs, gate.clone())).is_err() {
                 break;
             }
         }
@@ -198,7 +356,7 @@ pub async fn connect_proxy(
         ProxyLink {
             generation,
             control: ctl_tx,
-            relay_out: rel_tx,
+            relay_out: RelayOut { tx: rel_tx, gate },
             conn,
         },
         epoch,
@@ -330,6 +488,11 @@ pub async fn connect_backup(
 
 /// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
 /// arrives. Ends when the endpoint is closed.
+///
+/// Handshakes run each in a task of their own, with a deadline and the limits of
+/// [`endpoint::accept_each`], so that strangers knocking (a flood of Initials that never complete)
+/// never keep the primary waiting; the replication streams of node peers are then served one at
+/// a time, in the order they arrived.
 pub async fn serve_replication(
     ep: quinn::Endpoint,
     cfg: Arc<Config>,
@@ -339,24 +502,37 @@ pub async fn serve_replication(
     durable: Option<watch::Receiver<Durable>>,
     events: Events,
 ) {
+    type Arrived = (quinn::Connection, quinn::SendStream, quinn::RecvStream);
+    let (arrived_tx, mut arrived) = mpsc::channel::<Arrived>(cfg.max_handshakes);
+    let wait = cfg.connect_timeout();
+    tokio::spawn(endpoint::accept_each(
+        ep,
+        ListenLimits::from_config(&cfg),
+        CancellationToken::new(),
+        move |conn| {
+            let arrived_tx = arrived_tx.clone();
+            async move {
+                if !tls::peer_allowed(&conn, SapKind::Node) {
+                    conn.close(2u32.into(), b"forbidden: node certificate required");
+                    return;
+                }
+                let Ok(Ok((send, recv))) = tokio::time::timeout(wait, conn.accept_bi()).await
+                else {
+                    conn.close(0u32.into(), b"no replication stream opened in time");
+                    return;
+                };
+                let _ = arrived_tx.send((conn, send, recv)).await;
+            }
+        },
+    ));
     // Initial copies handed to the store so far: the n-th is acknowledged once the log holds
     // n base records (a primary may send a second copy to this process after a cut).
     let mut bases_sent = 0u64;
-    while let Some(incoming) = ep.accept().await {
-        let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else {
-            continue;
-        };
-        if !tls::peer_allowed(&conn, SapKind::Node) {
-            conn.close(2u32.into(), b"forbidden: node certificate required");
-            continue;
-        }
-        let Ok((send, recv)) = conn.accept_bi().await else {
-            continue;
-        };
+    while let Some((conn, send, recv)) = arrived.recv().await {
         let out = FramedSend::new(send);
         let mut input = FramedRecv::new(recv, cfg.node_frame_limit());
-        match input.next().await {
-            Ok(Some(b)) => match frame::decode::<Repl>(&b) {
+        match tokio::time::timeout(wait, input.next()).await {
+            Ok(Ok(Some(b))) => match frame::decode::<Repl>(&b) {
                 Ok(Repl::Hello { epoch, primary })
                     if epoch >= min_epoch.load(Ordering::Relaxed) =>
                 {
@@ -553,42 +729,45 @@ pub async fn ping_primary(
 }
 
 /// Primary side: answers pings on HEARTBEAT_SAP (each ping is an event), and accepts an
-/// epoch-fenced `Terminate` on SHUTDOWN_SAP. Ends when the endpoint is closed.
+/// epoch-fenced `Terminate` on SHUTDOWN_SAP. Ends when the endpoint is closed. Each handshake runs
+/// in a task of its own with the limits of [`endpoint::accept_each`].
 pub async fn serve_beats(ep: quinn::Endpoint, cfg: Arc<Config>, events: Events) {
-    while let Some(incoming) = ep.accept().await {
-        let events = events.clone();
-        let cfg = cfg.clone();
-        tokio::spawn(async move {
-            let Ok(Ok(conn)) = tokio::time::timeout(cfg.connect_timeout(), incoming).await else {
-                return;
-            };
-            if !tls::peer_allowed(&conn, SapKind::Node) {
-                conn.close(2u32.into(), b"forbidden: node certificate required");
-                return;
-            }
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let events = events.clone();
-                tokio::spawn(async move {
-                    let mut out = FramedSend::new(send);
-                    let mut input = FramedRecv::new(recv, 64 * 1024);
-                    while let Ok(Some(b)) = input.next().await {
-                        match frame::decode::<Beat>(&b) {
-                            Ok(Beat::Ping { epoch, n }) => {
-                                let _ = events.send(Event::Ping);
-                                if out.send(&Beat::Pong { epoch, n }).await.is_err() {
-                                    break;
+    endpoint::accept_each(
+        ep,
+        ListenLimits::from_config(&cfg),
+        CancellationToken::new(),
+        move |conn| {
+            let events = events.clone();
+            async move {
+                if !tls::peer_allowed(&conn, SapKind::Node) {
+                    conn.close(2u32.into(), b"forbidden: node certificate required");
+                    return;
+                }
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let events = events.clone();
+                    tokio::spawn(async move {
+                        let mut out = FramedSend::new(send);
+                        let mut input = FramedRecv::new(recv, 64 * 1024);
+                        while let Ok(Some(b)) = input.next().await {
+                            match frame::decode::<Beat>(&b) {
+                                Ok(Beat::Ping { epoch, n }) => {
+                                    let _ = events.send(Event::Ping);
+                                    if out.send(&Beat::Pong { epoch, n }).await.is_err() {
+                                        break;
+                                    }
                                 }
+                                Ok(Beat::Terminate { epoch }) => {
+                                    let _ = events.send(Event::Terminate(epoch));
+                                }
+                                _ => {}
                             }
-                            Ok(Beat::Terminate { epoch }) => {
-                                let _ = events.send(Event::Terminate(epoch));
-                            }
-                            _ => {}
                         }
-                    }
-                });
+                    });
+                }
             }
-        });
-    }
+        },
+    )
+    .await;
 }
 
 /// Sends an authenticated, epoch-fenced terminate to a (remote) deposed primary's SHUTDOWN_SAP.

@@ -28,7 +28,7 @@ use crate::durable::wal::{self, Durable, WalHooks, WalOptions};
 use crate::durable::{self as dur, Position, recover};
 use crate::ha::Millis;
 use crate::ha::replica::{self, Action, BackupId, Input, Timing};
-use crate::net::endpoint::{self, LinkParams, NetError};
+use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
 use crate::net::tls::{self, Identity};
 use crate::notify::notify;
 use crate::space::{self, Space};
@@ -61,6 +61,7 @@ struct Replica {
     cfg: Arc<Config>,
     args: ServerArgs,
     params: LinkParams,
+    limits: ListenLimits,
     id: Identity,
     client_cfg: quinn::ClientConfig,
     dial_ep: quinn::Endpoint,
@@ -106,13 +107,15 @@ struct DataDir {
 
 fn bind(
     id: &Identity,
-    params: &LinkParams,
+    (params, limits): (&LinkParams, &ListenLimits),
     sap: std::net::SocketAddr,
     what: &str,
 ) -> Result<quinn::Endpoint, ServerError> {
-    endpoint::server_endpoint(sap, id, NODE_ALPN, params).map_err(|source| ServerError::Net {
-        what: format!("cannot open {what}"),
-        source,
+    endpoint::server_endpoint(sap, id, NODE_ALPN, params, limits).map_err(|source| {
+        ServerError::Net {
+            what: format!("cannot open {what}"),
+            source,
+        }
     })
 }
 
@@ -120,7 +123,7 @@ fn bind(
 /// `wait: None` = until it succeeds (logging every few seconds).
 async fn bind_retry(
     id: &Identity,
-    params: &LinkParams,
+    params: (&LinkParams, &ListenLimits),
     sap: std::net::SocketAddr,
     what: &str,
     wait: Option<Duration>,
@@ -175,6 +178,7 @@ pub async fn run(
         max_bidi_streams: 8,
         udp_buffer_bytes: cfg.udp_buffer_bytes,
     };
+    let limits = ListenLimits::from_config(&cfg);
     let role = if args.primary_handle.is_none() {
         Role::Primary
     } else {
@@ -185,15 +189,15 @@ pub async fn run(
     // SAPs belong to roles (SPEC §2).
     let (control_ep, heartbeat_ep, backup_ep) = match role {
         Role::Primary => {
-            let c = bind(&id, &params, args.shutdown_sap, "SHUTDOWN_SAP")?;
-            let h = bind(&id, &params, args.heartbeat_sap, "HEARTBEAT_SAP")?;
+            let c = bind(&id, (&params, &limits), args.shutdown_sap, "SHUTDOWN_SAP")?;
+            let h = bind(&id, (&params, &limits), args.heartbeat_sap, "HEARTBEAT_SAP")?;
             (Some(c), Some(h), None)
         }
         Role::Backup => {
             // A previous backup may still hold the SAP for a moment (it is being stopped).
             let b = bind_retry(
                 &id,
-                &params,
+                (&params, &limits),
                 args.backup_sap,
                 "BACKUP_SAP",
                 Some(cfg.connect_timeout()),
@@ -299,6 +303,7 @@ pub async fn run(
         cfg: cfg.clone(),
         args,
         params,
+        limits,
         id,
         client_cfg,
         dial_ep,
@@ -914,13 +919,13 @@ impl Replica {
             }
         }
         let id = self.id.clone();
-        let params = self.params;
+        let (params, limits) = (self.params, self.limits);
         let (shutdown_sap, heartbeat_sap) = (self.args.shutdown_sap, self.args.heartbeat_sap);
         let events = self.events.clone();
         tokio::spawn(async move {
             let control = bind_retry(
                 &id,
-                &params,
+                (&params, &limits),
                 shutdown_sap,
                 "SHUTDOWN_SAP",
                 None,
@@ -929,7 +934,7 @@ impl Replica {
             .await;
             let heartbeat = bind_retry(
                 &id,
-                &params,
+                (&params, &limits),
                 heartbeat_sap,
                 "HEARTBEAT_SAP",
                 None,

@@ -43,8 +43,11 @@ pub type SpaceCopy = (Space, u64, Vec<(u64, Reply)>);
 
 /// Work for the store thread.
 pub enum StoreMsg {
-    /// Relayed requests, in order.
-    Requests(Vec<(u64, Option<u64>, Command)>),
+    /// Relayed requests, in order, with the gate of the proxy link they came on.
+    Requests(
+        Vec<(u64, Option<u64>, Command)>,
+        Arc<crate::server::links::RelayGate>,
+    ),
     /// The proxy has answered every rid below this.
     Watermark(u64),
     /// A backup applies a primary's update (with the reply, for dedupe).
@@ -124,6 +127,8 @@ struct Store {
     /// Client connections with a request on the scan threads, and their requests that arrived
     /// since (run in order once it is done).
     waiting: HashMap<u64, VecDeque<(u64, Command)>>,
+    /// The relay gate of the proxy link the latest requests came on.
+    gate: Option<Arc<crate::server::links::RelayGate>>,
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
     len: Arc<AtomicU64>,
@@ -178,6 +183,7 @@ pub fn spawn(
         last_eviction_warning: None,
         scans,
         waiting: HashMap::new(),
+        gate: None,
         save_file,
         out,
         len: stats.pairs,
@@ -299,7 +305,8 @@ impl Store {
     /// Returns false to stop the thread.
     fn handle(&mut self, msg: StoreMsg) -> bool {
         match msg {
-            StoreMsg::Requests(reqs) => {
+            StoreMsg::Requests(reqs, gate) => {
+                self.gate = Some(gate);
                 for (rid, client, cmd) in reqs {
                     self.request(rid, client, cmd);
                 }
@@ -463,6 +470,20 @@ impl Store {
     }
 
     fn run(&mut self, rid: u64, client: u64, cmd: Command) {
+        if let Some(gate) = &self.gate {
+            // Back-pressure: no new answer while the proxy has too many unread ones.
+            gate.wait_for_room();
+            if matches!(cmd, Command::Get { .. }) && gate.is_gone(client) {
+                return self.answer(
+                    rid,
+                    self.seq,
+                    Reply::Pairs {
+                        pairs: vec![],
+                        message: Some("not computed: the client's connection has ended".into()),
+                    },
+                );
+            }
+        }
         if let Some(r) = self.dedupe.get(rid) {
             self.emit(StoreOut::Dedup {
                 after_seq: self.seq,

@@ -47,7 +47,8 @@ impl Status {
     }
 }
 
-/// QUIC application close codes (PROTOCOL.md §5).
+/// QUIC application close codes (PROTOCOL.md §5; `SLOW_READER` is this implementation's
+/// addition, docs/SECURITY.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseCode {
     NoError = 0,
@@ -55,6 +56,9 @@ pub enum CloseCode {
     Forbidden = 2,
     FrameTooLarge = 3,
     ShuttingDown = 4,
+    /// The client left too many answers unread for too long (or the proxy's memory for unread
+    /// answers was full and this connection held the most).
+    SlowReader = 5,
 }
 
 impl CloseCode {
@@ -68,6 +72,7 @@ impl CloseCode {
             2 => CloseCode::Forbidden,
             3 => CloseCode::FrameTooLarge,
             4 => CloseCode::ShuttingDown,
+            5 => CloseCode::SlowReader,
             _ => return None,
         })
     }
@@ -78,6 +83,7 @@ impl CloseCode {
             CloseCode::Forbidden => "FORBIDDEN",
             CloseCode::FrameTooLarge => "FRAME_TOO_LARGE",
             CloseCode::ShuttingDown => "SHUTTING_DOWN",
+            CloseCode::SlowReader => "SLOW_READER",
         }
     }
 }

@@ -101,6 +101,9 @@ pub enum Relay {
     /// Every request with rid < this has been answered to its client: dedupe entries below it
     /// may be dropped.
     Watermark(u64),
+    /// The client connection `client` has ended: its reads still queued need not be computed
+    /// (they are answered empty; nobody is there to read them). Writes are applied as sent.
+    ClientGone { client: u64 },
 }
 
 /// What a replica answers to a relayed request.
