@@ -60,7 +60,43 @@ pub struct ProxySaps {
     pub shutdown: SocketAddr,
 }
 
-type RespTx = mpsc::UnboundedSender<Response>;
+/// Where a client stream's answers go. Each is counted in the connection's reply budget (its
+/// estimated client encoding) from the moment it is sent until its stream has encoded it.
+#[derive(Clone)]
+struct RespTx {
+    tx: mpsc::UnboundedSender<(Response, Charge)>,
+    replies: Arc<ConnReplies>,
+}
+
+impl RespTx {
+    fn channel(replies: Arc<ConnReplies>) -> (RespTx, mpsc::UnboundedReceiver<(Response, Charge)>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (RespTx { tx, replies }, rx)
+    }
+
+    /// False if the stream is gone (the answer is dropped).
+    fn send(&self, r: Response) -> bool {
+        let n = client::response_len(&r);
+        self.replies.charge(n);
+        let charge = Charge {
+            replies: self.replies.clone(),
+            n,
+        };
+        self.tx.send((r, charge)).is_ok()
+    }
+}
+
+/// An answer's place in its connection's reply budget, given back on drop.
+struct Charge {
+    replies: Arc<ConnReplies>,
+    n: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.replies.release(self.n);
+    }
+}
 
 enum RouterMsg {
     Request {
@@ -91,6 +127,9 @@ enum RouterMsg {
     Replies {
         link: LinkId,
         replies: Vec<RelayReply>,
+        /// Their place in the link's relay budget (`max_relay_reply_bytes`), given back once the
+        /// router has handed them on (they then count in the clients' reply budgets).
+        _held: tokio::sync::OwnedSemaphorePermit,
     },
     FromServer {
         link: LinkId,
@@ -636,7 +675,7 @@ impl Router {
                     self.step(router::Input::RelayReady { link });
                 }
             }
-            RouterMsg::Replies { link, replies } => {
+            RouterMsg::Replies { link, replies, .. } => {
                 let replies = replies.into_iter().map(|r| (r.rid, r.reply)).collect();
                 self.step(router::Input::Replies { link, replies });
             }
@@ -1247,7 +1286,7 @@ async fn client_stream(
     budgets: Budgets,
     replies: Arc<ConnReplies>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Response>();
+    let (tx, mut rx) = RespTx::channel(replies.clone());
     let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
     // Answers are taken from the router at once and held encoded, counted, until QUIC takes
     // them: a client that does not read is throttled and then cut, never buffered without limit.
@@ -1266,10 +1305,10 @@ async fn client_stream(
         let throttled = *over.borrow_and_update();
         tokio::select! {
             biased;
-            Some(resp) = rx.recv() => {
+            Some((resp, _estimate)) = rx.recv() => {
                 outstanding -= 1;
                 out.push(&resp);
-                while let Ok(r) = rx.try_recv() {
+                while let Ok((r, _estimate)) = rx.try_recv() {
                     outstanding -= 1;
                     out.push(&r);
                 }
@@ -1443,6 +1482,11 @@ async fn serve_server_conn(
                 tasks.spawn(async move { out.pump(&mut rrx, |_| true).await });
                 let router = router.clone();
                 let relay_conn = conn.clone();
+                // Answers decoded here and not yet handed on by the router: bounded, so that a
+                // router slower than this link holds the server back (QUIC flow control, then the
+                // server's own relay budget) instead of growing this process.
+                let budget = Arc::new(tokio::sync::Semaphore::new(cfg.max_relay_reply_bytes));
+                let most = u32::try_from(cfg.max_relay_reply_bytes).unwrap_or(u32::MAX);
                 tasks.spawn(async move {
                     loop {
                         let batch = match input.next_batch::<RelayReply>().await {
@@ -1461,13 +1505,31 @@ async fn serve_server_conn(
                             }
                         };
                         let mut replies = Vec::with_capacity(batch.len());
+                        let mut bytes = 0usize;
                         for r in batch {
                             match r {
-                                Ok(r) => replies.push(r),
+                                Ok(r) => {
+                                    bytes += match &r.reply {
+                                        Reply::Pairs { pairs, .. } => {
+                                            client::pairs_response_len(pairs)
+                                        }
+                                        _ => 0,
+                                    };
+                                    replies.push(r);
+                                }
                                 Err(e) => warn!(link, "bad relay frame from server: {e}"),
                             }
                         }
-                        if router.send(RouterMsg::Replies { link, replies }).is_err() {
+                        let n = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX).min(most);
+                        let Ok(held) = budget.clone().acquire_many_owned(n).await else {
+                            break;
+                        };
+                        let msg = RouterMsg::Replies {
+                            link,
+                            replies,
+                            _held: held,
+                        };
+                        if router.send(msg).is_err() {
                             break;
                         }
                     }

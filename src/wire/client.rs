@@ -767,6 +767,37 @@ fn answer_size(pairs: &[Pair]) -> AnswerSize {
     s
 }
 
+/// Upper bound of the CBOR encoding of `v` (9 bytes per head): what the reply budgets count for a
+/// `cluster` map.
+pub fn value_len(v: &Value) -> usize {
+    match v {
+        Value::Text(t) => 9 + t.len(),
+        Value::Bytes(b) => 9 + b.len(),
+        Value::Array(a) => 9 + a.iter().map(value_len).sum::<usize>(),
+        Value::Map(m) => {
+            9 + m
+                .iter()
+                .map(|(k, v)| value_len(k) + value_len(v))
+                .sum::<usize>()
+        }
+        Value::Tag(_, v) => 9 + value_len(v),
+        _ => 9,
+    }
+}
+
+/// About the size of a response in the client encoding (the reply budgets need a bound, not the
+/// exact size).
+pub fn response_len(r: &Response) -> usize {
+    r.pairs
+        .as_deref()
+        .map_or(ANSWER_ENVELOPE, pairs_response_len)
+        + r.rejected
+            .as_deref()
+            .map_or(0, |v| v.iter().map(|i| i.as_bytes().len()).sum())
+        + r.message.as_ref().map_or(0, String::len)
+        + r.cluster.as_ref().map_or(0, value_len)
+}
+
 /// Upper bound of the encoded size of a `pairs` answer (client encoding).
 pub fn pairs_response_len(pairs: &[Pair]) -> usize {
     answer_size(pairs).client_bytes()
