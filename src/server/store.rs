@@ -772,30 +772,37 @@ mod tests {
     #[test]
     fn a_connection_waits_behind_its_scan_and_others_do_not() {
         let (tx, mut rx) = start(Config::default());
+        let gate = crate::server::links::RelayGate::new(&Config::default());
         let elems: Vec<RawItem> = (0..1000).map(|i| pair(&format!("k,{i}"), "v")).collect();
-        tx.send(StoreMsg::Requests(vec![(1, Some(7), Command::Put(elems))]))
-            .unwrap();
-        tx.send(StoreMsg::Requests(vec![
-            (
-                2,
-                Some(7),
-                Command::Get {
-                    key: r"k,\d+".into(),
-                    value: ".*".into(),
-                },
-            ),
-            (3, Some(7), Command::Put(vec![pair("k,5000", "v")])),
-            (4, Some(8), Command::Put(vec![pair("other", "v")])),
-            (
-                5,
-                Some(7),
-                Command::Delete {
-                    key: r"k,\d+".into(),
-                    value: "v".into(),
-                },
-            ),
-            (6, Some(7), Command::Put(vec![pair("k,1", "w")])),
-        ]))
+        tx.send(StoreMsg::Requests(
+            vec![(1, Some(7), Command::Put(elems))],
+            gate.clone(),
+        ))
+        .unwrap();
+        tx.send(StoreMsg::Requests(
+            vec![
+                (
+                    2,
+                    Some(7),
+                    Command::Get {
+                        key: r"k,\d+".into(),
+                        value: ".*".into(),
+                    },
+                ),
+                (3, Some(7), Command::Put(vec![pair("k,5000", "v")])),
+                (4, Some(8), Command::Put(vec![pair("other", "v")])),
+                (
+                    5,
+                    Some(7),
+                    Command::Delete {
+                        key: r"k,\d+".into(),
+                        value: "v".into(),
+                    },
+                ),
+                (6, Some(7), Command::Put(vec![pair("k,1", "w")])),
+            ],
+            gate,
+        ))
         .unwrap();
         let mut order = Vec::new();
         while order.len() < 6 {
