@@ -842,6 +842,7 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
         ("fence", cbor(&ToServer::Fence { epoch: 5 })),
         ("shutdown", cbor(&ToServer::Shutdown)),
         ("watermark", cbor(&Relay::Watermark(77))),
+        ("client-gone", cbor(&Relay::ClientGone { client: 7 })),
         (
             "relay-reply",
             cbor(&RelayReply {
