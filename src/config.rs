@@ -86,6 +86,10 @@ pub struct Config {
     /// new attempt from an address not yet validated gets a stateless Retry (it costs the service
     /// nothing until the peer proves its address); others wait for a slot.
     pub max_handshakes: usize,
+    /// Of those, at most this many for addresses QUIC has not validated (a peer that never
+    /// completes holds one until `connect_timeout_ms`): beyond it such an attempt gets a stateless
+    /// Retry, so that a flood of them never takes the slots a real peer needs. 0 = always Retry.
+    pub max_unvalidated_handshakes: usize,
     /// Connection attempts a listening SAP holds before the service has started their handshake
     /// (waiting for a slot included); beyond it QUIC refuses new attempts at once.
     pub max_incoming: usize,
@@ -187,6 +191,7 @@ impl Default for Config {
             max_reply_bytes: 256 << 20,
             max_connections_per_identity: 256,
             max_handshakes: 64,
+            max_unvalidated_handshakes: 32,
             max_incoming: 1024,
             incoming_buffer_bytes: 4 << 20,
             max_relay_reply_bytes: 64 << 20,
@@ -337,6 +342,12 @@ impl Config {
             if v == 0 {
                 return bad(key, "must be greater than 0");
             }
+        }
+        if self.max_unvalidated_handshakes > self.max_handshakes {
+            return bad(
+                "max_unvalidated_handshakes",
+                "must be at most max_handshakes",
+            );
         }
         if self.slow_reader_timeout_ms == 0 {
             return bad("slow_reader_timeout_ms", "must be greater than 0");

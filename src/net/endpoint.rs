@@ -77,6 +77,8 @@ pub struct LinkParams {
 pub struct ListenLimits {
     /// Handshakes in progress at once.
     pub max_handshakes: usize,
+    /// Of those, for addresses not yet validated.
+    pub max_unvalidated_handshakes: usize,
     /// Attempts held before their handshake starts (quinn refuses new ones beyond).
     pub max_incoming: usize,
     /// Bytes quinn buffers for attempts not yet started, all together.
@@ -89,6 +91,7 @@ impl ListenLimits {
     pub fn from_config(cfg: &crate::config::Config) -> ListenLimits {
         ListenLimits {
             max_handshakes: cfg.max_handshakes,
+            max_unvalidated_handshakes: cfg.max_unvalidated_handshakes,
             max_incoming: cfg.max_incoming,
             incoming_buffer_bytes: cfg.incoming_buffer_bytes,
             handshake_timeout: cfg.connect_timeout(),
@@ -98,10 +101,13 @@ impl ListenLimits {
 
 /// Serves every connection attempt on `ep` until the endpoint is closed or `stop` is cancelled.
 /// No attempt waits for another: each handshake runs in a task of its own with a deadline, at
-/// most `max_handshakes` at once. Above that, an attempt from an address not yet validated gets a
-/// stateless Retry (nothing is kept until the peer comes back with the token, which a peer that
-/// spoofs or never completes does not), and a validated one waits for a slot until its deadline.
-/// `serve` gets each established connection, in that task.
+/// most `max_handshakes` at once, of which at most `max_unvalidated_handshakes` for addresses QUIC
+/// has not validated. Beyond that an unvalidated attempt gets a stateless Retry (nothing is kept
+/// until the peer comes back with the token, which a peer that spoofs its address or never
+/// completes does not), and a validated one waits for a slot until its deadline. So a flood of
+/// Initials that never complete holds at most `max_unvalidated_handshakes` slots, and a real peer
+/// (validated by the Retry if need be) finds one free. `serve` gets each established connection,
+/// in that task.
 pub async fn accept_each<F, Fut>(
     ep: quinn::Endpoint,
     limits: ListenLimits,
@@ -112,22 +118,30 @@ pub async fn accept_each<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
+    let unvalidated = Arc::new(tokio::sync::Semaphore::new(
+        limits.max_unvalidated_handshakes,
+    ));
     let serve = Arc::new(serve);
     loop {
         let incoming = tokio::select! {
             i = ep.accept() => match i { Some(i) => i, None => break },
             _ = stop.cancelled() => break,
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(s) => Some(s),
-            Err(_) if !incoming.remote_address_validated() => {
-                debug!(remote = %incoming.remote_address(), "handshakes at their limit: stateless retry");
+        let slot = if incoming.remote_address_validated() {
+            slots.clone().try_acquire_owned().ok().map(|s| (s, None))
+        } else {
+            let taken = unvalidated.clone().try_acquire_owned().ok().and_then(|u| {
+                let s = slots.clone().try_acquire_owned().ok()?;
+                Some((s, Some(u)))
+            });
+            if taken.is_none() {
+                debug!(remote = %incoming.remote_address(), "handshakes of unvalidated addresses at their limit: stateless retry");
                 if let Err(e) = incoming.retry() {
                     e.into_incoming().ignore();
                 }
                 continue;
             }
-            Err(_) => None,
+            taken
         };
         let slots = slots.clone();
         let serve = serve.clone();
@@ -136,7 +150,7 @@ pub async fn accept_each<F, Fut>(
             let slot = match slot {
                 Some(s) => s,
                 None => match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(s)) => (s, None),
                     _ => {
                         debug!(remote = %incoming.remote_address(), "no handshake slot in time: attempt dropped");
                         incoming.ignore();
