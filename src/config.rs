@@ -167,6 +167,11 @@ pub struct Config {
     pub snapshot_every_bytes: u64,
     /// Log records queued for the log writer before the store waits for it (back-pressure).
     pub wal_queue_records: usize,
+    /// Size of a log segment. Each is preallocated (written with zeros and synced in the
+    /// background before it is used) so that an `fdatasync` after an append has no file size or
+    /// block allocation to commit; the writer moves to the next segment when one is full.
+    /// 0 = no preallocation: segments grow by appending and change only at snapshots.
+    pub wal_segment_bytes: u64,
 }
 
 impl Default for Config {
@@ -221,12 +226,18 @@ impl Default for Config {
             snapshot_every_changes: 1_000_000,
             snapshot_every_bytes: 256 << 20,
             wal_queue_records: 65_536,
+            wal_segment_bytes: 16 << 20,
         }
     }
 }
 
 /// Room for a response's envelope (id, status, keys) around an echoed request.
 pub const RESPONSE_ENVELOPE_BYTES: usize = 1024;
+
+/// Bounds of `wal_segment_bytes` (when not 0): a segment holds many groups of appends, and a
+/// spare one is written in the background, so it must neither be tiny nor take minutes.
+pub const MIN_WAL_SEGMENT_BYTES: u64 = 1 << 20;
+pub const MAX_WAL_SEGMENT_BYTES: u64 = 4 << 30;
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tuplespace.toml";
@@ -375,6 +386,16 @@ impl Config {
         }
         if self.wal_queue_records == 0 {
             return bad("wal_queue_records", "must be greater than 0");
+        }
+        if self.wal_segment_bytes != 0
+            && !(MIN_WAL_SEGMENT_BYTES..=MAX_WAL_SEGMENT_BYTES).contains(&self.wal_segment_bytes)
+        {
+            return bad(
+                "wal_segment_bytes",
+                format!(
+                    "must be 0 (no preallocation) or between {MIN_WAL_SEGMENT_BYTES} and {MAX_WAL_SEGMENT_BYTES}"
+                ),
+            );
         }
         for (key, v) in positive {
             if v == 0 {

@@ -11,8 +11,9 @@
 //!    *are* lost, which shows the test can fail. Skipped, with the reason printed, where FUSE
 //!    cannot be mounted (no /dev/fuse; not root and no fusermount3).
 //!
-//! and damage to the logs after a `kill -9` of everything: a torn tail (the newest log segment cut
-//! short by a few bytes) and a flipped byte in the middle of a log, first on one replica's copy
+//! and damage to the logs after a `kill -9` of everything: a torn tail (the last record of the
+//! newest log segment a few bytes short: zeros where a write into the preallocated segment did
+//! not get to) and a flipped byte in the middle of a log, first on one replica's copy
 //! (the other, more advanced copy is recovered: nothing is lost), then on both copies (the log is
 //! cut at the last good record: the service starts and serves a prefix of the writes). Every
 //! damage must be reported by a WARN naming the file and the offset.
@@ -403,14 +404,15 @@ fn newest_wal(dir: &Path) -> PathBuf {
         .unwrap_or_else(|| panic!("no log segment in {}", dir.display()))
 }
 
-/// `(offset, payload length)` of every whole frame of a log segment.
+/// `(offset, payload length)` of every whole frame of a log segment (up to the zeros of its
+/// preallocated rest).
 fn frames(path: &Path) -> Vec<(u64, u64)> {
     let data = std::fs::read(path).expect("read log");
     let mut out = Vec::new();
     let mut at = 0usize;
     while at + 8 <= data.len() {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        if at + 8 + len > data.len() {
+        if len == 0 || at + 8 + len > data.len() {
             break;
         }
         out.push((at as u64, len as u64));
@@ -430,24 +432,41 @@ fn records(path: &Path) -> Vec<Record> {
     v
 }
 
-/// Cuts the last `n` bytes off `path` (a torn append); returns the new length.
-fn tear(path: &Path, n: u64) -> u64 {
-    let len = std::fs::metadata(path).expect("log").len();
-    assert!(len > n, "{} is too short to tear", path.display());
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open log");
-    f.set_len(len - n).expect("truncate");
-    f.sync_all().expect("sync");
-    len - n
+/// Where the frames of a log segment end.
+fn frames_end(path: &Path) -> u64 {
+    frames(path).last().map_or(0, |(s, l)| s + 8 + l)
 }
 
-/// Flips one bit in the payload of the frame holding the middle of `path`; returns that frame's
-/// offset (where the log must be cut).
+/// Zeroes the last `n` bytes of the last record of `path` (a write cut short: in a preallocated
+/// segment the bytes it did not reach stay zero); returns where the intact frames end.
+fn tear(path: &Path, n: u64) -> u64 {
+    let end = frames_end(path);
+    let (start, len) = *frames(path).last().expect("a record to tear");
+    assert!(len > n, "{} is too short to tear", path.display());
+    let mut data = std::fs::read(path).expect("read log");
+    eprintln!(
+        "tearing {}: records end at {end}, file {} bytes ({})",
+        path.display(),
+        data.len(),
+        if data.len() as u64 > end {
+            "preallocated"
+        } else {
+            "appended"
+        }
+    );
+    data[(end - n) as usize..end as usize].fill(0);
+    std::fs::write(path, &data).expect("write log");
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .expect("sync");
+    start
+}
+
+/// Flips one bit in the payload of the frame holding the middle of `path`'s records; returns
+/// that frame's offset (where the log must be cut).
 fn flip_mid(path: &Path) -> u64 {
     let mut data = std::fs::read(path).expect("read log");
-    let mid = data.len() as u64 / 2;
+    let mid = frames_end(path) / 2;
     let (start, len) = frames(path)
         .into_iter()
         .find(|(s, l)| *s <= mid && mid < s + 8 + l)

@@ -8,12 +8,17 @@
 //! <data root>/replica-<millis>-<pid>/LOCK            held (flock) while the process lives
 //!                                   /snapshot        the space at (epoch, seq), atomic (tmp+rename)
 //!                                   /wal-<n>         log segments, replayed in order after it
+//!                                   /wal.spare       the next segment, preallocated (zeros)
 //! ```
 //!
 //! Log and snapshot are sequences of frames `[len: u32 LE][crc32(payload): u32 LE][payload]`, the
-//! payload one CBOR [`Record`] (log) or [`SnapRecord`] (snapshot). A crash mid-append leaves a torn
-//! last frame; a flipped bit fails the checksum: either way the log is cut at the last good
-//! frame, with a warning naming the file and offset (see [`recover`]).
+//! payload one CBOR [`Record`] (log) or [`SnapRecord`] (snapshot). Log segments are preallocated
+//! (`wal_segment_bytes` of zeros, synced before use), so a segment's frames are followed by zeros:
+//! a zero frame header with nothing but zeros after it is the end of the segment. A crash
+//! mid-append leaves a torn last frame (cut short, or ending in zeros the write never reached);
+//! a flipped bit fails the checksum; zeros followed by data are not an end either: in every such
+//! case the log is cut at the last good frame, with a warning naming the file and offset (see
+//! [`recover`]).
 //!
 //! The store thread sends every change to the log writer ([`wal`]) in the order it applies
 //! them; the writer appends everything that arrived while the previous `fdatasync` ran and syncs
@@ -121,6 +126,10 @@ pub const SNAPSHOT_CHUNK: usize = 4096;
 pub const LOCK_FILE: &str = "LOCK";
 pub const SNAPSHOT_FILE: &str = "snapshot";
 pub const SNAPSHOT_TMP: &str = "snapshot.tmp";
+/// The preallocated segment the log writer moves to next (not a segment until renamed).
+pub const SPARE_FILE: &str = "wal.spare";
+/// A spare being written (removed at start: it may be incomplete).
+pub const SPARE_TMP: &str = "wal.spare.tmp";
 pub const REPLICA_PREFIX: &str = "replica-";
 const FRAME_HEADER: usize = 8;
 
@@ -174,9 +183,11 @@ pub fn encode_frame<T: Serialize>(item: &T, out: &mut Vec<u8>) {
 /// What ended a frame sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FrameEnd {
-    /// Clean end of file.
+    /// Clean end: end of file, or nothing but zeros (preallocated space) where a frame would
+    /// start.
     Eof,
-    /// A frame was cut short (crash mid-append) at `offset`.
+    /// A frame was cut short (crash mid-append) at `offset`: the file ends inside it, or it fails
+    /// its checksum with its last byte and everything after it zero (the write never got there).
     Torn { offset: u64 },
     /// A frame failed its checksum, or holds no valid record, at `offset`.
     Corrupt { offset: u64, why: String },
@@ -208,25 +219,40 @@ impl<R: Read> FrameReader<R> {
     /// The next record, or how the sequence ended.
     pub fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, FrameEnd> {
         let mut head = [0u8; FRAME_HEADER];
-        fill(&mut self.inner, &mut head, self.offset, true)?;
+        let n = read_full(&mut self.inner, &mut head).map_err(|e| self.read_error(e))?;
+        if head[..n].iter().all(|b| *b == 0) {
+            // End of file, or zeros where the next frame would start: the preallocated rest of a
+            // segment if nothing but zeros follows.
+            return Err(match self.rest_is_zero() {
+                Ok(true) => FrameEnd::Eof,
+                Ok(false) => FrameEnd::Corrupt {
+                    offset: self.offset,
+                    why: "a zero frame header followed by data".into(),
+                },
+                Err(e) => self.read_error(e),
+            });
+        }
+        if n < FRAME_HEADER {
+            return Err(FrameEnd::Torn {
+                offset: self.offset,
+            });
+        }
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if len > self.max_frame {
-            return Err(FrameEnd::Corrupt {
-                offset: self.offset,
-                why: format!(
+            return Err(self.bad(
+                false,
+                format!(
                     "frame length {len} exceeds the largest record ({})",
                     self.max_frame
                 ),
-            });
+            ));
         }
         self.buf.resize(len, 0);
-        fill(&mut self.inner, &mut self.buf, self.offset, false)?;
+        fill(&mut self.inner, &mut self.buf, self.offset)?;
         if crc32fast::hash(&self.buf) != crc {
-            return Err(FrameEnd::Corrupt {
-                offset: self.offset,
-                why: "checksum mismatch".into(),
-            });
+            let zero_end = self.buf.last().is_none_or(|b| *b == 0);
+            return Err(self.bad(zero_end, "checksum mismatch".into()));
         }
         let v = crate::wire::frame::decode::<T>(&self.buf).map_err(|e| FrameEnd::Corrupt {
             offset: self.offset,
@@ -235,13 +261,67 @@ impl<R: Read> FrameReader<R> {
         self.offset += (FRAME_HEADER + len) as u64;
         Ok(v)
     }
+
+    /// A bad frame at the current offset: torn if `zero_end` (it ends in a zero byte) and only
+    /// zeros follow it (a write cut short in preallocated space), else corrupt.
+    fn bad(&mut self, zero_end: bool, why: String) -> FrameEnd {
+        match self.rest_is_zero() {
+            Ok(true) if zero_end => FrameEnd::Torn {
+                offset: self.offset,
+            },
+            Ok(_) => FrameEnd::Corrupt {
+                offset: self.offset,
+                why,
+            },
+            Err(e) => self.read_error(e),
+        }
+    }
+
+    fn read_error(&self, e: std::io::Error) -> FrameEnd {
+        FrameEnd::Corrupt {
+            offset: self.offset,
+            why: format!("read error: {e}"),
+        }
+    }
+
+    /// Reads the rest of the input: true if it holds nothing but zeros.
+    fn rest_is_zero(&mut self) -> std::io::Result<bool> {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match self.inner.read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
+                    if chunk[..n].iter().any(|b| *b != 0) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
-/// Fills `buf` from `r`. A short read is a torn frame at `offset`, except that nothing at all
-/// where a frame may start (`may_end`) is the clean end of the sequence.
-fn fill(r: &mut impl Read, buf: &mut [u8], offset: u64, may_end: bool) -> Result<(), FrameEnd> {
+/// The end of the data in a file: the offset after its last byte that is not zero (0 if none).
+pub fn data_end(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut end = f.metadata()?.len();
+    let mut chunk = vec![0u8; 1 << 20];
+    while end > 0 {
+        let n = (chunk.len() as u64).min(end) as usize;
+        f.read_exact_at(&mut chunk[..n], end - n as u64)?;
+        if let Some(i) = chunk[..n].iter().rposition(|b| *b != 0) {
+            return Ok(end - n as u64 + i as u64 + 1);
+        }
+        end -= n as u64;
+    }
+    Ok(0)
+}
+
+/// Fills `buf` from `r`; a short read is a torn frame at `offset`.
+fn fill(r: &mut impl Read, buf: &mut [u8], offset: u64) -> Result<(), FrameEnd> {
     match read_full(r, buf) {
-        Ok(0) if may_end => Err(FrameEnd::Eof),
         Ok(n) if n < buf.len() => Err(FrameEnd::Torn { offset }),
         Ok(_) => Ok(()),
         Err(e) => Err(FrameEnd::Corrupt {
@@ -401,5 +481,123 @@ mod tests {
             r.read::<Record>().unwrap_err(),
             FrameEnd::Corrupt { offset, .. } if offset == good
         ));
+    }
+
+    /// Frames of `Epoch(i)` for i in 0..n (each ends in a byte that is not zero).
+    fn epochs(n: u64) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for i in 0..n {
+            encode_frame(&Record::Epoch(1000 + i), &mut buf);
+        }
+        assert_ne!(*buf.last().unwrap(), 0);
+        buf
+    }
+
+    fn read_all(data: &[u8]) -> (Vec<Record>, FrameEnd) {
+        let mut r = FrameReader::new(data, 1 << 20);
+        let mut v = Vec::new();
+        loop {
+            match r.read::<Record>() {
+                Ok(rec) => v.push(rec),
+                Err(end) => return (v, end),
+            }
+        }
+    }
+
+    #[test]
+    fn zeros_after_the_frames_of_a_preallocated_segment_are_its_end() {
+        let mut data = epochs(3);
+        data.resize(data.len() + 4096, 0);
+        let (v, end) = read_all(&data);
+        assert_eq!(v.len(), 3);
+        assert_eq!(end, FrameEnd::Eof);
+        // A segment preallocated and never written to (a crash right after preallocation).
+        let (v, end) = read_all(&[0u8; 4096]);
+        assert!(v.is_empty());
+        assert_eq!(end, FrameEnd::Eof);
+        // A few zeros, fewer than a frame header.
+        let mut data = epochs(1);
+        data.extend_from_slice(&[0; 3]);
+        assert_eq!(read_all(&data), (vec![Record::Epoch(1000)], FrameEnd::Eof));
+    }
+
+    #[test]
+    fn a_torn_record_followed_by_zeros_is_torn_and_zeros_followed_by_data_are_corrupt() {
+        let good = epochs(2);
+        let whole = epochs(3);
+        // The third record's write stopped 3 bytes short (they stayed zero), zeros after it.
+        let mut data = whole.clone();
+        let n = data.len();
+        data[n - 3..].fill(0);
+        data.resize(n + 4096, 0);
+        let (v, end) = read_all(&data);
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            end,
+            FrameEnd::Torn {
+                offset: good.len() as u64
+            }
+        );
+        // Only the header made it.
+        let mut data = whole.clone();
+        data[good.len() + FRAME_HEADER..].fill(0);
+        data.resize(n + 4096, 0);
+        assert_eq!(
+            read_all(&data).1,
+            FrameEnd::Torn {
+                offset: good.len() as u64
+            }
+        );
+        // Part of the header made it (a length, no checksum).
+        let mut data = whole.clone();
+        data[good.len() + 2..].fill(0);
+        data.resize(n + 4096, 0);
+        assert_eq!(
+            read_all(&data).1,
+            FrameEnd::Torn {
+                offset: good.len() as u64
+            }
+        );
+        // The second record zeroed, the third intact: zeros followed by data are not an end.
+        let one = epochs(1);
+        let mut data = whole.clone();
+        data[one.len()..good.len()].fill(0);
+        data.resize(n + 4096, 0);
+        let (v, end) = read_all(&data);
+        assert_eq!(v.len(), 1);
+        assert!(
+            matches!(&end, FrameEnd::Corrupt { offset, why } if *offset == one.len() as u64 && why.contains("zero frame header followed by data")),
+            "{end:?}"
+        );
+        // A flipped bit in the last record (which ends in a byte that is not zero), zeros after:
+        // corrupt, not torn.
+        let mut data = whole.clone();
+        data[good.len() + FRAME_HEADER] ^= 0x04;
+        data.resize(n + 4096, 0);
+        assert!(
+            matches!(read_all(&data).1, FrameEnd::Corrupt { offset, .. } if offset == good.len() as u64)
+        );
+        // A flipped bit in a middle record, zeros after the last: corrupt.
+        let mut data = whole;
+        data[one.len() + FRAME_HEADER] ^= 0x04;
+        data.resize(n + 4096, 0);
+        assert!(
+            matches!(read_all(&data).1, FrameEnd::Corrupt { offset, .. } if offset == one.len() as u64)
+        );
+    }
+
+    #[test]
+    fn data_end_is_after_the_last_byte_that_is_not_zero() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        std::fs::write(&p, []).unwrap();
+        assert_eq!(data_end(&p).unwrap(), 0);
+        let mut data = vec![0u8; (3 << 20) + 17];
+        data[5] = 1;
+        std::fs::write(&p, &data).unwrap();
+        assert_eq!(data_end(&p).unwrap(), 6);
+        data[(2 << 20) + 3] = 9;
+        std::fs::write(&p, &data).unwrap();
+        assert_eq!(data_end(&p).unwrap(), (2 << 20) + 4);
     }
 }

@@ -20,7 +20,7 @@ use crate::wire::node::Reply;
 pub struct Cut {
     pub file: PathBuf,
     pub offset: u64,
-    /// Bytes after the cut in that file.
+    /// Bytes after the cut in that file, up to its last byte that is not zero.
     pub discarded: u64,
     /// Later segments, unusable after the cut.
     pub later: Vec<PathBuf>,
@@ -183,7 +183,6 @@ pub fn read_copy(
     for (k, &i) in live.iter().enumerate() {
         let path = dir.join(segment_name(i));
         let f = File::open(&path).map_err(|e| DurableError::io("cannot open log", &path, e))?;
-        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         let mut r = FrameReader::new(std::io::BufReader::with_capacity(1 << 20, f), max_frame);
         let end = loop {
             // A record that reads well but cannot be applied is cut off with what follows: the
@@ -204,10 +203,12 @@ pub fn read_copy(
             FrameEnd::Torn { offset } => (offset, "ends in a torn record".to_string()),
             FrameEnd::Corrupt { offset, why } => (offset, format!("is corrupt ({why})")),
         };
+        // Up to the last byte that is not zero: a preallocated segment's zeros are not data.
+        let end = super::data_end(&path).unwrap_or(offset);
         c.cut = Some(Cut {
+            discarded: end.saturating_sub(offset),
             file: path,
             offset,
-            discarded: size.saturating_sub(offset),
             later: live[k + 1..]
                 .iter()
                 .map(|j| dir.join(segment_name(*j)))
@@ -361,7 +362,10 @@ fn cut_log(cut: &Cut) -> Result<(), DurableError> {
     if cut.discarded > 0 {
         let data = std::fs::read(&cut.file)
             .map_err(|e| DurableError::io("cannot read log", &cut.file, e))?;
-        let tail = data.get(cut.offset as usize..).unwrap_or(&[]);
+        let end = cut.offset.saturating_add(cut.discarded) as usize;
+        let tail = data
+            .get(cut.offset as usize..end.min(data.len()))
+            .unwrap_or(&[]);
         std::fs::write(&aside, tail)
             .map_err(|e| DurableError::io("cannot keep the discarded log tail", &aside, e))?;
     }
@@ -502,6 +506,15 @@ mod tests {
             snapshot_every_changes: 0,
             snapshot_every_bytes: 0,
             queue: 16,
+            segment_bytes: 0,
+        }
+    }
+
+    /// Segments of `bytes`, preallocated.
+    fn prealloc(bytes: u64) -> WalOptions {
+        WalOptions {
+            segment_bytes: bytes,
+            ..opts()
         }
     }
 
@@ -517,14 +530,23 @@ mod tests {
 
     /// A replica directory under `root` holding a base of 2 pairs at `epoch` and updates 1..=n.
     fn write_copy(root: &Path, epoch: u64, n: u64) -> (PathBuf, Durable) {
+        write_copy_with(root, epoch, n, opts())
+    }
+
+    /// The same with options `o`; with preallocation, the first segment is a spare found in the
+    /// directory (as one left by an earlier process), so the log starts in preallocated space.
+    fn write_copy_with(root: &Path, epoch: u64, n: u64, o: WalOptions) -> (PathBuf, Durable) {
         let (dir, lock) = create_dir(root).unwrap();
+        if o.segment_bytes > 0 {
+            wal::make_spare(&dir, o.segment_bytes).unwrap();
+        }
         let seen = Arc::new(Mutex::new(Durable::default()));
         let s2 = seen.clone();
         let (w, h) = wal::spawn(
             dir.clone(),
             None,
             Durable::default(),
-            opts(),
+            o,
             WalHooks {
                 on_durable: Box::new(move |d| *s2.lock().unwrap() = d),
                 on_error: Box::new(|e| panic!("{e}")),
@@ -841,6 +863,225 @@ mod tests {
         assert!(r.copy.from_snapshot);
         assert_eq!(r.copy.pos, Position { epoch: 1, seq: 20 });
         assert_eq!(r.copy.replayed, 8);
+        assert_eq!(r.copy.space, space);
+    }
+
+    /// Zeroes the last `n` bytes of the data in `path` (a write that stopped short in
+    /// preallocated space); returns where the data now ends.
+    fn tear_in_place(path: &Path, n: u64) -> u64 {
+        let end = crate::durable::data_end(path).unwrap();
+        let mut data = std::fs::read(path).unwrap();
+        data[(end - n) as usize..end as usize].fill(0);
+        std::fs::write(path, &data).unwrap();
+        crate::durable::data_end(path).unwrap()
+    }
+
+    #[test]
+    fn a_preallocated_segment_ends_at_its_zeros_and_a_torn_record_before_them_is_cut() {
+        const SEG: u64 = 1 << 20;
+        let t = tempfile::tempdir().unwrap();
+        let (dir, d) = write_copy_with(t.path(), 1, 10, prealloc(SEG));
+        assert_eq!(d.pos, Position { epoch: 1, seq: 10 });
+        let seg = segment(&dir);
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            SEG,
+            "the log went to the preallocated segment"
+        );
+        let data_len = crate::durable::data_end(&seg).unwrap();
+        assert!(data_len > 0 && data_len < SEG);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 10 });
+        assert!(r.copy.cut.is_none(), "zeros are the end, not damage");
+        drop(r);
+        // The last record's write stopped 3 bytes short; zeros follow.
+        tear_in_place(&seg, 3);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.pos.seq, 9, "the torn 10th update is dropped");
+        assert_eq!(r.copy.space.len(), 2 + 9);
+        let cut = r.copy.cut.clone().unwrap();
+        assert!(cut.why.contains("torn"), "{cut}");
+        let frame = data_len - cut.offset;
+        assert_eq!(cut.discarded, frame - 3, "the zeros are not counted: {cut}");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), cut.offset);
+        let aside = seg.with_file_name(format!("{}.corrupt-{}", segment_name(0), cut.offset));
+        assert_eq!(std::fs::metadata(&aside).unwrap().len(), frame - 3);
+        drop(r);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert!(r.copy.cut.is_none());
+        assert_eq!(r.copy.pos.seq, 9);
+    }
+
+    #[test]
+    fn zeros_followed_by_records_in_a_preallocated_segment_are_corruption() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _) = write_copy_with(t.path(), 1, 10, prealloc(1 << 20));
+        let seg = segment(&dir);
+        let mut data = std::fs::read(&seg).unwrap();
+        let end = crate::durable::data_end(&seg).unwrap() as usize;
+        // Zero a stretch in the middle of the records (whole frames or parts of them).
+        data[end / 2..end / 2 + 40].fill(0);
+        std::fs::write(&seg, &data).unwrap();
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        let cut = r.copy.cut.clone().unwrap();
+        assert!(cut.why.contains("corrupt"), "{cut}");
+        assert!(
+            cut.offset as usize <= end / 2 && r.copy.pos.seq < 10,
+            "{cut}"
+        );
+        assert_eq!(r.copy.space.len() as u64, 2 + r.copy.pos.seq);
+    }
+
+    #[test]
+    fn a_crash_right_after_preallocation_loses_nothing_and_leaves_nothing_in_the_way() {
+        const SEG: u64 = 1 << 20;
+        let t = tempfile::tempdir().unwrap();
+        let (dir, _) = write_copy(t.path(), 1, 10);
+        // The writer had just moved to a new preallocated segment, a spare was half written and
+        // another one complete.
+        std::fs::rename(
+            {
+                wal::make_spare(&dir, SEG).unwrap();
+                dir.join(crate::durable::SPARE_FILE)
+            },
+            dir.join(segment_name(1)),
+        )
+        .unwrap();
+        wal::make_spare(&dir, SEG).unwrap();
+        std::fs::write(dir.join(crate::durable::SPARE_TMP), vec![0u8; 1000]).unwrap();
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 10 });
+        assert!(r.copy.cut.is_none());
+        assert_eq!(r.copy.last_segment, Some(1));
+        // A writer started in this directory takes the complete spare as its first segment and
+        // removes the half-written one.
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            r.copy.last_segment,
+            Durable {
+                pos: r.copy.pos,
+                base: true,
+                bases: 0,
+            },
+            prealloc(SEG),
+            WalHooks {
+                on_durable: Box::new(|_| {}),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        assert!(!dir.join(crate::durable::SPARE_TMP).exists());
+        assert_eq!(
+            std::fs::metadata(dir.join(segment_name(2))).unwrap().len(),
+            SEG
+        );
+        w.send(WalMsg::Record(change(1, 11)));
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(r);
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 11 });
+        assert!(r.copy.cut.is_none());
+        drop(r);
+        // A new directory whose first, preallocated segment never got a record: no copy, no
+        // damage.
+        let t2 = tempfile::tempdir().unwrap();
+        let (d2, lock) = create_dir(t2.path()).unwrap();
+        wal::make_spare(&d2, SEG).unwrap();
+        std::fs::rename(
+            d2.join(crate::durable::SPARE_FILE),
+            d2.join(segment_name(0)),
+        )
+        .unwrap();
+        drop(lock);
+        let c = read_copy(&d2, MAX, 1000, true).unwrap();
+        assert!(c.cut.is_none() && !c.base);
+        assert!(recover(t2.path(), MAX, 1000).unwrap().is_none());
+    }
+
+    #[test]
+    fn full_segments_are_rotated_and_a_snapshot_removes_every_one_it_covers() {
+        let t = tempfile::tempdir().unwrap();
+        let (dir, lock) = create_dir(t.path()).unwrap();
+        let (w, h) = wal::spawn(
+            dir.clone(),
+            None,
+            Durable::default(),
+            prealloc(4096),
+            WalHooks {
+                on_durable: Box::new(|_| {}),
+                on_error: Box::new(|e| panic!("{e}")),
+            },
+        )
+        .unwrap();
+        let mut space = crate::space::Space::new();
+        w.send(WalMsg::Record(Record::Reset));
+        w.send(WalMsg::Record(Record::Base {
+            epoch: 1,
+            seq: 0,
+            dedupe: vec![],
+        }));
+        let segments = |dir: &Path| -> Vec<u64> {
+            let mut v: Vec<u64> = std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(crate::durable::segment_index)
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut before = Vec::new();
+        for s in 1..=300 {
+            let r = change(1, s);
+            if let Record::Change { change, .. } = &r {
+                space.apply(change);
+            }
+            w.send(WalMsg::Record(r));
+            if s == 250 {
+                assert!(w.flush(Duration::from_secs(10)));
+                before = segments(&dir);
+                assert!(before.len() >= 3, "4 KiB segments rotated: {before:?}");
+                w.send(WalMsg::Snapshot {
+                    space: space.clone(),
+                    pos: Position { epoch: 1, seq: 250 },
+                    dedupe: vec![],
+                });
+            }
+        }
+        assert!(w.flush(Duration::from_secs(10)));
+        drop(w);
+        h.join().unwrap();
+        drop(lock);
+        // The snapshot thread finishes on its own: wait (bounded) until every segment that
+        // existed before the snapshot is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let segs = segments(&dir);
+            if dir.join(crate::durable::SNAPSHOT_FILE).exists()
+                && !segs.iter().any(|s| before.contains(s))
+            {
+                assert!(
+                    !segs.is_empty() && segs[0] > *before.last().unwrap(),
+                    "{segs:?}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segments {before:?} never all removed: {segs:?}"
+            );
+            std::thread::yield_now();
+        }
+        let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
+        assert!(r.copy.from_snapshot);
+        assert!(r.copy.cut.is_none());
+        assert_eq!(r.copy.pos, Position { epoch: 1, seq: 300 });
+        assert_eq!(r.copy.replayed, 50);
         assert_eq!(r.copy.space, space);
     }
 }

@@ -3,20 +3,28 @@
 //! previous one ran (group commit), publishes what is durable, and compacts the log with
 //! snapshots written by a further thread, so neither the store nor any event loop ever waits on
 //! the disk.
+//!
+//! Segments are preallocated (`wal_segment_bytes`): a further thread writes the next one with
+//! zeros and syncs it (`wal.spare`) while the writer fills the current one; the writer renames it
+//! into place when the current one is full or a snapshot starts a new one. An `fdatasync` then
+//! only writes data into blocks the file already owns: no size change or allocation for the
+//! filesystem to commit. Without a spare ready (just started, or the disk slower than the log)
+//! the writer appends to a new, empty segment instead and moves to the spare once it is ready.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use super::{
-    DurableError, FsyncPolicy, Position, Record, encode_frame, segment_index, segment_name,
-    write_snapshot,
+    DurableError, FsyncPolicy, Position, Record, SPARE_FILE, SPARE_TMP, encode_frame,
+    segment_index, segment_name, write_snapshot,
 };
 use crate::space::Space;
 use crate::wire::node::Reply;
@@ -26,6 +34,14 @@ const SNAPSHOT_NICE: libc::c_int = 10;
 
 /// Largest group written and synced at once (bytes of encoded records); more waits for the next.
 const GROUP_MAX_BYTES: usize = 8 << 20;
+
+/// Zeros written per call when preparing a spare segment.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// States of the spare segment.
+const SPARE_NONE: u8 = 0;
+const SPARE_PREPARING: u8 = 1;
+const SPARE_READY: u8 = 2;
 
 /// Work for the log writer.
 pub enum WalMsg {
@@ -58,6 +74,8 @@ pub struct WalOptions {
     pub snapshot_every_changes: u64,
     pub snapshot_every_bytes: u64,
     pub queue: usize,
+    /// Preallocated segment size; 0 = append to segments that change only at snapshots.
+    pub segment_bytes: u64,
 }
 
 impl WalOptions {
@@ -68,6 +86,7 @@ impl WalOptions {
             snapshot_every_changes: cfg.snapshot_every_changes,
             snapshot_every_bytes: cfg.snapshot_every_bytes,
             queue: cfg.wal_queue_records,
+            segment_bytes: cfg.wal_segment_bytes,
         }
     }
 }
@@ -116,13 +135,17 @@ pub fn spawn(
     hooks: WalHooks,
 ) -> Result<(Wal, std::thread::JoinHandle<()>), DurableError> {
     let index = last_segment.map_or(0, |n| n + 1);
-    let file = open_segment(&dir, index)?;
+    let spare = Arc::new(AtomicU8::new(leftover_spare(&dir, opts.segment_bytes)));
     let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue);
     let wanted = Arc::new(AtomicBool::new(false));
+    let (file, offset, cap) = open_segment(&dir, index, &spare, opts.segment_bytes)?;
     let mut w = Writer {
         dir,
         index,
         file,
+        offset,
+        cap,
+        spare,
         durable: start,
         pos: start,
         buf: Vec::with_capacity(1 << 16),
@@ -136,6 +159,7 @@ pub fn spawn(
         next_sync: Instant::now(),
         hooks,
     };
+    w.prepare_spare();
     let h = std::thread::Builder::new()
         .name("wal".into())
         .spawn(move || w.run(rx))
@@ -149,21 +173,91 @@ pub fn spawn(
     ))
 }
 
-fn open_segment(dir: &Path, index: u64) -> Result<File, DurableError> {
+/// A spare left by an earlier process in this directory: usable if complete (it is renamed to
+/// its name only once written and synced) and of the configured size; anything else is removed.
+fn leftover_spare(dir: &Path, segment_bytes: u64) -> u8 {
+    let _ = std::fs::remove_file(dir.join(SPARE_TMP));
+    let spare = dir.join(SPARE_FILE);
+    match std::fs::metadata(&spare) {
+        Ok(m) if segment_bytes > 0 && m.len() == segment_bytes => SPARE_READY,
+        Ok(_) => {
+            let _ = std::fs::remove_file(&spare);
+            SPARE_NONE
+        }
+        Err(_) => SPARE_NONE,
+    }
+}
+
+/// Opens segment `index` (a new name): the spare renamed into place if one is ready, else a new
+/// empty file. Returns the file, the offset to write at, and its preallocated size (0: none).
+fn open_segment(
+    dir: &Path,
+    index: u64,
+    spare: &AtomicU8,
+    segment_bytes: u64,
+) -> Result<(File, u64, u64), DurableError> {
     let path = dir.join(segment_name(index));
+    let mut cap = 0;
+    if spare
+        .compare_exchange(SPARE_READY, SPARE_NONE, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        match std::fs::rename(dir.join(SPARE_FILE), &path) {
+            Ok(()) => cap = segment_bytes,
+            Err(e) => warn!(
+                "cannot use the preallocated log segment `{}`: {e}; appending to a new file instead",
+                dir.join(SPARE_FILE).display()
+            ),
+        }
+    }
     let f = OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .write(true)
         .open(&path)
         .map_err(|e| DurableError::io("cannot open log segment", &path, e))?;
+    // A new file is empty; a spare holds only zeros, written from its start.
+    let offset = if cap > 0 {
+        0
+    } else {
+        f.metadata()
+            .map_err(|e| DurableError::io("cannot open log segment", &path, e))?
+            .len()
+    };
+    // The new name (created or renamed) must survive a power cut before records go in.
     super::sync_dir(dir)?;
-    Ok(f)
+    Ok((f, offset, cap))
+}
+
+/// Writes `bytes` of zeros to a new spare segment, syncs it and gives it its name.
+pub(crate) fn make_spare(dir: &Path, bytes: u64) -> Result<(), DurableError> {
+    let tmp = dir.join(SPARE_TMP);
+    let io = |e| DurableError::io("cannot preallocate a log segment", &tmp, e);
+    let mut f = File::create(&tmp).map_err(io)?;
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(ZERO_CHUNK as u64) as usize;
+        f.write_all(&zeros[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(io)?;
+    drop(f);
+    let spare = dir.join(SPARE_FILE);
+    std::fs::rename(&tmp, &spare)
+        .map_err(|e| DurableError::io("cannot name the preallocated log segment", &spare, e))
 }
 
 struct Writer {
     dir: PathBuf,
     index: u64,
     file: File,
+    /// Where the next group goes in `file`.
+    offset: u64,
+    /// `file`'s preallocated size (0: not preallocated).
+    cap: u64,
+    /// State of the spare segment (SPARE_*), shared with the thread preparing it.
+    spare: Arc<AtomicU8>,
     /// Durable so far.
     durable: Durable,
     /// Appended so far (written or queued in `buf`).
@@ -254,8 +348,7 @@ impl Writer {
                 // Everything before the copy goes to the old segment, everything after to a new
                 // one; the copy replaces the old segments once it is on disk.
                 self.write_group(true)?;
-                self.index += 1;
-                self.file = open_segment(&self.dir, self.index)?;
+                self.next_segment()?;
                 self.changes_since = 0;
                 self.bytes_since = 0;
                 self.start_snapshot(space, pos, dedupe);
@@ -265,13 +358,91 @@ impl Writer {
         Ok(())
     }
 
+    /// Moves to a new segment (the spare if ready). What was written to the old one is synced
+    /// first (with "always" it already is; with "never" it is left to the OS), but not published
+    /// here: records may be buffered for the new one.
+    fn next_segment(&mut self) -> Result<(), DurableError> {
+        if self.opts.policy != FsyncPolicy::Never {
+            self.sync_file()?;
+        }
+        let (file, offset, cap) = open_segment(
+            &self.dir,
+            self.index + 1,
+            &self.spare,
+            self.opts.segment_bytes,
+        )?;
+        self.index += 1;
+        self.file = file;
+        self.offset = offset;
+        self.cap = cap;
+        self.prepare_spare();
+        Ok(())
+    }
+
+    /// Starts writing a spare segment in the background unless one is ready or on its way.
+    fn prepare_spare(&self) {
+        let bytes = self.opts.segment_bytes;
+        if bytes == 0
+            || self
+                .spare
+                .compare_exchange(
+                    SPARE_NONE,
+                    SPARE_PREPARING,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let state = self.spare.clone();
+        let dir = self.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wal-spare".into())
+            .spawn(move || {
+                // Background work, as snapshots.
+                // SAFETY: setpriority has no memory effects; 0 = the calling thread.
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) };
+                let start = Instant::now();
+                match make_spare(&dir, bytes) {
+                    Ok(()) => {
+                        debug!(dir = %dir.display(), bytes, ms = start.elapsed().as_millis() as u64, "log segment preallocated");
+                        state.store(SPARE_READY, Ordering::Release);
+                    }
+                    Err(e) => {
+                        warn!("{e}; the log appends to new segments instead (tried again at the next one)");
+                        state.store(SPARE_NONE, Ordering::Release);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a thread to preallocate a log segment: {e}");
+            self.spare.store(SPARE_NONE, Ordering::Release);
+        }
+    }
+
+    /// Whether the buffered group goes to a new segment first: the current one cannot hold it
+    /// (and holds something), or it is not preallocated and a spare is ready.
+    fn wants_new_segment(&self) -> bool {
+        let size = self.opts.segment_bytes;
+        if size == 0 {
+            return false;
+        }
+        (self.offset > 0 && self.offset + self.buf.len() as u64 > size.max(self.cap))
+            || (self.cap == 0 && self.spare.load(Ordering::Acquire) == SPARE_READY)
+    }
+
     /// Writes what is buffered, syncs per policy (or when `force`), publishes what is durable.
     fn write_group(&mut self, force: bool) -> Result<(), DurableError> {
         if !self.buf.is_empty() {
+            if self.wants_new_segment() {
+                self.next_segment()?;
+            }
             let path = || self.dir.join(segment_name(self.index));
             self.file
-                .write_all(&self.buf)
+                .write_all_at(&self.buf, self.offset)
                 .map_err(|e| DurableError::io("cannot append to log", &path(), e))?;
+            self.offset += self.buf.len() as u64;
             self.buf.clear();
             if self.buf.capacity() > GROUP_MAX_BYTES * 2 {
                 self.buf.shrink_to(1 << 16);
@@ -299,7 +470,8 @@ impl Writer {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), DurableError> {
+    /// Syncs the current segment if anything was written to it since the last sync.
+    fn sync_file(&mut self) -> Result<(), DurableError> {
         if self.dirty {
             self.file.sync_data().map_err(|e| {
                 DurableError::io(
@@ -310,6 +482,12 @@ impl Writer {
             })?;
             self.dirty = false;
         }
+        Ok(())
+    }
+
+    /// Syncs and publishes everything written as durable.
+    fn sync(&mut self) -> Result<(), DurableError> {
+        self.sync_file()?;
         self.next_sync = Instant::now() + self.opts.interval;
         if self.durable != self.pos {
             self.durable = self.pos;
