@@ -18,30 +18,63 @@ use tuplespace::wire::client::Status;
 // ok: semantics of GET, PUT, POST, DELETE
 // ---------------------------------------------------------------------------------------------
 
+/// The hex blocks of docs/PROTOCOL.md §6, in order: request, answer, request, answer, ...
+fn section_6_frames() -> Vec<Vec<u8>> {
+    let doc = include_str!("../docs/PROTOCOL.md");
+    let six = doc
+        .split("\n## 6.")
+        .nth(1)
+        .and_then(|s| s.split("\n## 7.").next())
+        .expect("docs/PROTOCOL.md has a section 6 followed by a section 7");
+    six.split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|block| block.split_whitespace().collect::<String>())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|h| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex"))
+                .collect()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_example_of_section_6() {
+    // Each request of the example, sent byte for byte as the document shows it, gets exactly the
+    // answer bytes the document shows.
+    let frames = section_6_frames();
+    assert_eq!(frames.len(), 8, "four requests and four answers in §6");
     let cl = Cluster::start().await;
+    let raw = cl.raw_client().await;
+    let mut s = raw.open().await;
+    for pair in frames.chunks(2) {
+        let (request, answer) = (&pair[0], &pair[1]);
+        s.write(request).await.expect("write the example request");
+        let body = s.read_body().await;
+        let mut got = (body.len() as u32).to_be_bytes().to_vec();
+        got.extend(&body);
+        assert_eq!(
+            &got, answer,
+            "answer to {request:02x?} differs from docs/PROTOCOL.md §6"
+        );
+    }
+
+    // The same through the reference client, by meaning.
     let mut c = cl.client().await;
-    let args = Value::Array(vec![
-        pair(&["user", "1"], &["alice"]),
-        pair(&["user", "2"], &["bob"]),
-        text("junk"),
-    ]);
-    let r = c.request("put", Some(args)).await.unwrap();
-    assert_eq!(rejected_of(&r), vec![text("junk")]);
-    assert_eq!(r.message, None, "{r:?}");
-
-    let r = c.request("GET", pats(r"user,\d+", "a.*")).await.unwrap();
-    assert_eq!(pairs_of(&r), owned(&[("user,1", "alice")]));
-
+    let r = c.request("GET", pats(r"user,\d+", ".*")).await.unwrap();
+    assert_eq!(
+        pairs_of(&r),
+        owned(&[("user,1", "alice"), ("user,2", "bob")])
+    );
     let r = c.request("FROB", Some(Value::Array(vec![]))).await.unwrap();
     assert_eq!(r.status, Status::NotImplemented, "{r:?}");
-    let m = r.message.clone().unwrap_or_default();
-    assert!(
-        m.contains("FROB"),
-        "the message must name the operator: {r:?}"
-    );
     assert!(r.pairs.is_none() && r.rejected.is_none(), "{r:?}");
+
+    // A frame of length 0 closes the connection with FRAME_TOO_LARGE (§6, last line).
+    s.write(&[0, 0, 0, 0]).await.expect("write");
+    assert_eq!(raw.ended(Duration::from_secs(5)).await.code(), Some(0x3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -857,6 +857,103 @@ mod tests {
         Value::Text(s.into())
     }
 
+    /// The hex of docs/PROTOCOL.md §6 with every blank removed.
+    fn doc_hex() -> String {
+        include_str!("../../docs/PROTOCOL.md")
+            .split("```")
+            .skip(1)
+            .step_by(2)
+            .map(|block| block.split_whitespace().collect::<String>())
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The examples of docs/PROTOCOL.md §6, as (request, expected answer) built by our own
+    /// encoders: the reference client's `request_value` and the proxy's `Response::encode_into`.
+    fn protocol_doc_examples() -> Vec<(Vec<u8>, Vec<u8>)> {
+        let t = |s: &str| Value::Text(s.into());
+        let tup = |xs: &[&str]| Value::Array(xs.iter().map(|x| t(x)).collect());
+        let put = request_value(
+            1,
+            "PUT",
+            Some(Value::Array(vec![
+                Value::Array(vec![tup(&["user", "1"]), tup(&["alice"])]),
+                Value::Array(vec![tup(&["user", "2"]), tup(&["bob"])]),
+                t("junk"),
+            ])),
+        );
+        let mut put_ok = Response::ok(Some(1));
+        put_ok.rejected = Some(vec![RawItem::from_value(&t("junk"))]);
+        let get = request_value(2, "GET", Some(Value::Array(vec![t(r"user,\d+"), t("a.*")])));
+        let mut get_ok = Response::ok(Some(2));
+        get_ok.pairs = Some(vec![Pair::new("user,1", "alice")]);
+        let frob = request_value(3, "FROB", Some(Value::Array(vec![])));
+        let frob_answer = Response::error(
+            Some(3),
+            Status::NotImplemented,
+            "operator FROB is not implemented",
+        );
+        let not_map = Value::Integer(1.into());
+        let not_map_answer = parse_request(&frame::encode(&not_map)[4..])
+            .unwrap_err()
+            .response();
+        let enc = |r: &Response| {
+            let mut out = vec![];
+            r.encode_into(&mut out);
+            out
+        };
+        vec![
+            (frame::encode(&put), enc(&put_ok)),
+            (frame::encode(&get), enc(&get_ok)),
+            (frame::encode(&frob), enc(&frob_answer)),
+            (frame::encode(&not_map), enc(&not_map_answer)),
+        ]
+    }
+
+    #[test]
+    fn protocol_doc_examples_are_what_the_code_sends() {
+        let doc = doc_hex();
+        let examples = protocol_doc_examples();
+        assert_eq!(examples.len(), 4);
+        for (req, answer) in &examples {
+            for bytes in [req, answer] {
+                let h = hex(bytes);
+                assert!(
+                    doc.split('|').any(|block| block == h),
+                    "docs/PROTOCOL.md §6 has no block with exactly these bytes:\n{h}"
+                );
+            }
+            // The request bytes read back as what they say, and so do the answers.
+            let body = &req[4..];
+            let _ = parse_request(body);
+            let back = Response::from_value(&frame::decode_value(&answer[4..]).unwrap()).unwrap();
+            assert!(back.id.is_some() || back.status == Status::Malformed);
+        }
+        let r = parse_request(&examples[0].0[4..]).unwrap();
+        let Command::Put(elems) = command_of(r, 10).unwrap() else {
+            panic!("the PUT example must be a PUT")
+        };
+        assert_eq!(elems.len(), 3);
+        let r = parse_request(&examples[1].0[4..]).unwrap();
+        assert_eq!(
+            command_of(r, 10).unwrap(),
+            Command::Get {
+                key: r"user,\d+".into(),
+                value: "a.*".into()
+            }
+        );
+        assert_eq!(
+            parse_request(&examples[2].0[4..]).unwrap().op,
+            Op::Other("FROB".into())
+        );
+        // The frame of length 0 in the same section.
+        assert!(include_str!("../../docs/PROTOCOL.md").contains("`00 00 00 00`"));
+    }
+
     #[test]
     fn parses_protocol_example() {
         let v = request_value(1, "put", Some(Value::Array(vec![text("junk")])));
