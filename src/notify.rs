@@ -3,11 +3,27 @@
 
 use std::process::Stdio;
 
-/// Logs `kind` and runs `command` (via `sh -c`) with TS_EVENT_KIND, TS_EVENT_DETAIL,
-/// TS_EVENT_PROCESS and TS_EVENT_TIME set. Never blocks: the command runs detached and is reaped
-/// by a background thread.
+/// Events that are the service working as intended (a replica joined, a backup is in sync):
+/// logged as INFO. Every other event reports a failure or what was done about one: WARN.
+pub const INFO_EVENTS: &[&str] = &[
+    "primary-registered",
+    "backup-registered",
+    "backup-start",
+    "backup-wait",
+    "backup-synced",
+    "learning-epochs",
+    "epochs-learned",
+];
+
+/// Logs `kind` (INFO for [`INFO_EVENTS`], else WARN) and runs `command` (via `sh -c`) with
+/// TS_EVENT_KIND, TS_EVENT_DETAIL, TS_EVENT_PROCESS and TS_EVENT_TIME set. Never blocks: the
+/// command runs detached and is reaped by a background thread.
 pub fn notify(command: Option<&str>, process: &str, kind: &str, detail: &str) {
-    tracing::warn!(event = kind, process, "{detail}");
+    if INFO_EVENTS.contains(&kind) {
+        tracing::info!(event = kind, process, "{detail}");
+    } else {
+        tracing::warn!(event = kind, process, "{detail}");
+    }
     let Some(cmd) = command else { return };
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

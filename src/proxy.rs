@@ -599,7 +599,8 @@ impl Router {
                 info!(link, epoch, "routing requests to the primary");
             }
             Action::NoPrimary => {
-                warn!("no primary: requests wait for one (up to request_timeout_ms)");
+                // Said as an event (primary-lost) by the witness when it is a failure.
+                debug!("no primary: requests wait for one (up to request_timeout_ms)");
             }
             Action::Notify { kind, detail } => {
                 notify(self.cfg.notify_command.as_deref(), "proxy", kind, &detail);
@@ -744,6 +745,10 @@ impl Router {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        // From here the replicas leaving is the expected end, not a failure (the witness knows).
+        if !self.machine.witness().stopping() {
+            self.step(router::Input::Witness(Input::Stopping));
+        }
         let now = self.now();
         match self
             .machine
@@ -806,6 +811,8 @@ impl Router {
         } else if let Some(d) = self.shutdown_deadline
             && now >= d
         {
+            // The service goes on: a replica leaving is a failure again.
+            self.step(router::Input::Witness(Input::StopAborted));
             self.finish_shutdown(
                 Status::Unavailable,
                 "the primary did not confirm its save within shutdown_timeout_ms; the service was not stopped".into(),
@@ -1492,6 +1499,12 @@ async fn serve_server_conn(
                         let batch = match input.next_batch::<RelayReply>().await {
                             Ok(Some(b)) => b,
                             Ok(None) => break,
+                            Err(RecvError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                                // The link itself ended (the server stopped, or it failed):
+                                // the control stream's end tells the witness, which decides.
+                                debug!(link, "relay stream ended with its link: {e}");
+                                break;
+                            }
                             Err(e) => {
                                 // Never a silent end: without this stream no answer from this
                                 // server arrives. Close the link: the server reconnects and

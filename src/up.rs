@@ -144,7 +144,17 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
             shutdown_service(&o, &cfg).await;
             0
         }
-        s = proxy.wait() => { error!("the proxy exited ({s:?}); stopping"); 1 }
+        s = proxy.wait() => match s {
+            // A SHUTDOWN on the admin SAP: the service stopped on purpose.
+            Ok(s) if s.success() => {
+                info!("the service was shut down (SHUTDOWN on the admin SAP)");
+                0
+            }
+            s => {
+                error!("the proxy exited ({s:?}); stopping");
+                1
+            }
+        },
     };
     // The first server may be gone after a failover: the current primary is whoever the proxy
     // routes to, and the SHUTDOWN above stopped it. Reap the first one if it is still there.

@@ -8,7 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 use serde_json::{Value as Json, json};
+use tuplespace::client::Client;
+use tuplespace::net::tls::CertRole;
+use tuplespace::wire::client::Status;
 
 /// What one CLI run gave.
 #[derive(Debug)]
@@ -239,4 +243,138 @@ async fn shutdown_from_the_cli_stops_the_service() {
     );
     let saved = std::fs::read_to_string(&cl.save_file).unwrap_or_default();
     assert!(saved.contains(r#"[["k"],["v"]]"#), "save file: {saved}");
+}
+
+/// `notify_command` that appends `PROCESS|KIND` to `file`, one line per call.
+fn recording_notify(file: &std::path::Path) -> String {
+    format!(
+        "notify_command='echo \"$TS_EVENT_PROCESS|$TS_EVENT_KIND\" >> {}'",
+        file.display()
+    )
+}
+
+/// The kinds recorded in `file` (see [`recording_notify`]).
+fn recorded_kinds(file: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit_once('|').map(|(_, k)| k.to_owned()))
+        .collect()
+}
+
+/// Lines of `log` at WARN or ERROR level (tracing's format: time, level, message).
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let level = l.split_whitespace().nth(1);
+            matches!(level, Some("WARN") | Some("ERROR"))
+        })
+        .collect()
+}
+
+/// Checks that a stop that `up` (start `start`) went through was orderly: no WARN or ERROR line,
+/// no failure notification, and one INFO stop line per process.
+fn assert_orderly(svc: &UpService, start: u32, events: &std::path::Path, how: &str) {
+    let log = svc.log(start);
+    let w = warnings(&log);
+    assert!(w.is_empty(), "{how}: WARN/ERROR lines: {w:#?}\n{log}");
+    // Every notification logs its event line before the command runs, so the log is the
+    // complete record; the file shows the commands that ran.
+    let kinds = recorded_kinds(events);
+    let failures: Vec<&String> = kinds
+        .iter()
+        .filter(|k| !tuplespace::notify::INFO_EVENTS.contains(&k.as_str()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{how}: failure notifications {failures:?} (all: {kinds:?})\n{log}"
+    );
+    assert_eq!(
+        log.matches(" INFO proxy stopped").count(),
+        1,
+        "{how}:\n{log}"
+    );
+    assert_eq!(
+        log.matches(" INFO server stopped exit=Shutdown").count(),
+        2,
+        "{how}: one line for the primary, one for the backup\n{log}"
+    );
+}
+
+/// Issue 12: Ctrl-C of `up` and a SHUTDOWN on the admin SAP stop the service without a WARN
+/// line or a failure notification; the control, kill -9 of the primary, does notify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orderly_stop_is_not_a_failure_and_a_kill_is() {
+    let notes = tempfile::tempdir().expect("tempdir");
+    let file = |n: &str| notes.path().join(n);
+    let mut svc = UpService::new(&[&recording_notify(&file("ctrl-c"))]);
+
+    // 1. Ctrl-C (SIGINT to `up`, as a terminal sends it).
+    svc.start();
+    svc.wait_ready(READY_TIMEOUT).await;
+    assert!(svc.first_write("a,1", "x", ANSWER_TIMEOUT).await.is_some());
+    signal(svc.up_pid(), Signal::SIGINT);
+    let st = wait_exit_async(svc.up.as_mut().expect("up"), EXIT_TIMEOUT).await;
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "up after Ctrl-C: {st:?}\n{}",
+        svc.logs()
+    );
+    svc.reap();
+    assert_orderly(&svc, 1, &file("ctrl-c"), "Ctrl-C");
+
+    // 2. SHUTDOWN on the admin SAP (what `tuplespace client shutdown` sends).
+    svc.sets = vec![recording_notify(&file("shutdown"))];
+    svc.start();
+    svc.wait_ready(READY_TIMEOUT).await;
+    let mut admin = Client::connect(
+        &svc.shutdown_sap,
+        &svc.certs,
+        CertRole::Admin,
+        &client_cfg(),
+    )
+    .await
+    .expect("admin connection");
+    let r = admin
+        .request("SHUTDOWN", None)
+        .await
+        .expect("SHUTDOWN answer");
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    let st = wait_exit_async(svc.up.as_mut().expect("up"), EXIT_TIMEOUT).await;
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "up after SHUTDOWN: {st:?}\n{}",
+        svc.logs()
+    );
+    svc.reap();
+    assert_orderly(&svc, 2, &file("shutdown"), "SHUTDOWN");
+
+    // 3. The control: kill -9 of the primary is a failure, notified as one.
+    svc.sets = vec![recording_notify(&file("kill"))];
+    svc.start();
+    let st = svc.wait_ready(READY_TIMEOUT).await;
+    let primary = get(&st, "primary")
+        .and_then(|p| get(p, "pid"))
+        .and_then(as_u64)
+        .unwrap_or_else(|| panic!("no primary pid: {st:?}")) as u32;
+    signal(primary, Signal::SIGKILL);
+    let notified = wait_until(EXIT_TIMEOUT, || async {
+        recorded_kinds(&file("kill"))
+            .iter()
+            .any(|k| k == "failover")
+    })
+    .await;
+    let log = svc.log(3);
+    assert!(
+        notified,
+        "no failover notification after kill -9 of the primary: {:?}\n{log}",
+        recorded_kinds(&file("kill"))
+    );
+    assert!(
+        warnings(&log)
+            .iter()
+            .any(|l| l.contains("event=\"failover\"")),
+        "{log}"
+    );
+    svc.stop().await;
 }

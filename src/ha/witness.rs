@@ -82,6 +82,14 @@ pub enum Input {
     Answered {
         link: LinkId,
     },
+    /// The service is being stopped on purpose (SHUTDOWN): the primary stops its backup, saves
+    /// and exits. From now on the replicas leaving is the expected end, not a failure: the
+    /// state moves as it would (a stop that does not complete leaves a consistent witness), but
+    /// no failure is reported for it.
+    Stopping,
+    /// The stop did not complete (the primary did not confirm in time): the service goes on, and
+    /// a replica leaving is a failure again.
+    StopAborted,
     Tick,
 }
 
@@ -155,6 +163,8 @@ pub struct Witness {
     last_tick: Option<Millis>,
     /// A proxy without durable state learning the replicas' epochs before it seats a primary.
     learning: Option<Learning>,
+    /// The service is being stopped on purpose ([`Input::Stopping`]).
+    stopping: bool,
 }
 
 /// What a fresh witness has heard while it learns (see [`Witness::learning`]).
@@ -189,6 +199,7 @@ impl Witness {
             started: None,
             last_tick: None,
             learning: None,
+            stopping: false,
         }
     }
 
@@ -283,6 +294,10 @@ impl Witness {
     pub fn backup(&self) -> Option<LinkId> {
         self.backup
     }
+    /// Whether the service is being stopped on purpose.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
     pub fn backup_synced(&self) -> bool {
         self.backup.is_some() && self.backup_synced
     }
@@ -337,6 +352,8 @@ impl Witness {
                 }
             }
             Input::Answered { link } => self.confirm(link),
+            Input::Stopping => self.stopping = true,
+            Input::StopAborted => self.stopping = false,
             Input::Tick => self.tick(now, &mut out),
         }
         if self.durable.epoch > before.epoch
@@ -431,7 +448,7 @@ impl Witness {
                 // Already without a backup (it missed the grant): grant again.
                 self.grant_solo(link, out);
             }
-        } else if Some(link) == self.backup && epoch >= self.durable.epoch {
+        } else if Some(link) == self.backup && epoch >= self.durable.epoch && !self.stopping {
             // The backup lost its primary. It may simply notice a dead primary before we do, so
             // nothing is decided here: if the primary is dead its heartbeats lapse (Tick
             // promotes); if it is alive, it loses the backup too and says so.
@@ -933,13 +950,16 @@ impl Witness {
                 epoch: self.durable.epoch,
             });
         }
-        out.push(Action::Notify {
-            kind: "backup-lost",
-            detail: format!(
-                "{why}: backup {handle} dropped; primary goes on alone at epoch {}",
-                self.durable.epoch
-            ),
-        });
+        if !self.stopping {
+            // (While the service stops, the primary stopping its backup is the expected end.)
+            out.push(Action::Notify {
+                kind: "backup-lost",
+                detail: format!(
+                    "{why}: backup {handle} dropped; primary goes on alone at epoch {}",
+                    self.durable.epoch
+                ),
+            });
+        }
     }
 
     /// Tells the replica at `link` it is the primary at the current epoch, lets it serve, and
@@ -1058,10 +1078,13 @@ impl Witness {
                     self.durable.synced_backup = Some(h);
                 }
                 out.push(Action::NoPrimary);
-                out.push(Action::Notify {
-                    kind: "primary-lost",
-                    detail: format!("{why}: primary {handle} failed and no synchronised backup can take over; waiting for it to come back"),
-                });
+                if !self.stopping {
+                    // (While the service stops, the primary leaving is the expected end.)
+                    out.push(Action::Notify {
+                        kind: "primary-lost",
+                        detail: format!("{why}: primary {handle} failed and no synchronised backup can take over; waiting for it to come back"),
+                    });
+                }
             }
         }
     }
@@ -1234,6 +1257,52 @@ mod tests {
     }
     fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
         actions.iter().any(pred)
+    }
+
+    /// What an orderly stop looks like to the witness: the primary stops its backup (its link
+    /// closes, the primary reports the peer lost), then the primary's own link closes.
+    fn orderly_stop(f: &mut Fx) -> Vec<Action> {
+        let mut a = vec![];
+        a.extend(f.at(100, Input::PeerLost { link: 1, epoch: 1 }));
+        a.extend(f.at(100, Input::LinkDown { link: 2 }));
+        a.extend(f.at(110, Input::LinkDown { link: 1 }));
+        for t in (150..=1000).step_by(50) {
+            a.extend(f.at(t, Input::Tick));
+        }
+        a
+    }
+
+    #[test]
+    fn an_orderly_stop_reports_no_failure() {
+        let failure = |x: &Action| matches!(x, Action::Notify { .. });
+        // The control: the same sequence without `Stopping` is two failures.
+        let mut f = Fx::pair();
+        let a = orderly_stop(&mut f);
+        let kinds: Vec<&str> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::Notify { kind, .. } => Some(*kind),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, ["backup-lost", "primary-lost"], "{a:?}");
+        let (epoch, durable) = (f.w.epoch(), f.w.durable().clone());
+
+        let mut f = Fx::pair();
+        assert!(f.at(90, Input::Stopping).is_empty());
+        assert!(f.w.stopping());
+        let a = orderly_stop(&mut f);
+        assert!(!has(&a, failure), "{a:?}");
+        // The state moves exactly as it would: a restarted proxy sees the same durable state.
+        assert_eq!((f.w.epoch(), f.w.durable()), (epoch, &durable));
+        assert!(has(&a, |x| *x == Action::NoPrimary), "{a:?}");
+
+        // A stop that did not complete: failures are failures again.
+        let mut f = Fx::pair();
+        f.at(90, Input::Stopping);
+        f.at(95, Input::StopAborted);
+        let a = orderly_stop(&mut f);
+        assert!(has(&a, failure), "{a:?}");
     }
 
     #[test]
