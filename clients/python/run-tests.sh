@@ -14,6 +14,9 @@ if [ ! -x "$TUPLESPACE_BIN" ]; then
   exit 1
 fi
 python="${PYTHON:-python3}"
+if ! command -v "$python" >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq python3 python3-venv) >/dev/null 2>&1 || true
+fi
 venv="$(mktemp -d "${TMPDIR:-/tmp}/tuplespace-pyclient.XXXXXX")"
 trap 'rm -rf "$venv"' EXIT
 if ! "$python" -m venv "$venv/venv" >/dev/null 2>&1; then
@@ -23,4 +26,5 @@ if ! "$python" -m venv "$venv/venv" >/dev/null 2>&1; then
 fi
 "$venv/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$here[test]"
 cd "$here"
-"$venv/venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+# Every wait in the tests is bounded; the outer bound only guards against a hang in the harness.
+timeout --kill-after=10 600 "$venv/venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

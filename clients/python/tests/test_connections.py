@@ -108,3 +108,23 @@ def test_shutdown_closes_clients_with_shutting_down(up_factory):
 
     asyncio.run(body())
     wait_until(lambda: svc.up.poll() is not None, 30, "up exits after SHUTDOWN")
+
+
+def test_the_service_certificate_must_carry_the_node_role_and_the_name_dialled(service):
+    from types import SimpleNamespace
+
+    from cryptography import x509
+
+    from tuplespace.client import _check_service_certificate
+
+    def check(pem, name):
+        cert = x509.load_pem_x509_certificate((service.certs / pem).read_bytes())
+        return _check_service_certificate(SimpleNamespace(tls=SimpleNamespace(_peer_certificate=cert)), name)
+
+    for name in ("127.0.0.1", "localhost", "::1", "LOCALHOST"):
+        assert check("node.pem", name) is None, name
+    assert "10.0.0.1" in check("node.pem", "10.0.0.1")
+    assert "example.com" in check("node.pem", "example.com")
+    # A client or admin certificate from the same CA is not a service's.
+    assert "not node" in check("client.pem", "127.0.0.1")
+    assert "not node" in check("admin.pem", "localhost")
