@@ -99,9 +99,9 @@ def test_without_replicas_requests_are_unavailable(up_factory):
         assert e.value.message, e.value
         assert 1.3 <= took < 6, f"answered after {took:.2f} s, expected about the 1.5 s request timeout"
         # A write: `unavailable` once the proxy has declared the primary lost. When both
-        # replicas die within a heartbeat, the proxy has been seen (1 run in 6, binary of main
-        # 2c3bed1) to keep the dead primary in STATUS and answer writes `unknown` instead: both
-        # are typed, and neither may be `ok`.
+        # replicas die within a heartbeat, the proxy has been seen to miss it (main at a22a0dd:
+        # STATUS still showed both dead replicas after 10 s in 6 runs of 10, no `primary-lost`)
+        # and to answer a write `unknown` then (1 test run in 6): both are typed; never `ok`.
         with pytest.raises((tuplespace.Unavailable, tuplespace.OutcomeUnknown)) as e:
             c.put(("a,1", "x"))
         assert e.value.message, e.value
