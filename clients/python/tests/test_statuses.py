@@ -98,10 +98,10 @@ def test_without_replicas_requests_are_unavailable(up_factory):
         took = time.monotonic() - t0
         assert e.value.message, e.value
         assert 1.3 <= took < 6, f"answered after {took:.2f} s, expected about the 1.5 s request timeout"
-        # A write: `unavailable` once the proxy has declared the primary lost. When both
-        # replicas die within a heartbeat, the proxy has been seen to miss it (main at a22a0dd:
-        # STATUS still showed both dead replicas after 10 s in 6 runs of 10, no `primary-lost`)
-        # and to answer a write `unknown` then (1 test run in 6): both are typed; never `ok`.
+        # A write: `unavailable`, or `unknown` when it went to the dead primary: when both
+        # replicas fall silent within one tick the proxy waits instead of declaring them lost
+        # (src/ha/witness.rs, "both silent at once"; STATUS still showed both after 10 s in 10
+        # runs of 18), and one test run in 6 saw `unknown` then. Both typed; never `ok`.
         with pytest.raises((tuplespace.Unavailable, tuplespace.OutcomeUnknown)) as e:
             c.put(("a,1", "x"))
         assert e.value.message, e.value
