@@ -209,9 +209,9 @@ class Client:
             # and the name and role by _check_service_certificate after the handshake.
             server_name=None,
             verify_mode=ssl.CERT_REQUIRED,
-            # aioquic's receive windows (1 MiB per stream and per connection): data beyond them
-            # stays with the service, so a client that stops reading holds back the service
-            # (which throttles it, then closes it with SLOW_READER) instead of growing here.
+            # aioquic's receive windows: 1 MiB per stream and per connection at first, doubled
+            # whenever half is used, as data arrives (not as the application reads it). Answers
+            # are held here by the requests' futures, at most max_outstanding of them.
         )
         try:
             config.load_cert_chain(files[f"{role}.pem"], files[f"{role}.key"])
