@@ -152,6 +152,22 @@ pub struct Config {
     /// never seats a deposed one.
     pub proxy_fresh_wait_ms: u64,
 
+    // ---- metrics ----
+    /// Where this process serves OpenMetrics text at `GET /metrics` (plain HTTP/1.1, TCP), e.g.
+    /// "127.0.0.1:7403". None or "" = no metrics. `up` sets it for the proxy and the first
+    /// primary.
+    pub metrics_sap: Option<String>,
+    /// Where a backup started by this server serves its metrics. The backup is started with
+    /// `metrics_sap` = this and `backup_metrics_sap` = the starting server's `metrics_sap`, so
+    /// after a failover the next backup takes the address the old primary had. None or "" = the
+    /// backup serves no metrics.
+    pub backup_metrics_sap: Option<String>,
+    /// Deadline for one metrics connection (reading the request and writing the answer); also
+    /// the pause between attempts to bind a `metrics_sap` that another process still holds.
+    pub metrics_timeout_ms: u64,
+    /// Metrics connections served at once; more are closed at once.
+    pub max_metrics_connections: usize,
+
     // ---- durability ----
     /// Where replicas keep their logs and snapshots (one `replica-*` directory per process).
     /// Empty = `<SAVE_FILE>.d`; with neither, a replica keeps the space in memory only.
@@ -220,6 +236,10 @@ impl Default for Config {
             backup_launch_command: None,
             proxy_state_file: None,
             proxy_fresh_wait_ms: 10_000,
+            metrics_sap: None,
+            backup_metrics_sap: None,
+            metrics_timeout_ms: 5_000,
+            max_metrics_connections: 16,
             data_dir: None,
             fsync: crate::durable::FsyncPolicy::Always,
             fsync_interval_ms: 100,
@@ -380,6 +400,26 @@ impl Config {
         }
         if self.max_reply_bytes > (usize::MAX >> 4) {
             return bad("max_reply_bytes", "is too large");
+        }
+        if self.metrics_timeout_ms == 0 {
+            return bad("metrics_timeout_ms", "must be greater than 0");
+        }
+        if self.max_metrics_connections == 0 {
+            return bad("max_metrics_connections", "must be greater than 0");
+        }
+        for (key, v) in [
+            ("metrics_sap", &self.metrics_sap),
+            ("backup_metrics_sap", &self.backup_metrics_sap),
+        ] {
+            if let Some(sap) = v
+                && !sap.is_empty()
+                && !sap.contains(':')
+            {
+                return bad(
+                    key,
+                    format!("`{sap}` is not HOST:PORT (leave the key out for no metrics)"),
+                );
+            }
         }
         if self.fsync_interval_ms == 0 {
             return bad("fsync_interval_ms", "must be greater than 0");

@@ -10,6 +10,7 @@ pub mod config;
 pub mod durable;
 pub mod fuzzing;
 pub mod ha;
+pub mod metrics;
 pub mod nemesis;
 pub mod net;
 pub mod notify;

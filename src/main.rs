@@ -119,6 +119,16 @@ enum Cmd {
         heartbeat_sap: String,
         #[arg(long, default_value = "data/space.json")]
         save_file: PathBuf,
+        /// Where the proxy serves OpenMetrics at GET /metrics ("none" = no metrics).
+        #[arg(long, default_value = "127.0.0.1:7403")]
+        metrics_sap: String,
+        /// Where the first primary serves its metrics ("none" = no metrics).
+        #[arg(long, default_value = "127.0.0.1:7413")]
+        primary_metrics_sap: String,
+        /// Where the first backup serves its metrics; after a failover the next backup takes the
+        /// old primary's ("none" = no metrics).
+        #[arg(long, default_value = "127.0.0.1:7414")]
+        backup_metrics_sap: String,
     },
 }
 
@@ -555,8 +565,12 @@ fn run(cli: Cli) -> Result<u8, String> {
             backup_sap,
             heartbeat_sap,
             save_file,
+            metrics_sap,
+            primary_metrics_sap,
+            backup_metrics_sap,
         } => {
             init_tracing("up");
+            let off = |s: String| if s == "none" { String::new() } else { s };
             let opts = tuplespace::up::UpOptions {
                 client_sap,
                 server_sap,
@@ -564,6 +578,9 @@ fn run(cli: Cli) -> Result<u8, String> {
                 primary_shutdown_sap: primary_sap,
                 backup_sap,
                 heartbeat_sap,
+                metrics_sap: off(metrics_sap),
+                primary_metrics_sap: off(primary_metrics_sap),
+                backup_metrics_sap: off(backup_metrics_sap),
                 save_file,
                 certs: cli.certs,
                 config_path: explicit.then_some(cli.config),

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::ha::Millis;
 use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
+use crate::metrics::{self, OpLabel, ProxyMetrics};
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
@@ -105,6 +106,8 @@ enum RouterMsg {
         id: u64,
         reply: RespTx,
         permit: Permit,
+        /// When the request was read (for the latency metric only).
+        start: Instant,
     },
     Admin {
         op: Op,
@@ -157,6 +160,8 @@ struct Req {
     /// router forgets the request (answered, even if the client's stream is gone).
     #[allow(dead_code)]
     permit: Permit,
+    /// When the request was read (for the latency metric only).
+    start: Instant,
 }
 
 /// A request's share of the pending budgets (one place per connection, its bytes globally).
@@ -476,6 +481,8 @@ struct Router {
     shutdown_waiters: Vec<(u64, RespTx)>,
     shutdown_deadline: Option<Instant>,
     stop: CancellationToken,
+    /// Recorded, never read back.
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl Router {
@@ -545,6 +552,10 @@ impl Router {
                         ),
                     ),
                 };
+                let op = OpLabel::of_command(&payload.cmd);
+                self.metrics.requests.inc(op, resp.status);
+                self.metrics.latency.observe(op, payload.start.elapsed());
+                self.metrics.in_flight.dec();
                 let _ = payload.reply.send(resp);
             }
             MAction::Watermark { link, rid } => {
@@ -603,6 +614,9 @@ impl Router {
                 debug!("no primary: requests wait for one (up to request_timeout_ms)");
             }
             Action::Notify { kind, detail } => {
+                if kind == "failover" {
+                    self.metrics.failovers.inc();
+                }
                 notify(self.cfg.notify_command.as_deref(), "proxy", kind, &detail);
             }
         }
@@ -616,6 +630,7 @@ impl Router {
                 id,
                 reply,
                 permit,
+                start,
             } => {
                 let write = cmd.is_write();
                 self.step(router::Input::Request {
@@ -625,6 +640,7 @@ impl Router {
                         id,
                         reply,
                         permit,
+                        start,
                     },
                     write,
                 });
@@ -633,10 +649,14 @@ impl Router {
                 Op::Status => {
                     let mut r = Response::ok(Some(id));
                     r.cluster = Some(self.status());
+                    self.metrics.requests.inc(OpLabel::Status, Status::Ok);
                     let _ = reply.send(r);
                 }
                 Op::Shutdown => self.start_shutdown(id, reply),
                 _ => {
+                    self.metrics
+                        .requests
+                        .inc(OpLabel::of_op(&op), Status::Forbidden);
                     let _ = reply.send(Response::error(
                         Some(id),
                         Status::Forbidden,
@@ -779,6 +799,7 @@ impl Router {
 
     fn finish_shutdown(&mut self, status: Status, message: String) {
         for (id, tx) in self.shutdown_waiters.drain(..) {
+            self.metrics.requests.inc(OpLabel::Shutdown, status);
             let _ = tx.send(Response {
                 message: Some(message.clone()),
                 ..Response::error(Some(id), status, "")
@@ -797,6 +818,7 @@ impl Router {
 
     fn tick(&mut self) {
         self.step(router::Input::Tick);
+        self.record();
         let now = Instant::now();
         if let Some(d) = self.shutdown_deadline
             && now + self.cfg.shutdown_timeout() >= d + self.cfg.heartbeat_timeout()
@@ -817,6 +839,32 @@ impl Router {
                 Status::Unavailable,
                 "the primary did not confirm its save within shutdown_timeout_ms; the service was not stopped".into(),
             );
+        }
+    }
+
+    /// Copies what the metrics mirror of the witness and the router (each tick).
+    fn record(&self) {
+        let m = &self.metrics;
+        let w = self.machine.witness();
+        m.epoch.set(w.epoch() as i64);
+        m.pending.set(self.machine.pending_len() as i64);
+        let primary = w.primary();
+        m.primary_up.set(i64::from(primary.is_some()));
+        m.connections.set(
+            "primary",
+            i64::from(primary.is_some_and(|p| self.links.contains_key(&p))),
+        );
+        m.connections.set(
+            "backup",
+            i64::from(w.backup().is_some_and(|b| self.links.contains_key(&b))),
+        );
+        m.backup_state.only(match (w.backup(), w.backup_synced()) {
+            (None, _) => "absent",
+            (Some(_), false) => "syncing",
+            (Some(_), true) => "synced",
+        });
+        if let Some(l) = primary.and_then(|p| self.links.get(&p)) {
+            m.pairs.set(l.pairs as i64);
         }
     }
 
@@ -1027,6 +1075,14 @@ pub async fn run(
         "proxy listening"
     );
 
+    let (proxy_metrics, registry) = ProxyMetrics::new();
+    metrics::spawn(
+        cfg.metrics_sap.as_deref(),
+        "proxy",
+        registry,
+        &cfg,
+        stop.clone(),
+    );
     let clients = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = mpsc::unbounded_channel();
     let (state, durable, incarnation) = match &cfg.proxy_state_file {
@@ -1062,6 +1118,7 @@ pub async fn run(
         shutdown_waiters: Vec::new(),
         shutdown_deadline: None,
         stop: stop.clone(),
+        metrics: proxy_metrics.clone(),
     };
     let router_task = tokio::spawn(router_loop(router, rx));
     let conn_ids = Arc::new(AtomicU64::new(1));
@@ -1079,6 +1136,7 @@ pub async fn run(
         // Answers not yet read, all connections of both SAPs together.
         replies: ReplyBudget::new(&cfg),
         identities: Arc::default(),
+        metrics: proxy_metrics,
     };
     let admin = ClientShared {
         sap: SapKind::Shutdown,
@@ -1128,6 +1186,7 @@ struct ClientShared {
     pending_bytes: Arc<tokio::sync::Semaphore>,
     replies: Arc<ReplyBudget>,
     identities: Arc<Identities>,
+    metrics: Arc<ProxyMetrics>,
 }
 
 async fn accept_clients(ep: quinn::Endpoint, shared: ClientShared) {
@@ -1176,7 +1235,13 @@ async fn accept_clients(ep: quinn::Endpoint, shared: ClientShared) {
                 }
             }
             debug!(conn_id, remote = %conn.remote_address(), ?sap, "client connected");
+            let role = match sap {
+                SapKind::Client => "client",
+                _ => "admin",
+            };
+            sh.metrics.connections.inc(role);
             serve_client_conn(conn, conn_id, &sh).await;
+            sh.metrics.connections.dec(role);
             if sap == SapKind::Client {
                 sh.clients.fetch_sub(1, Ordering::SeqCst);
             }
@@ -1220,6 +1285,7 @@ async fn serve_client_conn(conn: quinn::Connection, conn_id: u64, sh: &ClientSha
             cfg.clone(),
             budgets.clone(),
             replies.clone(),
+            sh.metrics.clone(),
         ));
     }
 }
@@ -1240,9 +1306,19 @@ fn classify(
     sap: SapKind,
     cfg: &Config,
     tx: &RespTx,
-) -> Result<Classified, Box<Response>> {
+) -> Result<Classified, (OpLabel, Box<Response>)> {
     // Read in place: no value tree, so a frame of a million tiny items costs its bytes only.
-    let req = client::parse_request(body).map_err(|m| Box::new(m.response()))?;
+    let req = client::parse_request(body).map_err(|m| (OpLabel::Other, Box::new(m.response())))?;
+    let op = OpLabel::of_op(&req.op);
+    classify_request(req, sap, cfg, tx).map_err(|r| (op, r))
+}
+
+fn classify_request(
+    req: client::Request,
+    sap: SapKind,
+    cfg: &Config,
+    tx: &RespTx,
+) -> Result<Classified, Box<Response>> {
     let id = req.id;
     match (&req.op, sap) {
         (Op::Other(name), _) => Err(Box::new(Response::error(
@@ -1279,6 +1355,7 @@ type Waiting = (
     Command,
     u64,
     Pin<Box<dyn Future<Output = Option<Permit>> + Send>>,
+    Instant,
 );
 
 #[allow(clippy::too_many_arguments)]
@@ -1292,6 +1369,7 @@ async fn client_stream(
     cfg: Arc<Config>,
     budgets: Budgets,
     replies: Arc<ConnReplies>,
+    metrics: Arc<ProxyMetrics>,
 ) {
     let (tx, mut rx) = RespTx::channel(replies.clone());
     let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
@@ -1333,14 +1411,17 @@ async fn client_stream(
                     None => std::future::pending().await,
                 }
             }, if waiting.is_some() => {
-                let (Some((cmd, id, _)), Some(permit)) = (waiting.take(), p) else { return };
+                let (Some((cmd, id, _, start)), Some(permit)) = (waiting.take(), p) else { return };
                 outstanding += 1;
-                let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
+                let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit, start };
                 if router.send(msg).is_err() { return; }
+                metrics.in_flight.inc();
             }
             r = over.changed(), if throttled => if r.is_err() { return },
             f = input.next(), if reading && !throttled && waiting.is_none() && outstanding < max_out => {
                 let mut next = f;
+                // One clock reading for the frames read together.
+                let start = Instant::now();
                 loop {
                     match next {
                         Ok(Some(body)) => {
@@ -1358,14 +1439,18 @@ async fn client_stream(
                                     let cost = cmd.mem_bytes().max(body.len()).min(cfg.max_pending_bytes);
                                     let Some(permit) = budgets.try_acquire(cost) else {
                                         let fut = budgets.clone().acquire(cost);
-                                        waiting = Some((cmd, id, Box::pin(fut)));
+                                        waiting = Some((cmd, id, Box::pin(fut), start));
                                         break;
                                     };
                                     outstanding += 1;
-                                    let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit };
+                                    let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit, start };
                                     if router.send(msg).is_err() { return; }
+                                    metrics.in_flight.inc();
                                 }
-                                Err(resp) => out.push(&resp),
+                                Err((op, resp)) => {
+                                    metrics.requests.inc(op, resp.status);
+                                    out.push(&resp);
+                                }
                             }
                         }
                         Ok(None) => { reading = false; break; }

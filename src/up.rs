@@ -21,6 +21,10 @@ pub struct UpOptions {
     pub primary_shutdown_sap: String,
     pub backup_sap: String,
     pub heartbeat_sap: String,
+    /// Metrics of the proxy, the first primary and the first backup ("" = none).
+    pub metrics_sap: String,
+    pub primary_metrics_sap: String,
+    pub backup_metrics_sap: String,
     pub save_file: PathBuf,
     pub certs: PathBuf,
     pub config_path: Option<PathBuf>,
@@ -93,6 +97,9 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
         .arg(&o.server_sap)
         .arg(&o.shutdown_sap);
     common_flags(&mut proxy, &o);
+    proxy
+        .arg("--set")
+        .arg(format!("metrics_sap={}", o.metrics_sap));
     if cfg.proxy_state_file.is_none() {
         // The proxy's durable state (epoch, office holder, incarnation) beside the save file.
         let state = o.save_file.with_file_name("proxy.state");
@@ -114,6 +121,11 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
         .arg("null")
         .arg(&init);
     common_flags(&mut server, &o);
+    server
+        .arg("--set")
+        .arg(format!("metrics_sap={}", o.primary_metrics_sap))
+        .arg("--set")
+        .arg(format!("backup_metrics_sap={}", o.backup_metrics_sap));
     let mut server = spawn(server, "server")?;
 
     println!("tuplespace is up.");
@@ -123,6 +135,19 @@ pub async fn run(o: UpOptions, cfg: Config) -> Result<i32, UpError> {
         o.certs.display()
     );
     println!("  admin (shutdown) at  {}", o.shutdown_sap);
+    let url = |s: &str| {
+        if s.is_empty() {
+            "off".to_owned()
+        } else {
+            format!("http://{s}/metrics")
+        }
+    };
+    println!(
+        "  metrics (OpenMetrics) proxy {}, primary {}, backup {} (docs/METRICS.md)",
+        url(&o.metrics_sap),
+        url(&o.primary_metrics_sap),
+        url(&o.backup_metrics_sap)
+    );
     match crate::durable::data_root(&cfg, Some(&o.save_file)) {
         Some(root) => println!(
             "  data (logs, snapshots) in {} (fsync = {:?}); saved to {} on shutdown",

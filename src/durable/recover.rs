@@ -507,6 +507,7 @@ mod tests {
             snapshot_every_bytes: 0,
             queue: 16,
             segment_bytes: 0,
+            metrics: None,
         }
     }
 

@@ -76,6 +76,8 @@ pub struct WalOptions {
     pub queue: usize,
     /// Preallocated segment size; 0 = append to segments that change only at snapshots.
     pub segment_bytes: u64,
+    /// Where the writer records its append and sync times (observations only).
+    pub metrics: Option<Arc<crate::metrics::WalMetrics>>,
 }
 
 impl WalOptions {
@@ -87,6 +89,7 @@ impl WalOptions {
             snapshot_every_bytes: cfg.snapshot_every_bytes,
             queue: cfg.wal_queue_records,
             segment_bytes: cfg.wal_segment_bytes,
+            metrics: None,
         }
     }
 }
@@ -439,9 +442,15 @@ impl Writer {
                 self.next_segment()?;
             }
             let path = || self.dir.join(segment_name(self.index));
+            let t = Instant::now();
             self.file
                 .write_all_at(&self.buf, self.offset)
                 .map_err(|e| DurableError::io("cannot append to log", &path(), e))?;
+            if let Some(m) = &self.opts.metrics {
+                m.write.observe(t.elapsed());
+                m.appended_bytes
+                    .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+            }
             self.offset += self.buf.len() as u64;
             self.buf.clear();
             if self.buf.capacity() > GROUP_MAX_BYTES * 2 {
@@ -473,6 +482,7 @@ impl Writer {
     /// Syncs the current segment if anything was written to it since the last sync.
     fn sync_file(&mut self) -> Result<(), DurableError> {
         if self.dirty {
+            let t = Instant::now();
             self.file.sync_data().map_err(|e| {
                 DurableError::io(
                     "cannot sync log",
@@ -480,6 +490,9 @@ impl Writer {
                     e,
                 )
             })?;
+            if let Some(m) = &self.opts.metrics {
+                m.fsync.observe(t.elapsed());
+            }
             self.dirty = false;
         }
         Ok(())
@@ -517,6 +530,7 @@ impl Writer {
             return;
         }
         let busy = self.snapshotting.clone();
+        let metrics = self.opts.metrics.clone();
         let dir = self.dir.clone();
         let next = self.index;
         let spawned = std::thread::Builder::new()
@@ -529,6 +543,11 @@ impl Writer {
                 let start = Instant::now();
                 match write_snapshot(&dir, &space, pos, next, dedupe) {
                     Ok(n) => {
+                        if let Some(m) = &metrics {
+                            m.snapshots.fetch_add(1, Ordering::Relaxed);
+                            m.last_snapshot_unix_ms
+                                .store(crate::metrics::unix_ms(), Ordering::Relaxed);
+                        }
                         let removed = remove_segments_before(&dir, next);
                         info!(
                             dir = %dir.display(),

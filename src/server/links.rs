@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
 use crate::ha::replica::BackupId;
+use crate::metrics::{ReplicationLag, ServerMetrics};
 use crate::net::endpoint::{self, ListenLimits};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
@@ -380,6 +381,7 @@ pub async fn connect_backup(
     info: &ReplicaInfo,
     id: BackupId,
     events: &Events,
+    metrics: &Arc<ServerMetrics>,
 ) -> Result<
     (
         quinn::Connection,
@@ -413,10 +415,15 @@ pub async fn connect_backup(
     let (tx, mut rx) = mpsc::unbounded_channel::<Repl>();
     let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<SpaceCopy>();
     let ev = events.clone();
+    let m = metrics.clone();
     tokio::spawn(async move {
         let Some((space, snap_seq, dedupe)) = snap_rx.recv().await else {
             return;
         };
+        m.sync
+            .pairs_total
+            .store(space.len() as u64, Ordering::Relaxed);
+        m.sync.pairs_sent.store(0, Ordering::Relaxed);
         let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
         let mut bytes = 0;
         for (k, v) in space.iter() {
@@ -424,6 +431,9 @@ pub async fn connect_backup(
             chunk.push((k.clone(), v.clone()));
             if chunk.len() == SNAPSHOT_CHUNK || bytes > SNAPSHOT_CHUNK_BYTES {
                 bytes = 0;
+                m.sync
+                    .pairs_sent
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 out.queue(&Repl::Snapshot {
                     pairs: std::mem::take(&mut chunk),
                 });
@@ -432,6 +442,9 @@ pub async fn connect_backup(
                 }
             }
         }
+        m.sync
+            .pairs_sent
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         out.queue(&Repl::Snapshot { pairs: chunk });
         // The dedupe table may hold a million replies or a few large ones: chunks of ~1 MiB,
         // each far below the node frame limit (one reply alone is at most max_response_bytes).
@@ -450,13 +463,10 @@ pub async fn connect_backup(
         }
         drop(space);
         // Updates the snapshot already contains are skipped.
-        out.pump(
-            &mut rx,
-            |m| !matches!(m, Repl::Update { seq, .. } if *seq <= snap_seq),
-        )
-        .await;
+        pump_updates(&mut out, &mut rx, snap_seq, &m.lag).await;
         out.finish();
     });
+    let lag = metrics.lag.clone();
     let max = cfg.node_frame_limit();
     tokio::spawn(async move {
         let mut input = FramedRecv::new(recv, max);
@@ -474,6 +484,7 @@ pub async fn connect_backup(
                         }
                     }
                     if let Some(s) = last {
+                        lag.acked(s);
                         let _ = ev.send(Event::BackupAck(id, s));
                     }
                 }
@@ -486,6 +497,39 @@ pub async fn connect_backup(
     Ok((conn, tx, snap_tx))
 }
 
+/// Writes updates (those after `snap_seq`) and the rest of what `rx` brings to the backup, many
+/// frames per write (as [`FramedSend::pump`]), noting each update's size for the replication lag
+/// metric.
+async fn pump_updates(
+    out: &mut FramedSend,
+    rx: &mut mpsc::UnboundedReceiver<Repl>,
+    snap_seq: u64,
+    lag: &ReplicationLag,
+) {
+    lag.restart();
+    let queue = |out: &mut FramedSend, m: Repl| match &m {
+        Repl::Update { seq, .. } if *seq <= snap_seq => {}
+        Repl::Update { seq, .. } => {
+            let before = out.queued();
+            out.queue(&m);
+            lag.sent(*seq, out.queued() - before);
+        }
+        _ => out.queue(&m),
+    };
+    while let Some(m) = rx.recv().await {
+        queue(out, m);
+        while out.queued() < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) => queue(out, m),
+                Err(_) => break,
+            }
+        }
+        if out.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
 /// arrives. Ends when the endpoint is closed.
 ///
@@ -493,6 +537,7 @@ pub async fn connect_backup(
 /// [`endpoint::accept_each`], so that strangers knocking (a flood of Initials that never complete)
 /// never keep the primary waiting; the replication streams of node peers are then served one at
 /// a time, in the order they arrived.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_replication(
     ep: quinn::Endpoint,
     cfg: Arc<Config>,
@@ -501,6 +546,7 @@ pub async fn serve_replication(
     handle: String,
     durable: Option<watch::Receiver<Durable>>,
     events: Events,
+    metrics: Arc<ServerMetrics>,
 ) {
     type Arrived = (quinn::Connection, quinn::SendStream, quinn::RecvStream);
     let (arrived_tx, mut arrived) = mpsc::channel::<Arrived>(cfg.max_handshakes);
@@ -548,6 +594,7 @@ pub async fn serve_replication(
         }
         let (acks, need) = mpsc::unbounded_channel::<AckNeed>();
         let acker = tokio::spawn(acknowledge(out, need, durable.clone(), handle.clone()));
+        metrics.connections.inc("primary");
         let mut first_chunk = true;
         'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
             let mut last = None;
@@ -608,6 +655,7 @@ pub async fn serve_replication(
         }
         drop(acks);
         let _ = acker.await;
+        metrics.connections.dec("primary");
         let _ = events.send(Event::ReplicationDown);
     }
 }

@@ -28,6 +28,7 @@ use crate::durable::wal::{self, Durable, WalHooks, WalOptions};
 use crate::durable::{self as dur, Position, recover};
 use crate::ha::Millis;
 use crate::ha::replica::{self, Action, BackupId, Input, Timing};
+use crate::metrics::ServerMetrics;
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
 use crate::net::tls::{self, Identity};
 use crate::notify::notify;
@@ -94,6 +95,12 @@ struct Replica {
     logged_epoch: u64,
     /// This replica's directory under the data root, its lock, and the root.
     data: Option<DataDir>,
+    /// Recorded, never read back.
+    metrics: Arc<ServerMetrics>,
+    /// The update whose replication is being timed, and when it was handed to the backup link.
+    probe: Option<(u64, Instant)>,
+    /// The highest update the backup has acknowledged (its initial copy included).
+    acked: u64,
 }
 
 /// A replica's own directory under the data root, locked while the process lives.
@@ -224,7 +231,27 @@ pub async fn run(
             .map_err(|e| ServerError::Thread(std::io::Error::other(e)))??
     };
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<StoreOut>();
-    let stats = StoreStats::default();
+    let metrics = Arc::new(ServerMetrics::default());
+    let stats = StoreStats {
+        metrics: metrics.clone(),
+        ..StoreStats::default()
+    };
+    let metrics_stop = stop.child_token();
+    crate::metrics::spawn(
+        cfg.metrics_sap.as_deref(),
+        match role {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        },
+        ServerMetrics::registry(
+            &metrics,
+            start.data.is_some(),
+            stats.pairs.clone(),
+            stats.seq.clone(),
+        ),
+        &cfg,
+        metrics_stop.clone(),
+    );
     let save_file = if role == Role::Primary {
         args.save_file.clone()
     } else {
@@ -234,11 +261,23 @@ pub async fn run(
     let (wal, data, log_base, durable) = match start.data {
         Some((dir, lock, root, last_segment, held)) => {
             dur_tx.send_replace(held);
+            if let Ok(t) = std::fs::metadata(dir.join(dur::SNAPSHOT_FILE))
+                .and_then(|m| m.modified())
+                .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+            {
+                metrics
+                    .wal
+                    .last_snapshot_unix_ms
+                    .store(t.as_millis() as u64, Ordering::Relaxed);
+            }
             let (w, h) = wal::spawn(
                 dir.clone(),
                 last_segment,
                 held,
-                WalOptions::from_config(&cfg),
+                WalOptions {
+                    metrics: Some(metrics.wal.clone()),
+                    ..WalOptions::from_config(&cfg)
+                },
                 WalHooks {
                     on_durable: Box::new(move |d| {
                         dur_tx.send_replace(d);
@@ -333,6 +372,9 @@ pub async fn run(
         durable,
         logged_epoch: start.pos.epoch,
         data,
+        metrics,
+        probe: None,
+        acked: 0,
     };
     r.start_listeners();
     let mut hb = tokio::time::interval(cfg.heartbeat_interval());
@@ -352,7 +394,10 @@ pub async fn run(
                 let d = *dur_rx.borrow_and_update();
                 r.on_durable(d);
             }
-            _ = hb.tick() => r.step(Input::Tick),
+            _ = hb.tick() => {
+                r.step(Input::Tick);
+                r.record();
+            }
             _ = stop.cancelled() => {
                 let save = r.machine.role() == Role::Primary;
                 break (Exit::Shutdown, save);
@@ -400,6 +445,7 @@ pub async fn run(
         p.conn.close(0u32.into(), b"stopping");
     }
     let _ = tokio::time::timeout(Duration::from_millis(200), r.dial_ep.wait_idle()).await;
+    metrics_stop.cancel();
     Ok(exit)
 }
 
@@ -428,6 +474,35 @@ impl Replica {
 
     fn now(&self) -> Millis {
         self.origin.elapsed().as_millis() as Millis
+    }
+
+    /// Copies what the metrics mirror of the state machine and the links (each heartbeat tick).
+    fn record(&mut self) {
+        let m = &self.metrics;
+        let role = self.machine.role();
+        m.role.only(match role {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        });
+        m.epoch.set(self.machine.epoch() as i64);
+        m.held.set(self.machine.held() as i64);
+        m.connections.set("proxy", i64::from(self.proxy.is_some()));
+        m.connections
+            .set("backup", i64::from(self.backup.is_some()));
+        let state = match (role, self.machine.backup_id()) {
+            (Role::Primary, Some(_)) if self.machine.has_promotable_backup() => "synced",
+            (Role::Primary, Some(_)) => "syncing",
+            _ => "absent",
+        };
+        m.backup_state.only(state);
+        if state == "synced" {
+            let seq = self.stats.seq.load(Ordering::Relaxed);
+            m.lag_updates.set(seq.saturating_sub(self.acked) as i64);
+        } else {
+            m.lag_updates.set(0);
+            m.lag.restart();
+            self.probe = None;
+        }
     }
 
     fn notify(&self, kind: &str, detail: &str) {
@@ -513,7 +588,10 @@ impl Replica {
                     });
                 }
             }
-            Action::Promote { epoch } => self.promote(epoch),
+            Action::Promote { epoch } => {
+                self.metrics.promotions.inc();
+                self.promote(epoch)
+            }
             Action::TakeOver { epoch } => self.take_over(epoch),
             Action::Exit { reason, save } => self.exit = Some((reason, save)),
             Action::Notify { kind, detail } => self.notify(kind, &detail),
@@ -537,6 +615,7 @@ impl Replica {
                 self.info.handle.clone(),
                 self.durable.clone(),
                 self.events.clone(),
+                self.metrics.clone(),
             ));
             tokio::spawn(links::ping_primary(
                 self.dial_ep.clone(),
@@ -603,6 +682,9 @@ impl Replica {
                         change,
                         reply: reply.clone(),
                     });
+                    if self.probe.is_none() && self.machine.has_promotable_backup() {
+                        self.probe = Some((seq, Instant::now()));
+                    }
                 }
                 self.step(Input::Write {
                     seq,
@@ -689,9 +771,19 @@ impl Replica {
                 self.step(Input::BackupStartFailed { id, why });
             }
             Event::BackupSynced(id, seq, handle) => {
+                self.acked = seq;
                 self.step(Input::BackupSynced { id, seq, handle })
             }
-            Event::BackupAck(id, seq) => self.step(Input::BackupAck { id, seq }),
+            Event::BackupAck(id, seq) => {
+                self.acked = self.acked.max(seq);
+                if let Some((s, t)) = self.probe
+                    && s <= seq
+                {
+                    self.metrics.replicate.observe(t.elapsed());
+                    self.probe = None;
+                }
+                self.step(Input::BackupAck { id, seq })
+            }
             Event::BackupDown(id, why) => self.step(Input::BackupDown { id, why }),
             Event::PromotionDone { control, heartbeat } => {
                 self.control_ep = Some(control);
@@ -736,6 +828,15 @@ impl Replica {
         argv.push(handle);
         argv.push("null".into());
         argv.extend(a.passthrough.iter().cloned());
+        // The backup serves its metrics at our backup_metrics_sap, and starts its own backups
+        // (after a promotion) at ours: the two addresses alternate (empty = none).
+        let or_none = |s: &Option<String>| s.clone().unwrap_or_default();
+        argv.extend([
+            "--set".into(),
+            format!("metrics_sap={}", or_none(&self.cfg.backup_metrics_sap)),
+            "--set".into(),
+            format!("backup_metrics_sap={}", or_none(&self.cfg.metrics_sap)),
+        ]);
         match &self.cfg.backup_launch_command {
             None => {
                 let exe = own_binary();
@@ -816,6 +917,7 @@ impl Replica {
         let epoch = self.machine.epoch();
         let info = self.info.clone();
         let events = self.events.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             // A backup that is not reachable within a few connect timeouts did not start (or was
             // refused by the witness): try again rather than wait for the whole sync timeout.
@@ -824,7 +926,7 @@ impl Replica {
             let deadline = Instant::now() + reach;
             loop {
                 match links::connect_backup(
-                    &ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, id, &events,
+                    &ep, &ccfg, sap, &sap_text, &cfg, epoch, &info, id, &events, &metrics,
                 )
                 .await
                 {

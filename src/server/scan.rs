@@ -61,6 +61,8 @@ pub struct Job {
     pub round: u32,
     /// The copy to work on, when the store could hand it over at once (a thread was idle).
     pub copy: Option<(Space, u64)>,
+    /// When the store took the request (for the apply-latency metric only).
+    pub started: std::time::Instant,
 }
 
 /// What a scan thread found.
@@ -92,6 +94,8 @@ pub struct Done {
     pub outcome: Outcome,
     /// Patterns compiled for this job (for the store's cache).
     pub compiled: Vec<(String, Result<Pattern, String>)>,
+    /// The job's `started`.
+    pub started: std::time::Instant,
 }
 
 /// The answer a scan gives when it stops at `max`.
@@ -218,6 +222,7 @@ pub fn run(job: Job, copy: Space, seq: u64, limits: &PatternLimits, max: usize) 
         seq,
         outcome,
         compiled,
+        started: job.started,
     }
 }
 
@@ -388,6 +393,7 @@ mod tests {
                     },
                     round: 0,
                     copy: None,
+                    started: std::time::Instant::now(),
                 },
                 false,
                 || (space.clone(), 7),

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::durable::dedupe::{self, DEDUPE_CHUNK_BYTES, Dedupe};
 use crate::durable::wal::{Wal, WalMsg};
 use crate::durable::{Position, Record, SNAPSHOT_CHUNK};
+use crate::metrics::{OpLabel, ServerMetrics};
 use crate::space::{self, Change, IndexHint, Pair, Pattern, Space};
 use crate::wire::cbor::RawItem;
 use crate::wire::client::{Command, pair_from_raw};
@@ -126,13 +127,16 @@ struct Store {
     scans: Pool,
     /// Client connections with a request on the scan threads, and their requests that arrived
     /// since (run in order once it is done).
-    waiting: HashMap<u64, VecDeque<(u64, Command)>>,
+    waiting: HashMap<u64, VecDeque<(u64, Command, std::time::Instant)>>,
     /// The relay gate of the proxy link the latest requests came on.
     gate: Option<Arc<crate::server::links::RelayGate>>,
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
     len: Arc<AtomicU64>,
     seq_pub: Arc<AtomicU64>,
+    metrics: Arc<ServerMetrics>,
+    /// The request being answered and when the store took it (for the metrics only).
+    current: (OpLabel, std::time::Instant),
 }
 
 /// Shared counters the async side reads without asking the thread.
@@ -140,6 +144,8 @@ struct Store {
 pub struct StoreStats {
     pub pairs: Arc<AtomicU64>,
     pub seq: Arc<AtomicU64>,
+    /// Where the store records answers and their latency (observations only).
+    pub metrics: Arc<ServerMetrics>,
 }
 
 /// Starts the store thread.
@@ -188,6 +194,8 @@ pub fn spawn(
         out,
         len: stats.pairs,
         seq_pub: stats.seq,
+        metrics: stats.metrics,
+        current: (OpLabel::Other, std::time::Instant::now()),
     };
     let h = std::thread::Builder::new()
         .name("store".into())
@@ -295,7 +303,17 @@ impl Store {
         let _ = self.out.send(o);
     }
 
+    /// Counts the answer to the current request and its time in the store.
+    fn record(&self, reply: &Reply) {
+        let (op, started) = self.current;
+        self.metrics
+            .requests
+            .inc(op, crate::metrics::reply_status(reply));
+        self.metrics.apply.observe(op, started.elapsed());
+    }
+
     fn answer(&self, rid: u64, after_seq: u64, reply: Reply) {
+        self.record(&reply);
         self.emit(StoreOut::Read {
             after_seq,
             reply: RelayReply { rid, reply },
@@ -427,6 +445,7 @@ impl Store {
     }
 
     fn request(&mut self, rid: u64, client: Option<u64>, cmd: Command) {
+        self.current = (OpLabel::of_command(&cmd), std::time::Instant::now());
         let Some(client) = client else {
             // SPEC §3: a request without a connection indicator is rejected by the primary.
             self.answer(
@@ -442,7 +461,7 @@ impl Store {
         // Requests on one stream take effect in the order they were sent (PROTOCOL §3): while a
         // request of this connection is on the scan threads, the later ones wait for it.
         if let Some(q) = self.waiting.get_mut(&client) {
-            q.push_back((rid, cmd));
+            q.push_back((rid, cmd, self.current.1));
             return;
         }
         self.run(rid, client, cmd);
@@ -454,7 +473,8 @@ impl Store {
         let Some(mut queue) = self.waiting.remove(&client) else {
             return;
         };
-        while let Some((rid, cmd)) = queue.pop_front() {
+        while let Some((rid, cmd, started)) = queue.pop_front() {
+            self.current.1 = started;
             self.run(rid, client, cmd);
             if let Some(q) = self.waiting.get_mut(&client) {
                 *q = queue;
@@ -470,6 +490,7 @@ impl Store {
     }
 
     fn run(&mut self, rid: u64, client: u64, cmd: Command) {
+        self.current.0 = OpLabel::of_command(&cmd);
         if let Some(gate) = &self.gate {
             // Back-pressure: no new answer while the proxy has too many unread ones.
             gate.wait_for_room();
@@ -485,6 +506,7 @@ impl Store {
             }
         }
         if let Some(r) = self.dedupe.get(rid) {
+            self.record(r);
             self.emit(StoreOut::Dedup {
                 after_seq: self.seq,
                 reply: RelayReply {
@@ -570,6 +592,7 @@ impl Store {
             work: Work::Scan { key: kp, value: vp },
             round: 0,
             copy: None,
+            started: self.current.1,
         };
         self.offload(job, false);
     }
@@ -590,6 +613,13 @@ impl Store {
 
     /// A scan thread finished: answer a GET; apply a DELETE once its match is up to date.
     fn scan_done(&mut self, d: Done) {
+        self.current = (
+            match d.kind {
+                Kind::Get => OpLabel::Get,
+                Kind::Delete => OpLabel::Delete,
+            },
+            d.started,
+        );
         for (src, p) in d.compiled {
             self.cache_pattern(src, p);
         }
@@ -631,6 +661,7 @@ impl Store {
                         },
                         round: d.round,
                         copy: None,
+                        started: d.started,
                     };
                     // The connection keeps waiting.
                     return self.offload(job, true);
@@ -646,6 +677,7 @@ impl Store {
     }
 
     fn write(&mut self, rid: u64, change: Change, reply: Reply) {
+        self.record(&reply);
         self.seq += 1;
         if self.wal.is_some() {
             self.log(Record::Change {

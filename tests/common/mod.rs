@@ -66,6 +66,20 @@ pub fn free_sap() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+/// `127.0.0.1:PORT` on a free loopback TCP port (for metrics), never the same twice.
+pub fn free_tcp_sap() -> String {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral TCP port");
+        let port = l.local_addr().expect("local address").port();
+        drop(l);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
@@ -1036,6 +1050,8 @@ pub struct UpService {
     pub primary_sap: String,
     pub backup_sap: String,
     pub heartbeat_sap: String,
+    /// Metrics SAPs (TCP) of the proxy, the first primary and the first backup.
+    pub metrics_saps: [String; 3],
     /// `--set KEY=VALUE` for `up` (it hands them on to every process).
     pub sets: Vec<String>,
     /// The `up` of the latest start.
@@ -1060,6 +1076,7 @@ impl UpService {
             primary_sap: free_sap(),
             backup_sap: free_sap(),
             heartbeat_sap: free_sap(),
+            metrics_saps: std::array::from_fn(|_| free_tcp_sap()),
             sets: sets.iter().map(|s| s.to_string()).collect(),
             up: None,
             starts: 0,
@@ -1121,6 +1138,12 @@ impl UpService {
             self.backup_sap.clone(),
             "--heartbeat-sap".into(),
             self.heartbeat_sap.clone(),
+            "--metrics-sap".into(),
+            self.metrics_saps[0].clone(),
+            "--primary-metrics-sap".into(),
+            self.metrics_saps[1].clone(),
+            "--backup-metrics-sap".into(),
+            self.metrics_saps[2].clone(),
         ];
         for s in &self.sets {
             args.push("--set".into());
