@@ -389,8 +389,11 @@ fn run(cli: Cli) -> Result<u8, String> {
                 })
                 .map_err(|e| e.to_string())?;
             tracing::info!(?exit, "server stopped");
+            // 3 = deposed or refused: restarting the same command would be refused again
+            // (deploy/systemd does not restart on it).
             Ok(match exit {
                 tuplespace::server::Exit::Shutdown => 0,
+                tuplespace::server::Exit::Fenced => 3,
                 _ => 1,
             })
         }

@@ -1,0 +1,125 @@
+//! The deployment files in deploy/systemd/ pass `systemd-analyze verify` (through
+//! scripts/verify-systemd.sh, which treats any warning as a failure). Skipped, with a line saying
+//! so, where systemd-analyze is not installed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Cluster;
+
+#[test]
+fn systemd_units_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/verify-systemd.sh"))
+        .output()
+        .expect("run scripts/verify-systemd.sh");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(out.status.success(), "systemd units do not verify:\n{said}");
+    assert!(
+        said.starts_with("SKIPPED") || said.contains("verified 2 units"),
+        "unexpected output: {said}"
+    );
+}
+
+/// The server unit hands `tuplespace server` its seven arguments, named as the example
+/// environment files name them, and each unit names a certificate directory systemd fills.
+#[test]
+fn server_unit_passes_the_seven_arguments_the_env_files_define() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    let unit = std::fs::read_to_string(dir.join("tuplespace-server@.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let after = exec.split(" server ").nth(1).expect("server subcommand");
+    let vars: Vec<&str> = after
+        .split_whitespace()
+        .map(|w| w.trim_start_matches("${").trim_end_matches('}'))
+        .collect();
+    assert_eq!(
+        vars,
+        [
+            "SHUTDOWN_SAP",
+            "PROXY_SAP",
+            "BACKUP_SAP",
+            "HEARTBEAT_SAP",
+            "SAVE_FILE",
+            "PRIMARY_HANDLE",
+            "INIT_FILE"
+        ]
+    );
+    for env in ["server-primary.env.example", "server-backup.env.example"] {
+        let text = std::fs::read_to_string(dir.join(env)).unwrap();
+        for v in &vars {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{v}="))),
+                "{env} does not set {v}"
+            );
+        }
+    }
+    let proxy = std::fs::read_to_string(dir.join("tuplespace-proxy.service")).unwrap();
+    let penv = std::fs::read_to_string(dir.join("proxy.env.example")).unwrap();
+    for v in ["CLIENT_SAP", "SERVER_SAP", "SHUTDOWN_SAP"] {
+        assert!(proxy.contains(&format!("${{{v}}}")), "proxy unit lacks {v}");
+        assert!(
+            penv.contains(&format!("{v}=")),
+            "proxy.env.example lacks {v}"
+        );
+    }
+    for u in [&unit, &proxy] {
+        assert!(
+            u.contains("--certs %d"),
+            "certificates not from LoadCredential"
+        );
+    }
+}
+
+/// A server the proxy refuses (here: a second primary while one holds the office) exits with
+/// status 3, which the server unit does not restart (RestartPreventExitStatus=3): the same
+/// command would only be refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_server_exits_3() {
+    let cl = Cluster::start().await;
+    let args: Vec<String> = [
+        "--certs",
+        &cl.certs.display().to_string(),
+        "server",
+        &common::free_sap(),
+        &cl.server_sap,
+        &common::free_sap(),
+        &common::free_sap(),
+        "null",
+        "null",
+        "null",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = cl.dir.path().join("second.log");
+    let mut second = common::spawn_logged(&args, cl.dir.path(), &log);
+    let status = common::wait_exit_async(&mut second, Duration::from_secs(20)).await;
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(status) = status else {
+        let _ = second.kill();
+        panic!(
+            "a second primary was not refused within 20 s:\n{said}\n{}",
+            cl.logs()
+        );
+    };
+    println!("second primary: {status}\n{said}");
+    assert_eq!(status.code(), Some(3), "{said}");
+    assert!(said.contains("Fenced"), "{said}");
+    assert!(
+        matches!(&cl.cluster_status().await, ciborium::Value::Map(_)),
+        "the first primary's cluster no longer answers STATUS:\n{}",
+        cl.logs()
+    );
+}
