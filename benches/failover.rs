@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ciborium::Value;
-use common::{Cluster, client_cfg, get};
+use common::{Cluster, client_cfg};
 use hdrhistogram::Histogram;
 use tuplespace::client::Client;
 use tuplespace::net::tls::CertRole;
@@ -30,27 +30,16 @@ fn env_or(name: &str, d: u64) -> u64 {
         .unwrap_or(d)
 }
 
-fn u(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::Integer(i)) => u64::try_from(*i).unwrap_or(0),
-        _ => 0,
-    }
-}
-
-async fn status(c: &Cluster) -> Value {
-    c.cluster_status().await
-}
-
 /// (epoch, primary pid, backup pid) once a synchronised backup exists.
 async fn wait_synced(c: &Cluster, min_epoch: u64) -> (u64, i32, i32) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let st = status(c).await;
-        if matches!(get(&st, "backup_synced"), Some(Value::Bool(true)))
-            && u(get(&st, "epoch")) >= min_epoch
+        if let Some(st) = c.cluster_status().await
+            && st.backup_synced
+            && st.epoch >= min_epoch
+            && let (Some(p), Some(b)) = (st.pid_of("primary"), st.pid_of("backup"))
         {
-            let pid = |w: &str| u(get(&st, w).and_then(|m| get(m, "pid"))) as i32;
-            return (u(get(&st, "epoch")), pid("primary"), pid("backup"));
+            return (st.epoch, p as i32, b as i32);
         }
         assert!(
             Instant::now() < deadline,

@@ -46,8 +46,8 @@ start_up() {
   (cd "$dir" && exec "$TS" up $(saps) --set "fsync=\"$policy\"" >up.log 2>&1) &
   UP_PID=$!
   local deadline=$((SECONDS + 30))
-  until (cd "$dir" && "$TS" client --sap 127.0.0.1:$PORT --admin-sap 127.0.0.1:$((PORT + 2)) status 2>/dev/null) |
-    grep -q '"backup_synced": true'; do
+  until (cd "$dir" && "$TS" client --json --sap 127.0.0.1:$PORT --admin-sap 127.0.0.1:$((PORT + 2)) status 2>/dev/null) |
+    grep -q '"backup_synced":true'; do
     if ((SECONDS > deadline)); then
       echo "service with fsync=$policy did not come up with a synchronised backup; see $dir/up.log" >&2
       tail -20 "$dir/up.log" >&2

@@ -124,6 +124,10 @@ pub struct Config {
     pub proxy_loss_timeout_ms: u64,
     /// How long a graceful shutdown (stop backup, save) may take before giving up.
     pub shutdown_timeout_ms: u64,
+    /// How long STATUS waits for the primary to count its pairs; past it `pairs` is null.
+    pub status_timeout_ms: u64,
+    /// Refresh period of `tuplespace client status --watch`.
+    pub status_watch_interval_ms: u64,
     /// Pause between attempts to (re)start a backup, doubled at each failed attempt.
     pub backup_retry_backoff_ms: u64,
     /// Doublings of the backup retry pause (after this many failed attempts in a row it stops
@@ -227,6 +231,8 @@ impl Default for Config {
             heartbeat_timeout_ms: 300,
             proxy_loss_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
+            status_timeout_ms: 1_000,
+            status_watch_interval_ms: 1_000,
             backup_retry_backoff_ms: 200,
             backup_start_retries: 5,
             backup_sync_timeout_ms: 60_000,
@@ -315,7 +321,7 @@ impl Config {
                 problem: problem.into(),
             })
         }
-        let positive: [(&'static str, u64); 14] = [
+        let positive: [(&'static str, u64); 16] = [
             ("max_request_bytes", self.max_request_bytes as u64),
             ("max_response_bytes", self.max_response_bytes as u64),
             ("max_tuple_arity", self.max_tuple_arity as u64),
@@ -335,6 +341,8 @@ impl Config {
             ("node_idle_timeout_ms", self.node_idle_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("request_timeout_ms", self.request_timeout_ms),
+            ("status_timeout_ms", self.status_timeout_ms),
+            ("status_watch_interval_ms", self.status_watch_interval_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
         ];
         for (key, v) in [
@@ -543,6 +551,12 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub fn status_timeout(&self) -> Duration {
+        Duration::from_millis(self.status_timeout_ms)
+    }
+    pub fn status_watch_interval(&self) -> Duration {
+        Duration::from_millis(self.status_watch_interval_ms)
     }
 }
 

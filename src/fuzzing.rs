@@ -391,6 +391,7 @@ fn client_request(body: &[u8], cfg: &Config) {
                 check_space_query(&small_space(), &k, &v);
             }
         }
+        Command::Count => panic!("a client request was read as the proxy's internal COUNT"),
     }
 }
 
@@ -819,6 +820,7 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
                 pairs: 10,
                 synced_backup: Some("1235".into()),
                 echo: 4,
+                lag: Some(0),
             }),
         ),
         ("peer-lost", cbor(&ToProxy::PeerLost { epoch: 2 })),

@@ -139,6 +139,8 @@ impl OpLabel {
             Command::Put(_) => OpLabel::Put,
             Command::Post(_) => OpLabel::Post,
             Command::Delete { .. } => OpLabel::Delete,
+            // Only STATUS asks for a count.
+            Command::Count => OpLabel::Status,
         }
     }
     pub fn of_op(o: &Op) -> OpLabel {
@@ -180,7 +182,7 @@ fn status_index(s: Status) -> usize {
 pub fn reply_status(r: &crate::wire::node::Reply) -> Status {
     use crate::wire::node::Reply;
     match r {
-        Reply::Pairs { .. } | Reply::Rejected(_) => Status::Ok,
+        Reply::Pairs { .. } | Reply::Rejected(_) | Reply::Count(_) => Status::Ok,
         Reply::TooLarge(_) => Status::TooLarge,
         Reply::Malformed(_) => Status::Malformed,
     }

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ciborium::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -29,7 +28,9 @@ use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
-use crate::wire::client::{self, CloseCode, Command, Op, Response, Status};
+use crate::wire::client::{
+    self, BackupState, CloseCode, ClusterStatus, Command, Op, Response, Status,
+};
 use crate::wire::frame::{self, FrameError};
 use crate::wire::node::{
     Relay, RelayReply, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
@@ -111,6 +112,8 @@ enum RouterMsg {
     },
     Admin {
         op: Op,
+        /// The admin connection (STATUS's count is ordered after its earlier requests).
+        client: u64,
         id: u64,
         reply: RespTx,
     },
@@ -157,11 +160,14 @@ struct Req {
     id: u64,
     reply: RespTx,
     /// Its place in the connection's and the proxy's pending budgets, given back when the
-    /// router forgets the request (answered, even if the client's stream is gone).
+    /// router forgets the request (answered, even if the client's stream is gone). None for
+    /// STATUS's count (one per admin request, answered within `status_timeout_ms`).
     #[allow(dead_code)]
-    permit: Permit,
+    permit: Option<Permit>,
     /// When the request was read (for the latency metric only).
     start: Instant,
+    /// STATUS's count of the pairs: the token of the STATUS waiting for it.
+    status: Option<u64>,
 }
 
 /// A request's share of the pending budgets (one place per connection, its bytes globally).
@@ -460,7 +466,17 @@ struct Link {
     control: mpsc::UnboundedSender<ToServer>,
     relay: Option<mpsc::UnboundedSender<Relay>>,
     conn: quinn::Connection,
+    /// Pairs the server last reported in a heartbeat (the metrics gauge; STATUS counts exactly).
     pairs: u64,
+    /// Replication lag the server last reported (primary with a synchronised backup).
+    lag: Option<u64>,
+}
+
+/// A STATUS waiting for the primary to count its pairs.
+struct StatusWait {
+    id: u64,
+    reply: RespTx,
+    deadline: Instant,
 }
 
 /// The router's executor: feeds the state machine (`ha::router`, which wraps the witness) and
@@ -480,6 +496,9 @@ struct Router {
     clients: Arc<AtomicUsize>,
     shutdown_waiters: Vec<(u64, RespTx)>,
     shutdown_deadline: Option<Instant>,
+    /// STATUS requests waiting for the primary's count, by token.
+    statuses: HashMap<u64, StatusWait>,
+    next_status: u64,
     stop: CancellationToken,
     /// Recorded, never read back.
     metrics: Arc<ProxyMetrics>,
@@ -536,6 +555,13 @@ impl Router {
                 }
             }
             MAction::Answer { payload, outcome } => {
+                if let Some(token) = payload.status {
+                    let pairs = match outcome {
+                        Outcome::Reply(Reply::Count(n)) => Some(n),
+                        _ => None,
+                    };
+                    return self.answer_status(token, pairs);
+                }
                 let resp = match outcome {
                     Outcome::Reply(r) => to_response(payload.id, r),
                     Outcome::Unknown => Response::error(
@@ -639,19 +665,20 @@ impl Router {
                         client,
                         id,
                         reply,
-                        permit,
+                        permit: Some(permit),
                         start,
+                        status: None,
                     },
                     write,
                 });
             }
-            RouterMsg::Admin { op, id, reply } => match op {
-                Op::Status => {
-                    let mut r = Response::ok(Some(id));
-                    r.cluster = Some(self.status());
-                    self.metrics.requests.inc(OpLabel::Status, Status::Ok);
-                    let _ = reply.send(r);
-                }
+            RouterMsg::Admin {
+                op,
+                client,
+                id,
+                reply,
+            } => match op {
+                Op::Status => self.start_status(client, id, reply),
                 Op::Shutdown => self.start_shutdown(id, reply),
                 _ => {
                     self.metrics
@@ -680,6 +707,7 @@ impl Router {
                         relay: None,
                         conn,
                         pairs: 0,
+                        lag: None,
                     },
                 );
                 self.step(router::Input::Witness(Input::Hello {
@@ -704,13 +732,15 @@ impl Router {
                 ToProxy::Heartbeat {
                     epoch,
                     info,
-                    pairs,
                     synced_backup,
                     echo,
+                    lag,
+                    pairs,
                 } => {
                     self.machine.witness_mut().update_info(link, info);
                     if let Some(l) = self.links.get_mut(&link) {
                         l.pairs = pairs;
+                        l.lag = lag;
                     }
                     self.step(router::Input::Witness(Input::Heartbeat {
                         link,
@@ -820,6 +850,15 @@ impl Router {
         self.step(router::Input::Tick);
         self.record();
         let now = Instant::now();
+        let late: Vec<u64> = self
+            .statuses
+            .iter()
+            .filter(|(_, w)| now >= w.deadline)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            self.answer_status(token, None);
+        }
         if let Some(d) = self.shutdown_deadline
             && now + self.cfg.shutdown_timeout() >= d + self.cfg.heartbeat_timeout()
             && !self.machine.witness().primary_heard_recently(self.now())
@@ -868,45 +907,80 @@ impl Router {
         }
     }
 
-    fn status(&self) -> Value {
-        let t = |s: &str| Value::Text(s.to_owned());
-        let replica = |i: &ReplicaInfo| {
-            Value::Map(vec![
-                (t("handle"), t(&i.handle)),
-                (t("sap"), t(&i.sap)),
-                (t("pid"), Value::Integer(i.pid.into())),
-            ])
-        };
+    /// STATUS: asks the primary to count its pairs through the relay, ordered after every write
+    /// answered before (the answer comes in `answer_status`); without a primary, answers now.
+    fn start_status(&mut self, client: u64, id: u64, reply: RespTx) {
+        if self.machine.witness().primary().is_none() {
+            self.metrics.requests.inc(OpLabel::Status, Status::Ok);
+            let _ = reply.send(self.status_response(id, None));
+            return;
+        }
+        let token = self.next_status;
+        self.next_status += 1;
+        self.statuses.insert(
+            token,
+            StatusWait {
+                id,
+                reply: reply.clone(),
+                deadline: Instant::now() + self.cfg.status_timeout(),
+            },
+        );
+        self.step(router::Input::Request {
+            payload: Req {
+                cmd: Command::Count,
+                client,
+                id,
+                reply,
+                permit: None,
+                start: Instant::now(),
+                status: Some(token),
+            },
+            write: false,
+        });
+    }
+
+    /// Answers the STATUS `token` (if it is still waiting) with the primary's count.
+    fn answer_status(&mut self, token: u64, pairs: Option<u64>) {
+        if let Some(w) = self.statuses.remove(&token) {
+            self.metrics.requests.inc(OpLabel::Status, Status::Ok);
+            let _ = w.reply.send(self.status_response(w.id, pairs));
+        }
+    }
+
+    fn status_response(&self, id: u64, pairs: Option<u64>) -> Response {
+        let mut r = Response::ok(Some(id));
+        if pairs.is_none() && self.machine.witness().primary().is_some() {
+            r.message = Some(format!(
+                "the primary did not count its pairs within status_timeout_ms ({} ms)",
+                self.cfg.status_timeout_ms
+            ));
+        }
+        r.cluster = Some(Box::new(self.status(pairs)));
+        r
+    }
+
+    fn status(&self, pairs: Option<u64>) -> ClusterStatus {
         let w = self.machine.witness();
         let primary = w.primary();
-        let primary_v = primary
-            .and_then(|p| w.info(p))
-            .map(replica)
-            .unwrap_or(Value::Null);
-        let backup_v = w
-            .backup()
-            .and_then(|b| w.info(b))
-            .map(replica)
-            .unwrap_or(Value::Null);
-        let pairs = primary
-            .and_then(|p| self.links.get(&p))
-            .map(|l| l.pairs)
-            .unwrap_or(0);
-        Value::Map(vec![
-            (t("epoch"), Value::Integer(w.epoch().into())),
-            (t("primary"), primary_v),
-            (t("backup"), backup_v),
-            (t("backup_synced"), Value::Bool(w.backup_synced())),
-            (
-                t("clients"),
-                Value::Integer((self.clients.load(Ordering::Relaxed) as u64).into()),
-            ),
-            (t("pairs"), Value::Integer(pairs.into())),
-            (
-                t("pending"),
-                Value::Integer((self.machine.pending_len() as u64).into()),
-            ),
-        ])
+        let backup_state = match (w.backup(), w.backup_synced()) {
+            (None, _) => BackupState::Absent,
+            (Some(_), false) => BackupState::Syncing,
+            (Some(_), true) => BackupState::Synced,
+        };
+        ClusterStatus {
+            epoch: w.epoch(),
+            primary: primary.and_then(|p| w.info(p)).cloned(),
+            backup: w.backup().and_then(|b| w.info(b)).cloned(),
+            backup_synced: w.backup_synced(),
+            clients: self.clients.load(Ordering::Relaxed) as u64,
+            pairs,
+            pending: self.machine.pending_len() as u64,
+            backup_state,
+            replication_lag: match backup_state {
+                BackupState::Synced => primary.and_then(|p| self.links.get(&p)).and_then(|l| l.lag),
+                _ => None,
+            },
+        }
     }
 }
 
@@ -997,6 +1071,12 @@ fn to_response(id: u64, reply: Reply) -> Response {
         },
         Reply::TooLarge(m) => Response::error(Some(id), Status::TooLarge, m),
         Reply::Malformed(m) => Response::error(Some(id), Status::Malformed, m),
+        // Only ever the answer to STATUS's count, which `apply` answers itself.
+        Reply::Count(_) => Response::error(
+            Some(id),
+            Status::Malformed,
+            "internal error: a count answered a client request",
+        ),
     }
 }
 
@@ -1117,6 +1197,8 @@ pub async fn run(
         clients: clients.clone(),
         shutdown_waiters: Vec::new(),
         shutdown_deadline: None,
+        statuses: HashMap::new(),
+        next_status: 1,
         stop: stop.clone(),
         metrics: proxy_metrics.clone(),
     };
@@ -1303,6 +1385,7 @@ enum Classified {
 /// Decides what to do with one request frame: an immediate answer, or a message for the router.
 fn classify(
     body: &[u8],
+    conn_id: u64,
     sap: SapKind,
     cfg: &Config,
     tx: &RespTx,
@@ -1310,11 +1393,12 @@ fn classify(
     // Read in place: no value tree, so a frame of a million tiny items costs its bytes only.
     let req = client::parse_request(body).map_err(|m| (OpLabel::Other, Box::new(m.response())))?;
     let op = OpLabel::of_op(&req.op);
-    classify_request(req, sap, cfg, tx).map_err(|r| (op, r))
+    classify_request(req, conn_id, sap, cfg, tx).map_err(|r| (op, r))
 }
 
 fn classify_request(
     req: client::Request,
+    conn_id: u64,
     sap: SapKind,
     cfg: &Config,
     tx: &RespTx,
@@ -1338,6 +1422,7 @@ fn classify_request(
         ))),
         (op, _) if op.is_admin() => Ok(Classified::Admin(RouterMsg::Admin {
             op: req.op.clone(),
+            client: conn_id,
             id,
             reply: tx.clone(),
         })),
@@ -1425,7 +1510,7 @@ async fn client_stream(
                 loop {
                     match next {
                         Ok(Some(body)) => {
-                            match classify(&body, sap, &cfg, &tx) {
+                            match classify(&body, conn_id, sap, &cfg, &tx) {
                                 Ok(Classified::Admin(msg)) => {
                                     outstanding += 1;
                                     if router.send(msg).is_err() { return; }

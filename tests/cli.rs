@@ -138,6 +138,111 @@ async fn status_as_json_describes_the_cluster() {
     assert!(c["pairs"].is_u64(), "{r:?}");
 }
 
+/// Issue 12: STATUS `pairs` is exact at the moment of the answer: after each acknowledged
+/// `client put a,N=x`, `client --json status` (another process, another connection) shows the
+/// new count, 100 times in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_every_acknowledged_put_at_once() {
+    // Heartbeats every second: a count taken from them (as STATUS did before) would lag behind
+    // by up to a second, longer than a `client` run takes, so this test would see it.
+    let cl = Cluster::builder()
+        .set("heartbeat_interval_ms=1000")
+        .set("heartbeat_timeout_ms=3000")
+        .start()
+        .await;
+    let base = cl
+        .status()
+        .await
+        .pairs
+        .expect("the primary counts its pairs");
+    for n in 1..=100u64 {
+        let r = cli(&cl, &["--json", "put", &format!("a,{n}=x")]).await;
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(r.json()["rejected"], json!([]), "{r:?}");
+        let r = cli(&cl, &["--json", "status"]).await;
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert_eq!(
+            r.json()["cluster"]["pairs"],
+            json!(base + n),
+            "STATUS after put {n}: {r:?}"
+        );
+    }
+}
+
+/// `client status` prints a table; `status --watch` prints it again every
+/// `status_watch_interval_ms` until interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_a_table_and_watch_refreshes_it() {
+    let cl = Cluster::start().await;
+    let r = cli(&cl, &["put", "w,1=x"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&cl, &["status"]).await;
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let primary = format!(
+        "{} at {} (pid {})",
+        cl.server_pid(),
+        cl.primary_sap,
+        cl.server_pid()
+    );
+    for row in [
+        "epoch ",
+        "primary ",
+        "backup ",
+        "replication lag ",
+        "clients ",
+        "pairs ",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l.trim_start().starts_with(row)),
+            "no `{row}` row: {r:?}"
+        );
+    }
+    assert!(r.stdout.contains(&primary), "{r:?}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["pairs", "1"]),
+        "{r:?}"
+    );
+
+    // --watch with JSON output: one line per refresh, until SIGINT.
+    let args: Vec<String> = [
+        "client",
+        "--sap",
+        &cl.client_sap,
+        "--admin-sap",
+        &cl.shutdown_sap,
+        "--certs",
+        &cl.certs.display().to_string(),
+        "--set",
+        "status_watch_interval_ms=100",
+        "--json",
+        "status",
+        "--watch",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = cl.dir.path().join("watch.out");
+    let mut watch = spawn_logged(&args, cl.dir.path(), &out);
+    let lines = || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"cluster\""))
+            .count()
+    };
+    let ok = wait_until(Duration::from_secs(10), || async { lines() >= 3 }).await;
+    signal(watch.id(), Signal::SIGINT);
+    let st = wait_exit_async(&mut watch, EXIT_TIMEOUT).await;
+    assert!(
+        ok,
+        "fewer than 3 refreshes: {:?}",
+        std::fs::read_to_string(&out)
+    );
+    assert!(st.is_some_and(|s| s.success()), "after Ctrl-C: {st:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_statuses_exit_1_and_are_shown() {
     let cl = Cluster::start().await;
@@ -353,10 +458,9 @@ async fn an_orderly_stop_is_not_a_failure_and_a_kill_is() {
     svc.sets = vec![recording_notify(&file("kill"))];
     svc.start();
     let st = svc.wait_ready(READY_TIMEOUT).await;
-    let primary = get(&st, "primary")
-        .and_then(|p| get(p, "pid"))
-        .and_then(as_u64)
-        .unwrap_or_else(|| panic!("no primary pid: {st:?}")) as u32;
+    let primary = st
+        .pid_of("primary")
+        .unwrap_or_else(|| panic!("no primary pid: {st:?}"));
     signal(primary, Signal::SIGKILL);
     let notified = wait_until(EXIT_TIMEOUT, || async {
         recorded_kinds(&file("kill"))

@@ -31,13 +31,6 @@ fn mem_kib(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-fn backup_pid(st: &Value) -> Option<u32> {
-    get(st, "backup")
-        .and_then(|b| get(b, "pid"))
-        .and_then(as_u64)
-        .map(|p| p as u32)
-}
-
 /// A request map whose `args` is given as raw CBOR bytes.
 fn request_with_raw_args(id: u64, op: &str, args: &[u8]) -> Vec<u8> {
     let mut b = vec![0xa3];
@@ -63,10 +56,7 @@ async fn a_put_of_a_million_tiny_items_costs_its_bytes_not_a_value_tree() {
     let cl = Cluster::start().await;
     // The backup's RSS is measured too: wait for it to be synchronised.
     assert!(
-        wait_until(READY_TIMEOUT, || async {
-            get(&cl.status().await, "backup_synced") == Some(&Value::Bool(true))
-        })
-        .await,
+        wait_until(READY_TIMEOUT, || async { cl.status().await.backup_synced }).await,
         "no synchronised backup\n{}",
         cl.logs()
     );
@@ -76,7 +66,8 @@ async fn a_put_of_a_million_tiny_items_costs_its_bytes_not_a_value_tree() {
         ("primary", cl.server_pid()),
         (
             "backup",
-            backup_pid(&st).unwrap_or_else(|| panic!("no backup: {st:?}")),
+            st.pid_of("backup")
+                .unwrap_or_else(|| panic!("no backup: {st:?}")),
         ),
     ];
     let raw = cl.raw_client().await;

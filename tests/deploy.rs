@@ -118,7 +118,7 @@ async fn a_refused_server_exits_3() {
     assert_eq!(status.code(), Some(3), "{said}");
     assert!(said.contains("Fenced"), "{said}");
     assert!(
-        matches!(&cl.cluster_status().await, ciborium::Value::Map(_)),
+        cl.cluster_status().await.is_some(),
         "the first primary's cluster no longer answers STATUS:\n{}",
         cl.logs()
     );

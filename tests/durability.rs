@@ -29,14 +29,13 @@ use std::time::{Duration, Instant};
 
 use ciborium::Value;
 use common::{
-    EXIT_TIMEOUT, Lazyfs, READY_TIMEOUT, UpService, as_u64, get, lazyfs_binary, pats, signal,
-    tpair, wait_gone,
+    EXIT_TIMEOUT, Lazyfs, READY_TIMEOUT, UpService, lazyfs_binary, pats, signal, tpair, wait_gone,
 };
 use nix::sys::signal::Signal;
 use tuplespace::config::Config;
 use tuplespace::durable::{FrameReader, Record};
 use tuplespace::nemesis::runner::{self, Fault, NemesisOptions, NemesisReport};
-use tuplespace::wire::client::Status;
+use tuplespace::wire::client::{ClusterStatus, Status};
 
 /// One test at a time: each runs three or four processes under load, with fsync.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -98,22 +97,24 @@ impl Round {
     }
 }
 
-fn pid_of(status: &Value, who: &str) -> u32 {
-    get(status, who)
-        .and_then(|m| get(m, "pid"))
-        .and_then(as_u64)
-        .unwrap_or_else(|| panic!("STATUS has no {who} pid: {status:?}")) as u32
+fn pid_of(status: &ClusterStatus, who: &str) -> u32 {
+    status
+        .pid_of(who)
+        .unwrap_or_else(|| panic!("STATUS has no {who} pid: {status:?}"))
 }
 
 /// Polls STATUS until the primary holds at least `n` pairs and has a synchronised backup;
 /// returns that STATUS.
-async fn wait_pairs(svc: &UpService, n: u64, timeout: Duration) -> Value {
+async fn wait_pairs(svc: &UpService, n: u64, timeout: Duration) -> ClusterStatus {
     let deadline = Instant::now() + timeout;
     loop {
         let st = svc.status().await;
-        let pairs = get(&st, "pairs").and_then(as_u64).unwrap_or(0);
-        if pairs >= n && get(&st, "backup_synced") == Some(&Value::Bool(true)) {
-            return st;
+        let pairs = st.as_ref().and_then(|s| s.pairs).unwrap_or(0);
+        if let Some(st) = &st
+            && pairs >= n
+            && st.backup_synced
+        {
+            return st.clone();
         }
         assert!(
             Instant::now() < deadline,
@@ -136,7 +137,7 @@ async fn crash_round(
 ) -> Round {
     svc.start();
     let st = svc.wait_ready(READY_TIMEOUT).await;
-    let epoch = get(&st, "epoch").and_then(as_u64).unwrap_or(0);
+    let epoch = st.epoch;
     let out = svc.dir().join(format!("nemesis-{round}"));
     let opts = NemesisOptions {
         sap: svc.client_sap.clone(),
@@ -156,9 +157,9 @@ async fn crash_round(
     let nemesis = tokio::spawn(runner::run(opts, Config::default()));
 
     // Nemesis keys its pairs by run, so the pairs of earlier rounds count too.
-    let before = get(&st, "pairs").and_then(as_u64).unwrap_or(0);
+    let before = st.pairs.unwrap_or(0);
     let st = wait_pairs(svc, before + CUT_PAIRS, Duration::from_secs(30)).await;
-    let epoch_at_cut = get(&st, "epoch").and_then(as_u64).unwrap_or(0);
+    let epoch_at_cut = st.epoch;
     if epoch_at_cut != epoch {
         eprintln!("note: a failover before the cut (epoch {epoch} -> {epoch_at_cut})");
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ciborium::Value;
-use common::{Cluster, client_cfg, get as map_get};
+use common::{Cluster, client_cfg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tuplespace::client::Client;
@@ -141,32 +141,15 @@ struct Cluster2 {
     cfg: tuplespace::config::Config,
 }
 
-async fn status(c: &Cluster) -> Value {
-    c.cluster_status().await
-}
-
-fn u(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::Integer(i)) => u64::try_from(*i).unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn pid_of(st: &Value, who: &str) -> Option<i32> {
-    let m = map_get(st, who)?;
-    Some(u(map_get(m, "pid")) as i32)
-}
-
 async fn synced(c: &Cluster) -> Option<(u64, i32, i32)> {
-    let st = status(c).await;
-    let ok = matches!(map_get(&st, "backup_synced"), Some(Value::Bool(true)));
-    if !ok {
+    let st = c.cluster_status().await?;
+    if !st.backup_synced {
         return None;
     }
     Some((
-        u(map_get(&st, "epoch")),
-        pid_of(&st, "primary")?,
-        pid_of(&st, "backup")?,
+        st.epoch,
+        st.pid_of("primary")? as i32,
+        st.pid_of("backup")? as i32,
     ))
 }
 

@@ -239,8 +239,7 @@ async fn a_stream_reset_flood_stays_bounded_and_others_are_served() {
         // The proxy stops reading once the connection's budget is spent: the write then waits.
         let _ = tokio::time::timeout(Duration::from_millis(500), s.write(&batch)).await;
         let _ = s.send.reset(0u32.into());
-        let st = cl.status().await;
-        let pending = get(&st, "pending").and_then(as_u64).unwrap_or(0);
+        let pending = cl.status().await.pending;
         max_pending = max_pending.max(pending);
     }
     assert!(
@@ -361,22 +360,11 @@ impl InitialFlood {
     }
 }
 
-fn pid_of(st: &Value, who: &str) -> Option<u32> {
-    get(st, who)
-        .and_then(|m| get(m, "pid"))
-        .and_then(as_u64)
-        .map(|p| p as u32)
-}
-
-fn backup_synced(st: &Value) -> bool {
-    get(st, "backup_synced") == Some(&Value::Bool(true))
-}
-
 /// The pid of the backup if it is synchronised.
 async fn synced_backup(cl: &Cluster) -> Option<u32> {
-    let st = cl.cluster_status().await;
-    if backup_synced(&st) {
-        pid_of(&st, "backup")
+    let st = cl.cluster_status().await?;
+    if st.backup_synced {
+        st.pid_of("backup")
     } else {
         None
     }

@@ -597,10 +597,10 @@ async fn every_process_serves_metrics_that_move_with_requests() {
     // kill -9 of the primary: the proxy counts a failover, the backup is promoted (role and
     // counter), and the next backup serves at the address the old primary had.
     let st = up.status().await;
-    let pid = get(&st, "primary")
-        .and_then(|p| get(p, "pid"))
-        .and_then(as_u64)
-        .unwrap_or_else(|| panic!("no primary pid: {st:?}")) as u32;
+    let pid = st
+        .as_ref()
+        .and_then(|s| s.pid_of("primary"))
+        .unwrap_or_else(|| panic!("no primary pid: {st:?}"));
     signal(pid, nix::sys::signal::Signal::SIGKILL);
     let long = Duration::from_secs(30);
     let p2 = scrape_until(

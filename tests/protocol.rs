@@ -12,7 +12,7 @@ use ciborium::Value;
 use common::*;
 use nix::sys::signal::Signal;
 use tuplespace::net::tls::{self, CertRole};
-use tuplespace::wire::client::Status;
+use tuplespace::wire::client::{BackupState, Status};
 
 // ---------------------------------------------------------------------------------------------
 // ok: semantics of GET, PUT, POST, DELETE
@@ -558,7 +558,7 @@ async fn admin_operations_are_forbidden_on_the_client_sap() {
         assert_eq!(pairs_of(&r), vec![]);
     }
     let status = cl.status().await;
-    assert_ne!(get(&status, "primary"), Some(&Value::Null));
+    assert!(status.primary.is_some(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,61 +599,67 @@ async fn status_describes_the_cluster() {
     assert_eq!(rejected_of(&r), Vec::<Value>::new());
 
     let st = cl.status().await;
-    assert!(
-        get(&st, "epoch").and_then(as_u64).is_some(),
-        "epoch: {st:?}"
-    );
-    let primary = get(&st, "primary").unwrap_or_else(|| panic!("no primary: {st:?}"));
+    assert!(st.epoch >= 1, "epoch: {st:?}");
+    let primary = st
+        .primary
+        .clone()
+        .unwrap_or_else(|| panic!("no primary: {st:?}"));
     // SPEC §2: the handle of a local replica is its process id.
-    let pid_text = cl.server_pid().to_string();
-    assert_eq!(
-        get(primary, "handle").and_then(as_text),
-        Some(pid_text.as_str()),
-        "{st:?}"
-    );
-    assert_eq!(
-        get(primary, "sap").and_then(as_text),
-        Some(cl.primary_sap.as_str()),
-        "{st:?}"
-    );
-    assert_eq!(
-        get(primary, "pid").and_then(as_u64),
-        Some(cl.server_pid() as u64),
-        "{st:?}"
-    );
-    let backup = get(&st, "backup")
-        .unwrap_or_else(|| panic!("`backup` must be present (maybe null): {st:?}"));
-    if *backup != Value::Null {
-        let pid = get(backup, "pid")
-            .and_then(as_u64)
-            .unwrap_or_else(|| panic!("backup pid: {st:?}"));
-        assert_ne!(pid, cl.server_pid() as u64, "{st:?}");
+    assert_eq!(primary.handle, cl.server_pid().to_string(), "{st:?}");
+    assert_eq!(primary.sap, cl.primary_sap, "{st:?}");
+    assert_eq!(primary.pid, cl.server_pid(), "{st:?}");
+    match &st.backup {
+        Some(backup) => {
+            assert_ne!(backup.pid, cl.server_pid(), "{st:?}");
+            assert!(
+                alive(backup.pid),
+                "the backup's pid is not a live process: {st:?}"
+            );
+            assert_eq!(backup.handle, backup.pid.to_string(), "{st:?}");
+            // SPEC §2: the backup listens on BACKUP_SAP.
+            assert_eq!(backup.sap, cl.backup_sap, "{st:?}");
+            assert_ne!(st.backup_state, BackupState::Absent, "{st:?}");
+            assert_eq!(
+                st.backup_synced,
+                st.backup_state == BackupState::Synced,
+                "{st:?}"
+            );
+        }
+        None => assert_eq!(st.backup_state, BackupState::Absent, "{st:?}"),
+    }
+    assert!(st.clients >= 1, "{st:?}");
+    // `pairs` is counted by the primary after every write answered before the STATUS: exact.
+    assert_eq!(st.pairs, Some(7), "{st:?}");
+
+    // On the wire: the keys of PROTOCOL.md §4, with their types.
+    let raw = raw_connect(&cl.shutdown_sap, &cl.certs, "admin", ALPN)
+        .await
+        .expect("admin connection");
+    let mut stream = raw.open().await;
+    stream.write_value(&req(99, "STATUS", None)).await;
+    let wire = stream.read_value().await;
+    let cluster = get(&wire, "cluster").unwrap_or_else(|| panic!("{wire:?}"));
+    for key in ["epoch", "clients", "pairs", "pending"] {
         assert!(
-            alive(pid as u32),
-            "the backup's pid is not a live process: {st:?}"
-        );
-        assert_eq!(
-            get(backup, "handle").and_then(as_text),
-            Some(pid.to_string().as_str()),
-            "{st:?}"
-        );
-        // SPEC §2: the backup listens on BACKUP_SAP.
-        assert_eq!(
-            get(backup, "sap").and_then(as_text),
-            Some(cl.backup_sap.as_str()),
-            "{st:?}"
+            get(cluster, key).and_then(as_u64).is_some(),
+            "{key}: {cluster:?}"
         );
     }
     assert!(
-        get(&st, "clients").and_then(as_u64).unwrap_or(0) >= 1,
-        "{st:?}"
+        get(cluster, "primary")
+            .and_then(|p| get(p, "pid"))
+            .is_some()
     );
-    // `pairs` follows the primary (reported with its heartbeats).
-    let ok = wait_until(Duration::from_secs(5), || async {
-        get(&cl.status().await, "pairs").and_then(as_u64) == Some(7)
-    })
-    .await;
-    assert!(ok, "STATUS pairs never reached 7: {:?}", cl.status().await);
+    assert!(
+        get(cluster, "backup").is_some(),
+        "`backup` present (maybe null)"
+    );
+    assert!(matches!(
+        get(cluster, "backup_synced"),
+        Some(Value::Bool(_))
+    ));
+    assert!(get(cluster, "backup_state").and_then(as_text).is_some());
+    assert!(get(cluster, "replication_lag").is_some(), "{cluster:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -727,7 +733,8 @@ async fn without_a_server_requests_are_unavailable_after_the_request_timeout() {
         );
     }
     let st = cl.status().await;
-    assert_eq!(get(&st, "primary"), Some(&Value::Null), "{st:?}");
+    assert_eq!(st.primary, None, "{st:?}");
+    assert_eq!(st.pairs, None, "no primary, nothing counted: {st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -744,11 +751,8 @@ async fn a_write_to_a_stopped_primary_with_no_replica_left_is_unknown() {
     // could tell whether the write was applied.
     let st = cl.status().await;
     let mut stopped = vec![cl.server_pid()];
-    if let Some(b) = get(&st, "backup")
-        .and_then(|b| get(b, "pid"))
-        .and_then(as_u64)
-    {
-        stopped.push(b as u32);
+    if let Some(b) = st.pid_of("backup") {
+        stopped.push(b);
     }
     for pid in &stopped {
         signal(*pid, Signal::SIGSTOP);
@@ -972,7 +976,7 @@ async fn shutdown_closes_client_connections_with_shutting_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_normal_close_frees_the_client_slot() {
     let cl = Cluster::start().await;
-    let clients = || async { get(&cl.status().await, "clients").and_then(as_u64) };
+    let clients = || async { Some(cl.status().await.clients) };
     let base = clients().await.expect("STATUS clients");
     let c = cl.client().await;
     let mut c2 = cl.client().await;
@@ -1449,10 +1453,7 @@ async fn shutdown_saves_and_a_new_cluster_loads_the_save_file() {
     assert_eq!(rejected_of(&r), Vec::<Value>::new());
 
     // The backup (if the primary runs one) must be stopped by the shutdown too.
-    let st = cl.status().await;
-    let backup_pid = get(&st, "backup")
-        .and_then(|b| get(b, "pid"))
-        .and_then(as_u64);
+    let backup_pid = cl.status().await.pid_of("backup");
 
     let mut a = cl.admin().await;
     let r = a.request("SHUTDOWN", None).await.unwrap();
@@ -1477,7 +1478,7 @@ async fn shutdown_saves_and_a_new_cluster_loads_the_save_file() {
         cl.save_file.display()
     );
     if let Some(b) = backup_pid {
-        let gone = wait_until(EXIT_TIMEOUT, || async move { !alive(b as u32) }).await;
+        let gone = wait_until(EXIT_TIMEOUT, || async move { !alive(b) }).await;
         assert!(
             gone,
             "the backup (pid {b}) is still running after SHUTDOWN\n{logs}"
@@ -1734,10 +1735,7 @@ async fn losing_the_proxy_makes_the_primary_save_and_stop() {
         .await
         .unwrap();
     assert_eq!(rejected_of(&r), Vec::<Value>::new());
-    let st = cl.status().await;
-    let backup_pid = get(&st, "backup")
-        .and_then(|b| get(b, "pid"))
-        .and_then(as_u64);
+    let backup_pid = cl.status().await.pid_of("backup");
 
     let proxy = cl.proxy.as_mut().unwrap();
     signal(proxy.id(), Signal::SIGKILL);
@@ -1761,7 +1759,7 @@ async fn losing_the_proxy_makes_the_primary_save_and_stop() {
         "save file: {saved:?}\n{logs}"
     );
     if let Some(b) = backup_pid {
-        let gone = wait_until(EXIT_TIMEOUT, || async move { !alive(b as u32) }).await;
+        let gone = wait_until(EXIT_TIMEOUT, || async move { !alive(b) }).await;
         assert!(gone, "the backup (pid {b}) is still running\n{logs}");
     }
 }
@@ -1890,11 +1888,8 @@ async fn too_large_on_a_large_space_and_full_scans_still_answer() {
     let r = c.request("GET", pats(r"b,1\d{3}", ".*")).await.unwrap();
     assert_eq!(pairs_of(&r).len(), 1000);
     // Nothing was deleted.
-    let ok = wait_until(Duration::from_secs(5), || async {
-        get(&cl.status().await, "pairs").and_then(as_u64) == Some(N as u64)
-    })
-    .await;
-    assert!(ok, "STATUS pairs: {:?}", get(&cl.status().await, "pairs"));
+    let st = cl.status().await;
+    assert_eq!(st.pairs, Some(N as u64), "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

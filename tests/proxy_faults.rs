@@ -36,12 +36,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ciborium::Value;
-use common::{BIN, Cluster, ClusterBuilder, alive, as_u64, get as map_get, stop_process};
+use common::{BIN, Cluster, ClusterBuilder, alive, stop_process};
 use tokio::task::JoinHandle;
 use tuplespace::client::Client;
 use tuplespace::config::Config;
 use tuplespace::net::tls::CertRole;
-use tuplespace::wire::client::Status;
+use tuplespace::wire::client::{ClusterStatus, Status};
 
 /// One test at a time (see the module documentation).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -414,17 +414,7 @@ struct View {
     primary: Option<u32>,
     backup: Option<u32>,
     synced: bool,
-    raw: Value,
-}
-
-fn replica_pid(cluster: &Value, who: &str) -> Option<u32> {
-    let m = map_get(cluster, who)?;
-    if *m == Value::Null {
-        return None;
-    }
-    map_get(m, "pid")
-        .and_then(as_u64)
-        .and_then(|p| u32::try_from(p).ok())
+    raw: ClusterStatus,
 }
 
 /// STATUS now, or None if the admin SAP does not answer within 1.5 s.
@@ -440,17 +430,17 @@ async fn view(c: &Cluster) -> Option<View> {
             .ok()?;
         let r = a.request("STATUS", None).await.ok();
         a.close();
-        r?.cluster
+        r?.cluster.map(|c| *c)
     };
     let raw = tokio::time::timeout(Duration::from_millis(1_500), ask)
         .await
         .ok()
         .flatten()?;
     Some(View {
-        epoch: map_get(&raw, "epoch").and_then(as_u64).unwrap_or(0),
-        primary: replica_pid(&raw, "primary"),
-        backup: replica_pid(&raw, "backup"),
-        synced: matches!(map_get(&raw, "backup_synced"), Some(Value::Bool(true))),
+        epoch: raw.epoch,
+        primary: raw.pid_of("primary"),
+        backup: raw.pid_of("backup"),
+        synced: raw.backup_synced,
         raw,
     })
 }

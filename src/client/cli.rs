@@ -9,7 +9,8 @@ use super::syntax::{self, Line};
 use super::{Client, ClientError};
 use crate::config::Config;
 use crate::net::tls::CertRole;
-use crate::wire::client::{Response, Status};
+use crate::wire::client::{BackupState, ClusterStatus, Response, Status};
+use crate::wire::node::ReplicaInfo;
 
 pub const HELP: &str = r#"commands (tuples in text form: elements joined by commas, e.g. user,42):
   get KEYEXP VALEXP        pairs whose key and value fully match the regexes   get 'user,\d+' '.*'
@@ -20,7 +21,7 @@ pub const HELP: &str = r#"commands (tuples in text form: elements joined by comm
   op NAME [JSON-ARGS]      send any operator (unknown ones too)                  op FROB '[]'
   raw JSON                 send a whole request written as JSON                  raw '{"id":9,"op":"get"}'
   rawhex HEX               send bytes as one frame (the 4-byte length is added)  rawhex ff
-  status                   cluster status (admin certificate, shutdown SAP)
+  status [--watch]         cluster status (admin certificate, shutdown SAP); --watch: every second
   shutdown                 stop the service, saving its data (admin)
   connect [SAP]            (re)connect to the client SAP; disconnect: drop the connections
   help, quit"#;
@@ -121,10 +122,11 @@ impl Session {
             }
             Line::Raw(v) => self.on_data(|c| Box::pin(c.raw_value(v))).await,
             Line::RawBytes(b) => self.on_data(|c| Box::pin(c.raw_frame(b))).await,
-            Line::Status => match self.admin().await {
+            Line::Status { watch: false } => match self.admin().await {
                 Ok(c) => c.request("STATUS", None).await,
                 Err(e) => Err(e),
             },
+            Line::Status { watch: true } => return self.watch_status().await,
             Line::Shutdown => match self.admin().await {
                 Ok(c) => c.request("SHUTDOWN", None).await,
                 Err(e) => Err(e),
@@ -137,6 +139,49 @@ impl Session {
                 self.data = None;
                 self.admin = None;
                 Err(self.explain(e))
+            }
+        }
+    }
+
+    /// `status --watch`: prints STATUS every `status_watch_interval_ms` (the screen cleared
+    /// first on a terminal) until Ctrl-C or an error.
+    async fn watch_status(&mut self) -> Result<Outcome, String> {
+        use std::io::IsTerminal;
+        let mut every = tokio::time::interval(self.opts.config.status_watch_interval());
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tty = std::io::stdout().is_terminal() && !self.opts.json;
+        // One listener for the whole watch, so a Ctrl-C between two refreshes is not missed.
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = &mut stop => return Ok(Outcome::Text(String::new())),
+            }
+            let r = tokio::select! {
+                r = async {
+                    match self.admin().await {
+                        Ok(c) => c.request("STATUS", None).await,
+                        Err(e) => Err(e),
+                    }
+                } => r,
+                _ = &mut stop => return Ok(Outcome::Text(String::new())),
+            };
+            match r {
+                Ok(resp) => {
+                    let now = humantime_now();
+                    if self.opts.json {
+                        println!("{}", response_json(&resp));
+                    } else if tty {
+                        println!("\x1b[2J\x1b[H{now}\n{}", render(&resp));
+                    } else {
+                        println!("{now}\n{}\n", render(&resp));
+                    }
+                }
+                Err(e) => {
+                    self.admin = None;
+                    return Err(self.explain(e));
+                }
             }
         }
     }
@@ -242,11 +287,55 @@ pub fn render(r: &Response) -> String {
         }
     }
     if let Some(c) = &r.cluster {
-        let pretty = serde_json::to_string_pretty(&value_to_json(c)).unwrap_or_default();
         s.push('\n');
-        s.push_str(&pretty);
+        s.push_str(&status_table(c));
     }
     s
+}
+
+/// The current time (UTC, seconds) for `status --watch`.
+fn humantime_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (h, m, sec) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{sec:02} UTC")
+}
+
+/// STATUS as a table: one row per item, the replicas with their address and process id.
+pub fn status_table(c: &ClusterStatus) -> String {
+    let replica = |r: &Option<ReplicaInfo>| match r {
+        Some(r) => format!("{} at {} (pid {})", r.handle, r.sap, r.pid),
+        None => "none".to_owned(),
+    };
+    let lag = match (c.backup_state, c.replication_lag) {
+        (BackupState::Synced, Some(n)) => format!("{n} update{}", if n == 1 { "" } else { "s" }),
+        (BackupState::Synced, None) => "not reported yet".to_owned(),
+        _ => "-".to_owned(),
+    };
+    let rows = [
+        ("epoch", c.epoch.to_string()),
+        ("primary", replica(&c.primary)),
+        (
+            "backup",
+            match &c.backup {
+                Some(_) => format!("{}, {}", replica(&c.backup), c.backup_state.as_str()),
+                None => "none".to_owned(),
+            },
+        ),
+        ("replication lag", lag),
+        ("clients", c.clients.to_string()),
+        (
+            "pairs",
+            c.pairs
+                .map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
+        ),
+        ("pending", c.pending.to_string()),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("  {k:<16} {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn print(session: &Session, o: &Outcome) {

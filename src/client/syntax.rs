@@ -26,7 +26,10 @@ pub enum Line {
     Raw(Value),
     /// Bytes to send as one frame body.
     RawBytes(Vec<u8>),
-    Status,
+    /// STATUS; `watch`: again every `status_watch_interval_ms` until interrupted.
+    Status {
+        watch: bool,
+    },
     Shutdown,
     Connect(Option<String>),
     Disconnect,
@@ -116,7 +119,11 @@ pub fn parse(line: &str) -> Result<Line, String> {
             need(1, "rawhex HEX")?;
             Line::RawBytes(hex::decode(&rest[0]).map_err(|e| format!("not hex: {e}"))?)
         }
-        "status" => Line::Status,
+        "status" => match rest {
+            [] => Line::Status { watch: false },
+            [w] if w == "--watch" || w == "-w" => Line::Status { watch: true },
+            _ => return Err("usage: status [--watch]".into()),
+        },
         "shutdown" => Line::Shutdown,
         "connect" => Line::Connect(rest.first().cloned()),
         "disconnect" => Line::Disconnect,

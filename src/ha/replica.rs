@@ -314,6 +314,14 @@ impl<R> Replica<R> {
     pub fn has_promotable_backup(&self) -> bool {
         self.promotable_backup().is_some()
     }
+    /// Updates applied that the synchronised backup has not acknowledged yet (None without a
+    /// synchronised backup).
+    pub fn backup_lag(&self) -> Option<u64> {
+        self.backup
+            .as_ref()
+            .filter(|b| b.synced)
+            .map(|b| self.latest_seq.saturating_sub(b.acked))
+    }
     /// Replies held until their writes are replicated.
     pub fn held(&self) -> usize {
         self.release.len()

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ciborium::Value;
+
+use crate::wire::client::ClusterStatus;
 use serde::Serialize;
 
 use super::checker::{self, Op, OpKind, Outcome};
@@ -251,34 +253,17 @@ async fn client_loop(
     log
 }
 
-async fn status(o: &NemesisOptions, cfg: &Config) -> Option<Value> {
+async fn status(o: &NemesisOptions, cfg: &Config) -> Option<ClusterStatus> {
     let mut a = Client::connect(&o.admin_sap, &o.certs, CertRole::Admin, cfg)
         .await
         .ok()?;
     let r = a.request("STATUS", None).await.ok()?;
     a.close();
-    r.cluster
+    r.cluster.map(|c| *c)
 }
 
-fn get<'a>(v: &'a Value, k: &str) -> Option<&'a Value> {
-    match v {
-        Value::Map(m) => m
-            .iter()
-            .find(|(x, _)| matches!(x, Value::Text(s) if s == k))
-            .map(|(_, v)| v),
-        _ => None,
-    }
-}
-
-fn uint(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::Integer(i)) => u64::try_from(*i).unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn pid_of(st: &Value, who: &str) -> Option<i32> {
-    let p = uint(get(st, who).and_then(|m| get(m, "pid")));
+fn pid_of(st: &Option<ClusterStatus>, who: &str) -> Option<i32> {
+    let p = st.as_ref().and_then(|s| s.pid_of(who))?;
     (p > 0).then_some(p as i32)
 }
 
@@ -307,7 +292,7 @@ async fn nemesis(o: Arc<NemesisOptions>, cfg: Arc<Config>) -> Vec<String> {
         return done;
     }
     tokio::time::sleep(o.fault_at).await;
-    let st = status(&o, &cfg).await.unwrap_or(Value::Null);
+    let st = status(&o, &cfg).await;
     let primary = pid_of(&st, "primary");
     let backup = pid_of(&st, "backup");
     let fault_cmd = o.fault_cmd.clone();
@@ -389,10 +374,7 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         connect_timeout_ms: cfg.connect_timeout_ms.min(2000),
         ..cfg
     });
-    let epoch_before = status(&o, &cfg)
-        .await
-        .map(|s| uint(get(&s, "epoch")))
-        .unwrap_or(0);
+    let epoch_before = status(&o, &cfg).await.map(|s| s.epoch).unwrap_or(0);
     let tag = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -486,10 +468,7 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
     for k in phantom.iter().take(10) {
         details.push(format!("phantom: {k} present but never written"));
     }
-    let epoch_after = status(&o, &cfg)
-        .await
-        .map(|s| uint(get(&s, "epoch")))
-        .unwrap_or(0);
+    let epoch_after = status(&o, &cfg).await.map(|s| s.epoch).unwrap_or(0);
     let unknown = ops.iter().filter(|x| x.outcome == Outcome::Unknown).count()
         + fresh
             .iter()

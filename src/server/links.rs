@@ -205,6 +205,7 @@ fn reply_len(r: &Reply) -> usize {
             }
             Reply::Rejected(v) => v.iter().map(|r| r.as_bytes().len()).sum(),
             Reply::TooLarge(m) | Reply::Malformed(m) => m.len(),
+            Reply::Count(_) => 9,
         }
 }
 

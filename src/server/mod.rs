@@ -547,6 +547,7 @@ impl Replica {
                         pairs: self.stats.pairs.load(Ordering::Relaxed),
                         synced_backup,
                         echo,
+                        lag: self.machine.backup_lag(),
                     });
                 }
             }

@@ -542,6 +542,8 @@ impl Store {
             Command::Delete { key, value } => {
                 self.match_request(rid, client, Kind::Delete, key, value)
             }
+            // STATUS: the pairs as of every write applied before (ordered like a read).
+            Command::Count => self.answer(rid, self.seq, Reply::Count(self.space.len() as u64)),
             Command::Put(elems) | Command::Post(elems) if elems.is_empty() => {
                 self.answer(rid, self.seq, Reply::Rejected(vec![]));
             }

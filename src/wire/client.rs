@@ -7,6 +7,78 @@ use serde::{Deserialize, Serialize};
 
 use crate::space::{Pair, TupleLimits};
 use crate::wire::cbor::{self, Head, RawItem, Reader};
+use crate::wire::node::ReplicaInfo;
+
+/// The backup as STATUS describes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupState {
+    /// No backup is registered.
+    #[default]
+    Absent,
+    /// A backup is registered and receiving its initial copy (it cannot take over yet).
+    Syncing,
+    /// The backup holds every acknowledged write and acknowledges each new one.
+    Synced,
+}
+
+impl BackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupState::Absent => "absent",
+            BackupState::Syncing => "syncing",
+            BackupState::Synced => "synced",
+        }
+    }
+}
+
+/// STATUS's `cluster` map (PROTOCOL.md §4): the one type the proxy answers with and the CLI, the
+/// nemesis runner, tests and benches read. Keys added after the first version default when an
+/// older proxy leaves them out; unknown keys are ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The current epoch (+1 at each failover).
+    pub epoch: u64,
+    /// The replica requests are routed to.
+    pub primary: Option<ReplicaInfo>,
+    /// Its backup, while one is registered.
+    pub backup: Option<ReplicaInfo>,
+    /// The backup holds every acknowledged write (it may take over).
+    pub backup_synced: bool,
+    /// Connections open on CLIENT_SAP.
+    pub clients: u64,
+    /// Pairs in the space, counted by the primary after every write answered before the STATUS
+    /// arrived (null: no primary, or it did not answer within `status_timeout_ms`).
+    pub pairs: Option<u64>,
+    /// Requests the proxy holds that are not answered yet.
+    pub pending: u64,
+    #[serde(default)]
+    pub backup_state: BackupState,
+    /// Updates the primary applied that its synchronised backup has not acknowledged yet, as of
+    /// the primary's last heartbeat (null without a synchronised backup).
+    #[serde(default)]
+    pub replication_lag: Option<u64>,
+}
+
+impl ClusterStatus {
+    /// Upper bound of its CBOR encoding (for the reply budgets).
+    pub fn encoded_len(&self) -> usize {
+        let mut out = Vec::new();
+        match ciborium::into_writer(self, &mut out) {
+            Ok(()) => out.len(),
+            Err(_) => 4096,
+        }
+    }
+
+    /// The process id of the primary (`who` = "primary") or the backup ("backup").
+    pub fn pid_of(&self, who: &str) -> Option<u32> {
+        match who {
+            "primary" => self.primary.as_ref().map(|r| r.pid),
+            "backup" => self.backup.as_ref().map(|r| r.pid),
+            _ => None,
+        }
+    }
+}
 
 /// Response status (PROTOCOL.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,15 +196,27 @@ impl Op {
 /// ill-formed pair is the space's business, answered `ok`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    Get { key: String, value: String },
+    Get {
+        key: String,
+        value: String,
+    },
     Put(Vec<RawItem>),
     Post(Vec<RawItem>),
-    Delete { key: String, value: String },
+    Delete {
+        key: String,
+        value: String,
+    },
+    /// Not a client operation: the proxy asks the primary how many pairs it holds (for STATUS),
+    /// ordered like a read after every write answered before.
+    Count,
 }
 
 impl Command {
     pub fn is_write(&self) -> bool {
-        !matches!(self, Command::Get { .. })
+        matches!(
+            self,
+            Command::Put(_) | Command::Post(_) | Command::Delete { .. }
+        )
     }
     pub fn name(&self) -> &'static str {
         match self {
@@ -140,6 +224,7 @@ impl Command {
             Command::Put(_) => "PUT",
             Command::Post(_) => "POST",
             Command::Delete { .. } => "DELETE",
+            Command::Count => "COUNT",
         }
     }
 
@@ -152,6 +237,7 @@ impl Command {
                     key.capacity() + value.capacity()
                 }
                 Command::Put(e) | Command::Post(e) => e.iter().map(RawItem::mem_bytes).sum(),
+                Command::Count => 0,
             }
     }
 }
@@ -481,7 +567,8 @@ pub struct Response {
     /// PUT/POST elements not used, exactly as the client sent them.
     pub rejected: Option<Vec<RawItem>>,
     pub message: Option<String>,
-    pub cluster: Option<Value>,
+    /// STATUS's answer (boxed: it is far larger than the other fields and rare).
+    pub cluster: Option<Box<ClusterStatus>>,
 }
 
 impl Response {
@@ -530,7 +617,7 @@ impl Response {
             m.push((t("message"), t(msg)));
         }
         if let Some(c) = &self.cluster {
-            m.push((t("cluster"), c.clone()));
+            m.push((t("cluster"), Value::serialized(c).unwrap_or(Value::Null)));
         }
         // Last, as `encode_into` writes it.
         if let Some(r) = &self.rejected {
@@ -611,15 +698,18 @@ impl Response {
             Some(Value::Text(s)) => Some(s.clone()),
             _ => None,
         };
-        Ok::<_, ()>(Response {
+        let cluster = match get("cluster") {
+            None | Some(Value::Null) => None,
+            Some(c) => Some(Box::new(c.deserialized::<ClusterStatus>().ok()?)),
+        };
+        Some(Response {
             id,
             status,
             pairs,
             rejected,
             message,
-            cluster: get("cluster").cloned(),
+            cluster,
         })
-        .ok()
     }
 }
 
@@ -767,24 +857,6 @@ fn answer_size(pairs: &[Pair]) -> AnswerSize {
     s
 }
 
-/// Upper bound of the CBOR encoding of `v` (9 bytes per head): what the reply budgets count for a
-/// `cluster` map.
-pub fn value_len(v: &Value) -> usize {
-    match v {
-        Value::Text(t) => 9 + t.len(),
-        Value::Bytes(b) => 9 + b.len(),
-        Value::Array(a) => 9 + a.iter().map(value_len).sum::<usize>(),
-        Value::Map(m) => {
-            9 + m
-                .iter()
-                .map(|(k, v)| value_len(k) + value_len(v))
-                .sum::<usize>()
-        }
-        Value::Tag(_, v) => 9 + value_len(v),
-        _ => 9,
-    }
-}
-
 /// About the size of a response in the client encoding (the reply budgets need a bound, not the
 /// exact size).
 pub fn response_len(r: &Response) -> usize {
@@ -795,7 +867,7 @@ pub fn response_len(r: &Response) -> usize {
             .as_deref()
             .map_or(0, |v| v.iter().map(|i| i.as_bytes().len()).sum())
         + r.message.as_ref().map_or(0, String::len)
-        + r.cluster.as_ref().map_or(0, value_len)
+        + r.cluster.as_ref().map_or(0, |c| c.encoded_len())
 }
 
 /// Upper bound of the encoded size of a `pairs` answer (client encoding).

@@ -56,6 +56,10 @@ pub enum ToProxy {
         synced_backup: Option<String>,
         /// The last `HeartbeatAck::n` received from the proxy.
         echo: u64,
+        /// Primary only: updates applied that its synchronised backup has not acknowledged yet
+        /// (None without one). Reported in STATUS.
+        #[serde(default)]
+        lag: Option<u64>,
     },
     /// A backup that lost its primary asks to be promoted; a primary that lost its backup asks to
     /// go on alone. The proxy decides (it is the witness).
@@ -117,6 +121,8 @@ pub enum Reply {
     Rejected(Vec<RawItem>),
     TooLarge(String),
     Malformed(String),
+    /// Answer to [`Command::Count`]: pairs in the space.
+    Count(u64),
 }
 
 impl Reply {
@@ -135,6 +141,7 @@ impl Reply {
                 }
                 Reply::Rejected(r) => r.iter().map(|x| x.mem_bytes() + 16).sum(),
                 Reply::TooLarge(m) | Reply::Malformed(m) => m.capacity(),
+                Reply::Count(_) => 0,
             }
     }
 }

@@ -26,7 +26,7 @@ use tuplespace::config::Config;
 use tuplespace::net::endpoint::{self, LinkParams, NetError};
 use tuplespace::net::stream::{FramedRecv, RecvError};
 use tuplespace::net::tls::{self, CertRole, Identity};
-use tuplespace::wire::client::{Response, Status, request_value};
+use tuplespace::wire::client::{ClusterStatus, Response, Status, request_value};
 use tuplespace::wire::frame;
 
 /// The binary under test.
@@ -824,13 +824,13 @@ impl Cluster {
                 Ok(mut admin) => {
                     match admin.request("STATUS", None).await {
                         Ok(r) if r.status == Status::Ok => {
-                            let cluster = r.cluster.clone().unwrap_or(Value::Null);
-                            let primary = get(&cluster, "primary").cloned().unwrap_or(Value::Null);
-                            if !need_primary || primary != Value::Null {
+                            if !need_primary
+                                || r.cluster.as_ref().is_some_and(|c| c.primary.is_some())
+                            {
                                 admin.close();
                                 return;
                             }
-                            last = format!("no primary yet: {cluster:?}");
+                            last = format!("no primary yet: {:?}", r.cluster);
                         }
                         Ok(r) => last = format!("STATUS answered {r:?}"),
                         Err(e) => last = e.to_string(),
@@ -847,8 +847,8 @@ impl Cluster {
         }
     }
 
-    /// STATUS's `cluster` map, or Null when the admin SAP does not answer (during failover).
-    pub async fn cluster_status(&self) -> Value {
+    /// STATUS's `cluster`, or None when the admin SAP does not answer (during failover).
+    pub async fn cluster_status(&self) -> Option<ClusterStatus> {
         let Ok(mut a) = Client::connect(
             &self.shutdown_sap,
             &self.certs,
@@ -857,14 +857,10 @@ impl Cluster {
         )
         .await
         else {
-            return Value::Null;
+            return None;
         };
-        let r = a
-            .request("STATUS", None)
-            .await
-            .ok()
-            .and_then(|r| r.cluster)
-            .unwrap_or(Value::Null);
+        let r = a.request("STATUS", None).await.ok().and_then(|r| r.cluster);
+        let r = r.map(|c| *c);
         a.close();
         r
     }
@@ -892,14 +888,14 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("cannot connect to the shutdown SAP: {e}\n{}", self.logs()))
     }
 
-    /// The `cluster` map of a STATUS answer.
-    pub async fn status(&self) -> Value {
+    /// The `cluster` of a STATUS answer.
+    pub async fn status(&self) -> ClusterStatus {
         let mut a = self.admin().await;
         let r = a.request("STATUS", None).await.expect("STATUS answered");
         a.close();
         assert_eq!(r.status, Status::Ok, "STATUS: {r:?}");
         match r.cluster {
-            Some(c) => c,
+            Some(c) => *c,
             None => panic!("STATUS ok without `cluster`: {r:?}"),
         }
     }
@@ -1186,8 +1182,8 @@ impl UpService {
         })
     }
 
-    /// STATUS's `cluster` map, or Null when the admin SAP does not answer.
-    pub async fn status(&self) -> Value {
+    /// STATUS's `cluster`, or None when the admin SAP does not answer.
+    pub async fn status(&self) -> Option<ClusterStatus> {
         let cfg = Config {
             connect_timeout_ms: 500,
             request_timeout_ms: 2_000,
@@ -1196,21 +1192,17 @@ impl UpService {
         let Ok(mut a) =
             Client::connect(&self.shutdown_sap, &self.certs, CertRole::Admin, &cfg).await
         else {
-            return Value::Null;
+            return None;
         };
-        let r = a
-            .request("STATUS", None)
-            .await
-            .ok()
-            .and_then(|r| r.cluster)
-            .unwrap_or(Value::Null);
+        let r = a.request("STATUS", None).await.ok().and_then(|r| r.cluster);
+        let r = r.map(|c| *c);
         a.close();
         r
     }
 
     /// Polls STATUS until there is a primary with a synchronised backup; panics (with the logs)
     /// after `timeout` or if `up` exits.
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Value {
+    pub async fn wait_ready(&mut self, timeout: Duration) -> ClusterStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(up) = self.up.as_mut()
@@ -1219,10 +1211,11 @@ impl UpService {
                 panic!("up exited ({s}) while starting\n{}", self.logs());
             }
             let st = self.status().await;
-            if get(&st, "backup_synced") == Some(&Value::Bool(true))
-                && get(&st, "primary").is_some_and(|p| *p != Value::Null)
+            if let Some(st) = &st
+                && st.backup_synced
+                && st.primary.is_some()
             {
-                return st;
+                return st.clone();
             }
             if Instant::now() >= deadline {
                 panic!(
