@@ -1,6 +1,7 @@
 //! `tuplespace bench`: closed-loop load against a running service. C connections, each with one
 //! long-lived stream and P requests in flight; an operation mix over a key space; HDR histograms
-//! per operation; a progress bar; a readable table or `--json`.
+//! per operation; a progress bar; a readable table or `--json`; with `--plot FILE.svg` the
+//! latency percentile curve of each operation (see [`crate::plot::percentile_svg`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -83,6 +84,32 @@ pub struct BenchReport {
     pub total_ops_per_sec: f64,
     pub errors: u64,
     pub ops: Vec<OpReport>,
+    /// Latency at increasing percentiles per operation, for `--plot` (not in the JSON).
+    #[serde(skip)]
+    pub curves: Vec<crate::plot::Curve>,
+}
+
+/// Steps of the percentile curve on the "nines" scale (0.05: 20 points per factor of ten).
+const CURVE_STEP: f64 = 0.05;
+/// The curve stops at 99.9999 % (or earlier: at the last recorded sample).
+const CURVE_MAX_NINES: f64 = 6.0;
+
+/// The latency (µs) at percentiles from 0 % up to the one the sample count supports.
+fn curve(op: &str, h: &Histogram<u64>) -> crate::plot::Curve {
+    let top = (h.len().max(1) as f64).log10().min(CURVE_MAX_NINES);
+    let steps = (top / CURVE_STEP).floor() as usize;
+    let points = (0..=steps)
+        .map(|i| i as f64 * CURVE_STEP)
+        .chain(std::iter::once(top))
+        .map(|x| {
+            let q = 1.0 - 10f64.powf(-x);
+            (q, h.value_at_quantile(q))
+        })
+        .collect();
+    crate::plot::Curve {
+        op: op.to_owned(),
+        points,
+    }
 }
 
 fn value_of(size: usize, seed: u64) -> String {
@@ -343,6 +370,12 @@ pub async fn run(o: BenchOptions, cfg: Config) -> Result<BenchReport, String> {
             max_us: h.max(),
         })
         .collect();
+    let curves = hist
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(i, h)| curve(OPS[i], h))
+        .collect();
     let total: u64 = ops.iter().map(|r| r.count).sum();
     Ok(BenchReport {
         connections: o.connections,
@@ -351,6 +384,7 @@ pub async fn run(o: BenchOptions, cfg: Config) -> Result<BenchReport, String> {
         total_ops_per_sec: total as f64 / secs,
         errors,
         ops,
+        curves,
     })
 }
 

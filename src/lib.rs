@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod nemesis;
 pub mod net;
 pub mod notify;
+pub mod plot;
 pub mod proxy;
 pub mod server;
 pub mod sim;

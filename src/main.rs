@@ -164,6 +164,9 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also draw the latency percentile curve of each operation into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -218,9 +221,12 @@ struct NemesisArgs {
     /// A request unanswered after this many seconds is recorded as unknown.
     #[arg(long, default_value_t = 15.0)]
     op_timeout: f64,
-    /// Directory for history.jsonl and report.json.
+    /// Directory for history.jsonl, report.json and timeline.svg.
     #[arg(long, default_value = "nemesis-out")]
     out: PathBuf,
+    /// Width in milliseconds of a bucket of timeline.svg (ops/s and latency percentiles).
+    #[arg(long, default_value_t = 100)]
+    timeline_bucket_ms: u64,
     /// Print the report as JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -480,6 +486,19 @@ fn run(cli: Cli) -> Result<u8, String> {
             };
             let rt = runtime()?;
             let report = rt.block_on(tuplespace::bench::run(opts, cfg))?;
+            if let Some(path) = &b.plot {
+                let title = format!(
+                    "tuplespace bench: {} connections x {} in flight, {}, {:.0} s, {:.0} ops/s",
+                    report.connections,
+                    report.pipeline,
+                    b.mix,
+                    report.seconds,
+                    report.total_ops_per_sec
+                );
+                let svg = tuplespace::plot::percentile_svg(&title, &report.curves)
+                    .map_err(|e| e.to_string())?;
+                tuplespace::plot::write(path, &svg).map_err(|e| e.to_string())?;
+            }
             if b.json {
                 println!(
                     "{}",
@@ -507,6 +526,7 @@ fn run(cli: Cli) -> Result<u8, String> {
                 heal_cmd: n.heal_cmd,
                 op_timeout: secs(n.op_timeout.max(0.1)),
                 out: n.out,
+                timeline_bucket: std::time::Duration::from_millis(n.timeline_bucket_ms.max(1)),
             };
             let rt = runtime()?;
             let report = rt.block_on(runner::run(opts, cfg))?;

@@ -153,6 +153,7 @@ async fn crash_round(
         heal_cmd: None,
         op_timeout: Duration::from_secs(3),
         out,
+        timeline_bucket: Duration::from_millis(100),
     };
     let nemesis = tokio::spawn(runner::run(opts, Config::default()));
 

@@ -2,7 +2,7 @@
 //! written values while a fault is applied; the history (invoke, complete, result; unknown on
 //! timeout) is checked for linearizability per key, and for lost and duplicated writes (every
 //! client also inserts fresh keys that must each be applied exactly once). Prints a verdict,
-//! writes `history.jsonl` and `report.json`.
+//! writes `history.jsonl`, `report.json` and `timeline.svg` (see [`crate::plot`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -20,6 +20,7 @@ use super::checker::{self, Op, OpKind, Outcome};
 use crate::client::Client;
 use crate::config::Config;
 use crate::net::tls::CertRole;
+use crate::plot::{self, Ending, FaultWindow, Sample};
 use crate::wire::client::{Response, Status};
 
 /// The fault to apply.
@@ -65,7 +66,10 @@ pub struct NemesisOptions {
     pub heal_cmd: Option<String>,
     /// A request with no answer after this is recorded as unknown.
     pub op_timeout: Duration,
+    /// Directory for history.jsonl, report.json and timeline.svg.
     pub out: PathBuf,
+    /// Width of a bucket of the timeline (operations per second and latency percentiles).
+    pub timeline_bucket: Duration,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,6 +124,8 @@ struct ClientLog {
     ops: Vec<Op>,
     fresh: Vec<(String, Outcome)>,
     successes: Vec<u64>,
+    /// Every operation with its start and end, for the timeline.
+    samples: Vec<Sample>,
 }
 
 async fn connect(o: &NemesisOptions, cfg: &Config) -> Option<Client> {
@@ -233,6 +239,16 @@ async fn client_loop(
         {
             log.successes.push(c);
         }
+        log.samples.push(Sample {
+            op,
+            start_ns: invoke,
+            end_ns: complete.unwrap_or_else(|| sh.now()),
+            ending: match outcome {
+                Outcome::Unknown => Ending::Unknown,
+                Outcome::Failed => Ending::Unavailable,
+                _ => Ending::Ok,
+            },
+        });
         if let Some(k) = fresh {
             log.fresh.push((k, outcome.clone()));
         } else {
@@ -284,18 +300,25 @@ fn sh(cmd: &str) -> String {
     }
 }
 
-/// Applies the fault at `fault_at` and heals after `fault_for`; returns what it did.
-async fn nemesis(o: Arc<NemesisOptions>, cfg: Arc<Config>) -> Vec<String> {
+/// Applies the fault at `fault_at` and heals after `fault_for`; returns what it did and the
+/// fault window (from just before the fault to just after the heal; a kill is not healed, its
+/// window is the `fault_for` after it).
+async fn nemesis(
+    o: Arc<NemesisOptions>,
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+) -> (Vec<String>, Option<FaultWindow>) {
     use nix::sys::signal::Signal;
     let mut done = vec![];
     if o.fault == Fault::None {
-        return done;
+        return (done, None);
     }
     tokio::time::sleep(o.fault_at).await;
     let st = status(&o, &cfg).await;
     let primary = pid_of(&st, "primary");
     let backup = pid_of(&st, "backup");
     let fault_cmd = o.fault_cmd.clone();
+    let start_ns = shared.now();
     done.push(match o.fault {
         Fault::KillPrimary => signal(primary, Signal::SIGKILL),
         Fault::StopPrimary => signal(primary, Signal::SIGSTOP),
@@ -320,7 +343,12 @@ async fn nemesis(o: Arc<NemesisOptions>, cfg: Arc<Config>) -> Vec<String> {
         }),
         _ => {}
     }
-    done
+    let window = FaultWindow {
+        start_ns,
+        end_ns: shared.now(),
+        label: format!("{:?}: {}", o.fault, done.join("; ")),
+    };
+    (done, Some(window))
 }
 
 /// Final reads after the run: the value of every key, and the set of fresh keys present.
@@ -388,19 +416,21 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
     let clients: Vec<_> = (0..o.clients)
         .map(|c| tokio::spawn(client_loop(o.clone(), cfg.clone(), sh.clone(), c)))
         .collect();
-    let faults = tokio::spawn(nemesis(o.clone(), cfg.clone()));
+    let faults = tokio::spawn(nemesis(o.clone(), cfg.clone(), sh.clone()));
     tokio::time::sleep(o.duration).await;
     sh.stop.store(true, Ordering::Relaxed);
     let mut ops = vec![];
     let mut fresh = vec![];
     let mut successes = vec![];
+    let mut samples = vec![];
     for c in clients {
         let l = c.await.map_err(|e| e.to_string())?;
         ops.extend(l.ops);
         fresh.extend(l.fresh);
         successes.extend(l.successes);
+        samples.extend(l.samples);
     }
-    let mut details = faults.await.map_err(|e| e.to_string())?;
+    let (mut details, window) = faults.await.map_err(|e| e.to_string())?;
     let (regs, present) = final_state(&o, &cfg, &tag).await?;
     let end = sh.now();
     // The final reads are part of the history: one read per key, after everything else.
@@ -527,6 +557,29 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         serde_json::to_vec_pretty(&r).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("cannot write {}: {e}", report_path.display()))?;
+    let title = format!(
+        "tuplespace nemesis: {} clients, fault {} ({}), {}",
+        o.clients,
+        r.fault,
+        window.as_ref().map_or_else(
+            || "none".to_string(),
+            |w| format!(
+                "{:.1}-{:.1} s",
+                w.start_ns as f64 / 1e9,
+                w.end_ns as f64 / 1e9
+            )
+        ),
+        r.verdict
+    );
+    let svg = plot::timeline_svg(
+        &title,
+        &samples,
+        window.as_slice(),
+        o.duration.as_nanos() as u64,
+        o.timeline_bucket.as_nanos() as u64,
+    )
+    .map_err(|e| e.to_string())?;
+    plot::write(&o.out.join("timeline.svg"), &svg).map_err(|e| e.to_string())?;
     Ok(r)
 }
 
