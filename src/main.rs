@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 // The service allocates many small, short-lived buffers per request; mimalloc does that
 // markedly cheaper than the system allocator (see docs/BENCHMARKS.md).
@@ -129,6 +129,12 @@ enum Cmd {
         /// old primary's ("none" = no metrics).
         #[arg(long, default_value = "127.0.0.1:7414")]
         backup_metrics_sap: String,
+    },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) on stdout, e.g.
+    /// `tuplespace completions bash > ~/.local/share/bash-completion/completions/tuplespace`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -293,6 +299,16 @@ fn main() -> ExitCode {
         )
     };
     let cli = Cli::parse();
+    // Needs no configuration file: handled before one is read.
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "tuplespace",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -615,5 +631,6 @@ fn run(cli: Cli) -> Result<u8, String> {
                 .map_err(|e| e.to_string())?;
             Ok(code as u8)
         }
+        Cmd::Completions { .. } => Ok(0), // printed in main
     }
 }
