@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use ciborium::Value;
 
 use super::syntax::{self, Line};
-use super::{Client, ClientError};
+use super::{BackupState, ClusterStatus};
+use super::{CertRole, Client, ClientError, Request, Response, Status};
 use crate::config::Config;
-use crate::net::tls::CertRole;
-use crate::wire::client::{BackupState, ClusterStatus, Response, Status};
 use crate::wire::node::ReplicaInfo;
 
 pub const HELP: &str = r#"commands (tuples in text form: elements joined by commas, e.g. user,42):
@@ -123,12 +122,12 @@ impl Session {
             Line::Raw(v) => self.on_data(|c| Box::pin(c.raw_value(v))).await,
             Line::RawBytes(b) => self.on_data(|c| Box::pin(c.raw_frame(b))).await,
             Line::Status { watch: false } => match self.admin().await {
-                Ok(c) => c.request("STATUS", None).await,
+                Ok(c) => c.call(&Request::status()).await,
                 Err(e) => Err(e),
             },
             Line::Status { watch: true } => return self.watch_status().await,
             Line::Shutdown => match self.admin().await {
-                Ok(c) => c.request("SHUTDOWN", None).await,
+                Ok(c) => c.call(&Request::shutdown()).await,
                 Err(e) => Err(e),
             },
         };
@@ -161,7 +160,7 @@ impl Session {
             let r = tokio::select! {
                 r = async {
                     match self.admin().await {
-                        Ok(c) => c.request("STATUS", None).await,
+                        Ok(c) => c.call(&Request::status()).await,
                         Err(e) => Err(e),
                     }
                 } => r,
@@ -198,17 +197,9 @@ impl Session {
         f(c).await
     }
 
+    /// The error as the user sees it (a close code's advice is part of its message).
     fn explain(&self, e: ClientError) -> String {
-        let s = e.to_string();
-        if s.contains("SERVICE_REFUSED") {
-            format!("{s}\nthe proxy has reached its client limit; try again later")
-        } else if s.contains("FORBIDDEN") {
-            format!(
-                "{s}\nyour certificate's role is not allowed there (data needs client/admin, status/shutdown need admin)"
-            )
-        } else {
-            s
-        }
+        e.to_string()
     }
 
     /// Closes the connections with NO_ERROR and waits (briefly) for the close to be sent.
@@ -230,7 +221,7 @@ impl Client {
         op: String,
         args: Option<Value>,
     ) -> Result<Response, ClientError> {
-        self.request(&op, args).await
+        self.call(&Request::op(&op, args)).await
     }
     async fn raw_value(&mut self, v: Value) -> Result<Response, ClientError> {
         self.send_value(&v).await?;
