@@ -114,10 +114,29 @@ impl Wal {
         }
     }
 
+    /// Queues a message if the queue has room, without waiting. False if it is full or the
+    /// writer has stopped (the message is dropped).
+    pub fn try_send(&self, m: WalMsg) -> bool {
+        self.tx.try_send(m).is_ok()
+    }
+
     /// Writes and syncs everything queued so far (bounded wait).
     pub fn flush(&self, wait: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(WalMsg::Flush(tx)) && rx.recv_timeout(wait).is_ok()
+    }
+}
+
+#[cfg(test)]
+impl Wal {
+    /// A sender whose messages the caller reads itself (no writer thread).
+    pub(crate) fn stub(queue: usize) -> (Wal, Receiver<WalMsg>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+        let wal = Wal {
+            tx,
+            snapshot_wanted: Arc::new(AtomicBool::new(false)),
+        };
+        (wal, rx)
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::store::{SpaceCopy, StoreMsg};
+use super::store::{DirectWriter, SpaceCopy, StoreMsg};
 use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
@@ -532,7 +532,9 @@ async fn pump_updates(
 }
 
 /// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
-/// arrives. Ends when the endpoint is closed.
+/// arrives. Ends when the endpoint is closed. With a log (`direct`), each update goes to the log
+/// writer from here, before the store applies it, when the rules of
+/// [`super::store::DirectLog`] allow; otherwise the store logs it.
 ///
 /// Handshakes run each in a task of their own, with a deadline and the limits of
 /// [`endpoint::accept_each`], so that strangers knocking (a flood of Initials that never complete)
@@ -546,6 +548,7 @@ pub async fn serve_replication(
     min_epoch: Arc<AtomicU64>,
     handle: String,
     durable: Option<watch::Receiver<Durable>>,
+    mut direct: Option<DirectWriter>,
     events: Events,
     metrics: Arc<ServerMetrics>,
 ) {
@@ -597,28 +600,45 @@ pub async fn serve_replication(
         let acker = tokio::spawn(acknowledge(out, need, durable.clone(), handle.clone()));
         metrics.connections.inc("primary");
         let mut first_chunk = true;
+        // The update the store holds once it has taken this stream's messages so far (known
+        // from this stream's initial copy on): later updates may go to the log directly.
+        let mut held: Option<u64> = None;
+        // Messages the store logs itself go through the direct writer, which counts them.
+        let to_store = |direct: &mut Option<DirectWriter>, m: StoreMsg| match direct {
+            Some(d) => d.via_store(&store, m),
+            None => {
+                let _ = store.send(m);
+            }
+        };
         'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
             let mut last = None;
             for m in batch {
                 match m {
                     Ok(Repl::Snapshot { pairs }) => {
-                        let _ = store.send(StoreMsg::Load {
-                            pairs,
-                            reset: first_chunk,
-                        });
+                        to_store(
+                            &mut direct,
+                            StoreMsg::Load {
+                                pairs,
+                                reset: first_chunk,
+                            },
+                        );
                         first_chunk = false;
                     }
                     Ok(Repl::Dedupe(entries)) => {
-                        let _ = store.send(StoreMsg::LoadDedupe(entries));
+                        to_store(&mut direct, StoreMsg::LoadDedupe(entries));
                     }
                     Ok(Repl::SnapshotDone { seq, dedupe }) => {
                         if first_chunk {
-                            let _ = store.send(StoreMsg::Load {
-                                pairs: vec![],
-                                reset: true,
-                            });
+                            to_store(
+                                &mut direct,
+                                StoreMsg::Load {
+                                    pairs: vec![],
+                                    reset: true,
+                                },
+                            );
                         }
-                        let _ = store.send(StoreMsg::Synced { seq, dedupe });
+                        to_store(&mut direct, StoreMsg::Synced { seq, dedupe });
+                        held = Some(seq);
                         bases_sent += 1;
                         let _ = acks.send(AckNeed::Synced(seq, bases_sent));
                     }
@@ -628,12 +648,22 @@ pub async fn serve_replication(
                         change,
                         reply,
                     }) => {
-                        let _ = store.send(StoreMsg::Apply {
-                            seq,
-                            rid,
-                            change,
-                            reply,
-                        });
+                        match &mut direct {
+                            Some(d) => {
+                                let fresh = held.is_some_and(|h| seq > h);
+                                d.update(&store, fresh, (seq, rid, change, reply));
+                            }
+                            None => {
+                                let _ = store.send(StoreMsg::Apply {
+                                    seq,
+                                    rid,
+                                    change,
+                                    reply,
+                                    logged: false,
+                                });
+                            }
+                        }
+                        held = held.map(|h| h.max(seq));
                         last = Some(seq);
                     }
                     Ok(Repl::Watermark(w)) => {

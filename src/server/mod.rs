@@ -38,7 +38,7 @@ use crate::wire::node::{RelayReply, Repl, ReplicaInfo, Role, ToProxy, ToServer};
 
 pub use args::ServerArgs;
 use links::{BackupLink, ConnectOutcome, Event, ProxyLink};
-use store::{StoreInit, StoreMsg, StoreOut, StoreStats};
+use store::{DirectLog, DirectWriter, StoreInit, StoreMsg, StoreOut, StoreStats};
 
 /// Errors that stop a server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,8 @@ struct Replica {
     probe: Option<(u64, Instant)>,
     /// The highest update the backup has acknowledged (its initial copy included).
     acked: u64,
+    /// A backup's replication reader appends updates to the log itself (until promoted).
+    direct: Option<Arc<DirectLog>>,
 }
 
 /// A replica's own directory under the data root, locked while the process lives.
@@ -303,6 +305,10 @@ pub async fn run(
         }
         None => (None, None, false, None),
     };
+    let direct = match (&wal, role) {
+        (Some(w), Role::Backup) => Some(DirectLog::new(w.clone(), start.pos.epoch)),
+        _ => None,
+    };
     let (store_tx, store_thread) = store::spawn(
         StoreInit {
             space: start.space,
@@ -311,6 +317,7 @@ pub async fn run(
             dedupe: start.dedupe,
             wal,
             log_base,
+            direct: direct.clone(),
         },
         cfg.clone(),
         save_file,
@@ -375,6 +382,7 @@ pub async fn run(
         metrics,
         probe: None,
         acked: 0,
+        direct,
     };
     r.start_listeners();
     let mut hb = tokio::time::interval(cfg.heartbeat_interval());
@@ -520,6 +528,12 @@ impl Replica {
             self.logged_epoch = self.machine.epoch();
             let _ = self.store.send(StoreMsg::Epoch(self.logged_epoch));
         }
+        if self.machine.role() == Role::Primary
+            && let Some(d) = self.direct.take()
+        {
+            // Before any request can reach the store (`serving` below).
+            d.retire();
+        }
         self.serving
             .send_if_modified(|s| std::mem::replace(s, self.machine.role() == Role::Primary) != *s);
         for a in actions.drain(..) {
@@ -615,6 +629,7 @@ impl Replica {
                 self.epoch.clone(),
                 self.info.handle.clone(),
                 self.durable.clone(),
+                self.direct.clone().map(DirectWriter::new),
                 self.events.clone(),
                 self.metrics.clone(),
             ));

@@ -11,8 +11,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -51,12 +51,15 @@ pub enum StoreMsg {
     ),
     /// The proxy has answered every rid below this.
     Watermark(u64),
-    /// A backup applies a primary's update (with the reply, for dedupe).
+    /// A backup applies a primary's update (with the reply, for dedupe). `logged`: the
+    /// replication reader already handed it to the log writer ([`DirectLog`]); else the store
+    /// logs it.
     Apply {
         seq: u64,
         rid: u64,
         change: Change,
         reply: Reply,
+        logged: bool,
     },
     /// Replace the whole space (backup: initial copy).
     Load {
@@ -95,6 +98,133 @@ pub struct StoreInit {
     pub wal: Option<Wal>,
     /// The log does not yet hold `space` (a new directory): log it as a base copy first.
     pub log_base: bool,
+    /// A backup's replication reader appends updates to the log itself (with `wal`).
+    pub direct: Option<Arc<DirectLog>>,
+}
+
+/// A backup's replication reader hands each update to the log writer itself, in stream order,
+/// while the store applies it: the append (and its sync) starts without waiting for the store
+/// thread to wake. The log still holds its records in an order the store could have logged
+/// them in; the rules (each with a unit test):
+/// - the reader appends an update only once the store has handed the log writer every record of
+///   the reader's earlier messages that the store logs itself (initial copy, updates the reader
+///   did not append): `relayed` counts those, the reader compares it with what it sent;
+/// - a snapshot of the store's space goes to the log writer only once the store has applied
+///   every update appended directly, and no direct append starts from that check until the
+///   snapshot is queued (`Gate::pause`), so records before a snapshot are in it and records
+///   after it are not;
+/// - an update appended directly carries the epoch of the last `Epoch` record the store logged;
+/// - once the replica is the primary the reader never appends again (`retire`, before any
+///   request reaches the store), so its own updates never interleave with a former primary's.
+pub struct DirectLog {
+    gate: Mutex<Gate>,
+    /// Messages of the reader that the store logged itself (counted once handed to the writer).
+    relayed: AtomicU64,
+    /// The epoch of the last `Epoch` record the store logged.
+    epoch: AtomicU64,
+}
+
+struct Gate {
+    /// A snapshot waits for the store to apply the updates appended directly.
+    pause: bool,
+    /// The log writer; `None` once retired (the primary now, or the store has stopped): no
+    /// more direct appends, and the writer may end once the store lets go of it too.
+    wal: Option<Wal>,
+    /// Updates appended directly so far.
+    sent: u64,
+}
+
+impl DirectLog {
+    pub fn new(wal: Wal, epoch: u64) -> Arc<Self> {
+        Arc::new(DirectLog {
+            gate: Mutex::new(Gate {
+                pause: false,
+                wal: Some(wal),
+                sent: 0,
+            }),
+            relayed: AtomicU64::new(0),
+            epoch: AtomicU64::new(epoch),
+        })
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The replica is the primary now (or the store stopped): from here on the store logs
+    /// everything it applies.
+    pub fn retire(&self) {
+        self.gate().wal = None;
+    }
+}
+
+/// The replication reader's side of a [`DirectLog`].
+pub struct DirectWriter {
+    log: Arc<DirectLog>,
+    /// Messages sent to the store that it logs itself.
+    issued: u64,
+}
+
+impl DirectWriter {
+    pub fn new(log: Arc<DirectLog>) -> Self {
+        DirectWriter { log, issued: 0 }
+    }
+
+    /// Sends the store a message that it logs itself (`Load`, `LoadDedupe`, `Synced`).
+    pub fn via_store(&mut self, store: &std::sync::mpsc::Sender<StoreMsg>, m: StoreMsg) {
+        self.issued += 1;
+        let _ = store.send(m);
+    }
+
+    /// Hands update `seq` to the log writer, then to the store to apply, if the rules allow
+    /// (`fresh`: the reader knows the store holds the stream's initial copy and no update at or
+    /// past `seq`); else to the store, which logs it. True if appended directly.
+    pub fn update(
+        &mut self,
+        store: &std::sync::mpsc::Sender<StoreMsg>,
+        fresh: bool,
+        (seq, rid, change, reply): (u64, u64, Change, Reply),
+    ) -> bool {
+        let log = &self.log;
+        if fresh && log.relayed.load(Ordering::Acquire) == self.issued {
+            let mut g = log.gate();
+            if !g.pause
+                && let Some(wal) = &g.wal
+            {
+                let rec = Record::Change {
+                    epoch: log.epoch.load(Ordering::Acquire),
+                    seq,
+                    rid,
+                    change: change.clone(),
+                    reply: reply.clone(),
+                };
+                if wal.try_send(WalMsg::Record(rec)) {
+                    g.sent += 1;
+                    // Under the lock: a snapshot check or `retire` that follows it finds this
+                    // update in the store's queue.
+                    let _ = store.send(StoreMsg::Apply {
+                        seq,
+                        rid,
+                        change,
+                        reply,
+                        logged: true,
+                    });
+                    return true;
+                }
+            }
+        }
+        self.via_store(
+            store,
+            StoreMsg::Apply {
+                seq,
+                rid,
+                change,
+                reply,
+                logged: false,
+            },
+        );
+        false
+    }
 }
 
 /// What the store produced, in order.
@@ -137,6 +267,11 @@ struct Store {
     metrics: Arc<ServerMetrics>,
     /// The request being answered and when the store took it (for the metrics only).
     current: (OpLabel, std::time::Instant),
+    direct: Option<Arc<DirectLog>>,
+    /// Updates the reader appended directly that this thread has applied.
+    direct_applied: u64,
+    /// The log writer asked for a snapshot that is not sent yet.
+    snapshot_due: bool,
 }
 
 /// Shared counters the async side reads without asking the thread.
@@ -196,6 +331,9 @@ pub fn spawn(
         seq_pub: stats.seq,
         metrics: stats.metrics,
         current: (OpLabel::Other, std::time::Instant::now()),
+        direct: init.direct,
+        direct_applied: 0,
+        snapshot_due: false,
     };
     let h = std::thread::Builder::new()
         .name("store".into())
@@ -210,6 +348,10 @@ pub fn spawn(
                 store.len.store(store.space.len() as u64, Ordering::Relaxed);
                 store.seq_pub.store(store.seq, Ordering::Relaxed);
                 store.maybe_snapshot();
+            }
+            if let Some(d) = &store.direct {
+                // The writer ends once every sender is gone (the reader's too).
+                d.retire();
             }
             if let Some(w) = &store.wal
                 && !w.flush(store.cfg.shutdown_timeout())
@@ -258,19 +400,43 @@ impl Store {
         });
     }
 
-    /// Hands the log writer a copy of the space when it asks for one (O(1) clone).
-    fn maybe_snapshot(&self) {
-        if let Some(w) = &self.wal
-            && w.snapshot_wanted.swap(false, Ordering::AcqRel)
-        {
-            let _ = w.send(WalMsg::Snapshot {
-                space: self.space.clone(),
-                pos: Position {
-                    epoch: self.epoch,
-                    seq: self.seq,
-                },
-                dedupe: self.dedupe.to_vec(),
-            });
+    /// Hands the log writer a copy of the space when it asks for one (O(1) clone); with a
+    /// [`DirectLog`], once every update the reader appended is applied (until then the reader
+    /// appends no more).
+    fn maybe_snapshot(&mut self) {
+        let Some(w) = &self.wal else { return };
+        if !self.snapshot_due {
+            if !w.snapshot_wanted.swap(false, Ordering::AcqRel) {
+                return;
+            }
+            self.snapshot_due = true;
+        }
+        if let Some(d) = &self.direct {
+            let mut g = d.gate();
+            g.pause = true;
+            if g.sent != self.direct_applied {
+                // Those updates are in this thread's queue: checked again after each message.
+                return;
+            }
+        }
+        let _ = w.send(WalMsg::Snapshot {
+            space: self.space.clone(),
+            pos: Position {
+                epoch: self.epoch,
+                seq: self.seq,
+            },
+            dedupe: self.dedupe.to_vec(),
+        });
+        self.snapshot_due = false;
+        if let Some(d) = &self.direct {
+            d.gate().pause = false;
+        }
+    }
+
+    /// A message of the reader that this thread logged (see [`DirectLog`]).
+    fn relayed(&self) {
+        if let Some(d) = &self.direct {
+            d.relayed.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -338,20 +504,34 @@ impl Store {
                 rid,
                 change,
                 reply,
+                logged,
             } => {
                 if seq > self.seq {
-                    self.space.apply(&change);
-                    self.seq = seq;
-                    if self.wal.is_some() {
+                    // Logged before it is applied: the append starts as early as it can.
+                    if !logged && self.wal.is_some() {
                         self.log(Record::Change {
                             epoch: self.epoch,
                             seq,
                             rid,
-                            change,
+                            change: change.clone(),
                             reply: reply.clone(),
                         });
                     }
+                    self.space.apply(&change);
+                    self.seq = seq;
                     self.remember(rid, reply);
+                } else if logged {
+                    // The reader appends only updates past what the store holds.
+                    tracing::warn!(
+                        seq,
+                        held = self.seq,
+                        "an update appended to the log directly was already held"
+                    );
+                }
+                if logged {
+                    self.direct_applied += 1;
+                } else {
+                    self.relayed();
                 }
             }
             StoreMsg::Load { pairs, reset } => {
@@ -366,12 +546,14 @@ impl Store {
                 for (k, v) in pairs {
                     self.space.insert_raw(k, v);
                 }
+                self.relayed();
             }
             StoreMsg::LoadDedupe(entries) => {
                 if self.wal.is_some() {
                     self.log(Record::Dedupe(entries.clone()));
                 }
                 self.remember_all(entries);
+                self.relayed();
             }
             StoreMsg::Synced { seq, dedupe } => {
                 self.seq = seq;
@@ -384,11 +566,15 @@ impl Store {
                     seq,
                     dedupe: vec![],
                 });
+                self.relayed();
             }
             StoreMsg::Epoch(e) => {
                 if e > self.epoch {
                     self.epoch = e;
                     self.log(Record::Epoch(e));
+                    if let Some(d) = &self.direct {
+                        d.epoch.store(e, Ordering::Release);
+                    }
                 }
             }
             StoreMsg::Snapshot(tx) => {
@@ -741,6 +927,7 @@ mod tests {
             dedupe: vec![],
             wal: None,
             log_base: false,
+            direct: None,
         };
         let (tx, _h) = spawn(init, Arc::new(cfg), None, out, StoreStats::default()).unwrap();
         (tx, rx)
@@ -859,5 +1046,186 @@ mod tests {
             matches!(&order[5].1, Reply::Rejected(r) if r.is_empty()),
             "k,1 was free again"
         );
+    }
+
+    /// A store with a log writer stub (the test reads what it is sent) and a direct log.
+    fn start_direct() -> (
+        std::sync::mpsc::Sender<StoreMsg>,
+        DirectWriter,
+        Arc<DirectLog>,
+        std::sync::mpsc::Receiver<WalMsg>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        // Nothing here answers requests: what the store emits is not read.
+        let (out, _) = mpsc::unbounded_channel();
+        let (wal, log_rx) = Wal::stub(64);
+        let wanted = wal.snapshot_wanted.clone();
+        let direct = DirectLog::new(wal.clone(), 1);
+        let init = StoreInit {
+            space: Space::new(),
+            seq: 0,
+            epoch: 1,
+            dedupe: vec![],
+            wal: Some(wal),
+            log_base: false,
+            direct: Some(direct.clone()),
+        };
+        let cfg = Arc::new(Config::default());
+        let (tx, _h) = spawn(init, cfg, None, out, StoreStats::default()).unwrap();
+        (
+            tx,
+            DirectWriter::new(direct.clone()),
+            direct,
+            log_rx,
+            wanted,
+        )
+    }
+
+    /// Holds the store thread until the returned receiver is read.
+    fn hold(tx: &std::sync::mpsc::Sender<StoreMsg>) -> std::sync::mpsc::Receiver<(Space, u64)> {
+        let (t, r) = std::sync::mpsc::sync_channel(0);
+        tx.send(StoreMsg::ScanCopy(t)).unwrap();
+        r
+    }
+
+    fn upd(seq: u64) -> (u64, u64, Change, Reply) {
+        let change = Change::Insert(vec![Pair::new(format!("k,{seq}"), "v")]);
+        (seq, 100 + seq, change, Reply::Rejected(vec![]))
+    }
+
+    /// The next `n` messages to the log writer, in order, as short descriptions.
+    fn logged(rx: &std::sync::mpsc::Receiver<WalMsg>, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                match rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("a log record")
+                {
+                    WalMsg::Record(Record::Reset) => "reset".into(),
+                    WalMsg::Record(Record::Pairs(p)) => format!("pairs {}", p.len()),
+                    WalMsg::Record(Record::Dedupe(d)) => format!("dedupe {}", d.len()),
+                    WalMsg::Record(Record::Base { seq, .. }) => format!("base {seq}"),
+                    WalMsg::Record(Record::Change { epoch, seq, .. }) => {
+                        format!("change {seq} e{epoch}")
+                    }
+                    WalMsg::Record(Record::Epoch(e)) => format!("epoch {e}"),
+                    WalMsg::Snapshot { space, pos, .. } => {
+                        format!("snapshot {} ({} pairs)", pos.seq, space.len())
+                    }
+                    WalMsg::Flush(_) => "flush".into(),
+                }
+            })
+            .collect()
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    fn initial_copy(tx: &std::sync::mpsc::Sender<StoreMsg>, w: &mut DirectWriter, seq: u64) {
+        let load = StoreMsg::Load {
+            pairs: vec![("a".into(), "1".into())],
+            reset: true,
+        };
+        w.via_store(tx, load);
+        w.via_store(
+            tx,
+            StoreMsg::Synced {
+                seq,
+                dedupe: vec![],
+            },
+        );
+    }
+
+    #[test]
+    fn a_direct_append_waits_until_the_store_logged_the_readers_earlier_messages() {
+        let (tx, mut w, log, rx, _) = start_direct();
+        let held = hold(&tx);
+        initial_copy(&tx, &mut w, 5);
+        // The store has not logged the initial copy yet: update 6 goes through it.
+        assert!(
+            !w.update(&tx, true, upd(6)),
+            "appended before the base copy"
+        );
+        held.recv().unwrap();
+        until("the store logged update 6", || {
+            log.relayed.load(Ordering::Acquire) == 3
+        });
+        assert!(w.update(&tx, true, upd(7)), "appended directly once it may");
+        assert_eq!(
+            logged(&rx, 5),
+            ["reset", "pairs 1", "base 5", "change 6 e1", "change 7 e1"]
+        );
+        // A direct append carries the epoch the store logged last, and follows its record.
+        tx.send(StoreMsg::Epoch(3)).unwrap();
+        until("the store logged epoch 3", || {
+            log.epoch.load(Ordering::Acquire) == 3
+        });
+        assert!(w.update(&tx, true, upd(8)));
+        // Not past what the store holds (`fresh` false): through the store.
+        assert!(!w.update(&tx, false, upd(8)));
+        // Once primary, never again.
+        log.retire();
+        assert!(!w.update(&tx, true, upd(9)));
+        assert_eq!(logged(&rx, 3), ["epoch 3", "change 8 e3", "change 9 e3"]);
+        let (t, r) = tokio::sync::oneshot::channel();
+        tx.send(StoreMsg::Snapshot(t)).unwrap();
+        let (space, seq, _) = r.blocking_recv().unwrap();
+        assert_eq!((space.len(), seq), (5, 9), "every update applied once");
+    }
+
+    #[test]
+    fn a_snapshot_waits_until_the_store_applied_every_update_appended_directly() {
+        let (tx, mut w, log, rx, wanted) = start_direct();
+        initial_copy(&tx, &mut w, 0);
+        until("the store logged the copy", || {
+            log.relayed.load(Ordering::Acquire) == 2
+        });
+        assert_eq!(logged(&rx, 3), ["reset", "pairs 1", "base 0"]);
+        // The store is busy while update 1 is appended and the writer asks for a snapshot:
+        // a copy of the space as the store holds it (without update 1) must not follow update
+        // 1 in the log (a snapshot replaces every record before it).
+        let held = hold(&tx);
+        assert!(w.update(&tx, true, upd(1)));
+        wanted.store(true, Ordering::Release);
+        held.recv().unwrap();
+        until("the store saw the request", || {
+            !wanted.load(Ordering::Acquire)
+        });
+        // Whether update 2 is appended directly (the snapshot is out) or by the store (it
+        // waits) depends on timing; the order of the log does not.
+        w.update(&tx, true, upd(2));
+        assert_eq!(
+            logged(&rx, 3),
+            ["change 1 e1", "snapshot 1 (2 pairs)", "change 2 e1"]
+        );
+        // The gate opens again after the snapshot.
+        until("direct appends resume", || !log.gate().pause);
+        assert!(w.update(&tx, true, upd(3)));
+        assert_eq!(logged(&rx, 1), ["change 3 e1"]);
+    }
+
+    #[test]
+    fn the_store_lets_go_of_the_log_writer_when_it_stops_though_the_reader_lives_on() {
+        let (tx, w, log, rx, _) = start_direct();
+        tx.send(StoreMsg::Stop).unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        match rx.recv_timeout(wait) {
+            Ok(WalMsg::Flush(done)) => done.send(()).unwrap(),
+            _ => panic!("the store flushes the log when it stops"),
+        }
+        // The writer thread ends when every sender is gone; the server waits for it.
+        assert!(
+            matches!(
+                rx.recv_timeout(wait),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+            ),
+            "a sender of the log writer is left"
+        );
+        drop((w, log));
     }
 }
