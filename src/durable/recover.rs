@@ -971,6 +971,14 @@ mod tests {
             },
         )
         .unwrap();
+        // The writer's own preallocation of the next spare runs in the background and writes
+        // the same temporary name: once its complete spare is named, the temporary is gone (the
+        // half-written leftover was removed before, or overwritten by this one).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !dir.join(crate::durable::SPARE_FILE).exists() {
+            assert!(std::time::Instant::now() < deadline, "no new spare in 10 s");
+            std::thread::yield_now();
+        }
         assert!(!dir.join(crate::durable::SPARE_TMP).exists());
         assert_eq!(
             std::fs::metadata(dir.join(segment_name(2))).unwrap().len(),
