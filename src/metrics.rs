@@ -889,6 +889,18 @@ async fn answer(mut sock: tokio::net::TcpStream, registry: &Registry) {
     }
 }
 
+/// CPU time the calling thread has used (tests that bound work, not wall time).
+#[cfg(test)]
+pub(crate) fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -927,13 +939,7 @@ mod tests {
     #[ignore]
     fn recording_cost() {
         fn cpu_ns() -> u128 {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime writes the timespec it is given.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+            super::thread_cpu_time().as_nanos()
         }
         let (m, _r) = ProxyMetrics::new();
         let n = 20_000_000u32;

@@ -1595,15 +1595,7 @@ mod tests {
     /// The check's verdict and the CPU time this thread spent on it (not wall time: the bound
     /// guards the checker's complexity, and other processes on a loaded machine must not move it).
     fn timed(ops: &[Op]) -> (Verdict, std::time::Duration) {
-        fn cpu() -> std::time::Duration {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime writes the timespec it is given.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-        }
+        let cpu = crate::metrics::thread_cpu_time;
         let start = cpu();
         let v = check_key(ops);
         (v, cpu() - start)
