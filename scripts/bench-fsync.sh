@@ -6,7 +6,8 @@
 # For each point (C connections x P in flight) it starts `tuplespace up` in a fresh scratch
 # directory with one policy, runs `tuplespace bench --mix put=100` (fresh keys: every request is a
 # replicated, logged write), stops the service, then does the same with the other policy, so the
-# two figures of a point are taken minutes apart at most. Prints one table with the ratios.
+# two figures of a point are taken minutes apart at most. Each figure starts on a settled disk
+# (see settle()): run it on an otherwise idle machine. Prints one table with the ratios.
 # Knobs: BF_POINTS ("1,1 16,1 16,16 64,16"), BF_SECONDS (6), BF_ROUNDS (1: repeat every point),
 # BF_PORT (base port, 7600).
 set -euo pipefail
@@ -18,6 +19,9 @@ POINTS=${BF_POINTS:-"1,1 16,1 16,16 64,16"}
 SECONDS_EACH=${BF_SECONDS:-6}
 ROUNDS=${BF_ROUNDS:-1}
 PORT=${BF_PORT:-7600}
+# The shipped config's log segment size (settle() waits for a segment of this size).
+WAL_SEGMENT_BYTES=$(sed -n 's/^wal_segment_bytes *= *\([0-9]*\).*/\1/p' "$ROOT/config/tuplespace.toml")
+WAL_SEGMENT_BYTES=${WAL_SEGMENT_BYTES:-0}
 SCRATCH=$(mktemp -d /tmp/bench-fsync.XXXXXX)
 UP_PID=""
 
@@ -75,10 +79,44 @@ stop_up() {
   done
 }
 
+# settle DIR: waits (bounded) until every replica's log has moved to a preallocated segment and
+# its next spare is ready, then writes back every dirty page on the machine (`sync`). Otherwise
+# the first seconds of a figure measure start-up work, not the steady state: two replicas each
+# zero-fill two 16 MiB spares in the background (the log appends to a growing, unpreallocated
+# segment meanwhile, whose every fdatasync commits metadata too), and the previous figure's
+# `never` run leaves megabytes of log for the kernel to write back. Either queues in front of
+# the fdatasync of every write and is charged to `always` alone.
+settle() {
+  local dir=$1 deadline=$((SECONDS + 30)) n=0
+  while :; do
+    local ready=0 replicas=0
+    for r in $(find "$dir" -maxdepth 3 -type d -name 'replica-*' 2>/dev/null); do
+      replicas=$((replicas + 1))
+      local seg
+      seg=$(find "$r" -maxdepth 1 -name 'wal-*' -printf '%f\n' | sort -V | tail -1)
+      if [[ -f "$r/wal.spare" && ! -e "$r/wal.spare.tmp" && -n "$seg" ]] &&
+        (($(stat -c %s "$r/$seg") >= WAL_SEGMENT_BYTES)); then
+        ready=$((ready + 1))
+      fi
+    done
+    ((replicas >= 2 && ready == replicas)) && break
+    if ((SECONDS > deadline)); then
+      echo "logs in $dir did not reach a preallocated segment with a spare ready in 30 s; measuring anyway" >&2
+      break
+    fi
+    # A write moves a log whose spare is ready onto it.
+    (cd "$dir" && "$TS" client --sap 127.0.0.1:$PORT put "settle,$n=1" >/dev/null 2>&1) || true
+    n=$((n + 1))
+    sleep 0.2
+  done
+  sync
+}
+
 # measure POLICY C P ROUND -> prints "ops p50_us p99_us"
 measure() {
   local policy=$1 c=$2 p=$3 r=$4 dir="$SCRATCH/$1-$2x$3-$4"
   start_up "$policy" "$dir"
+  settle "$dir"
   (cd "$dir" && "$TS" bench --sap 127.0.0.1:$PORT -c "$c" -p "$p" --mix put=100 -d "$SECONDS_EACH" \
     --no-preload --json 2>/dev/null) | python3 -c '
 import json,sys
