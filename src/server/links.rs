@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::store::{DirectWriter, SpaceCopy, StoreMsg};
+use super::store::{DirectWriter, SpaceCopy, StoreMsg, StoreView};
 use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
@@ -20,7 +20,7 @@ use crate::metrics::{ReplicationLag, ServerMetrics};
 use crate::net::endpoint::{self, ListenLimits};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
-use crate::wire::client::pairs_node_len;
+use crate::wire::client::{Command, pairs_node_len};
 use crate::wire::frame;
 use crate::wire::node::{
     Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
@@ -91,6 +91,10 @@ pub struct RelayGate {
     wait_at_most: Duration,
     gone: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     max_gone: usize,
+    /// Batches of requests the link's relay reader sent to the store, and how many of them the
+    /// store has handled: equal when nothing sent on this link waits for the store thread.
+    sent: AtomicU64,
+    handled: AtomicU64,
 }
 
 impl RelayGate {
@@ -102,7 +106,29 @@ impl RelayGate {
             wait_at_most: cfg.request_timeout(),
             gone: Mutex::new((HashSet::new(), VecDeque::new())),
             max_gone: cfg.max_clients,
+            sent: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
         })
+    }
+
+    /// Relay reader: one more batch of this link's requests goes to the store.
+    pub fn sent(&self) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Store thread: it has handled one more batch of this link's requests.
+    pub fn handled(&self) {
+        self.handled.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// True if the store has handled every batch this link sent it.
+    pub fn caught_up(&self) -> bool {
+        self.handled.load(Ordering::SeqCst) == self.sent.load(Ordering::SeqCst)
+    }
+
+    /// True if the answers queued for the proxy are within the budget.
+    pub fn has_room(&self) -> bool {
+        *self.queued.lock().unwrap_or_else(|e| e.into_inner()) <= self.max
     }
 
     /// Store thread: waits while the answers queued for the proxy pass the budget (back-pressure
@@ -237,6 +263,7 @@ pub async fn connect_proxy(
     info: &ReplicaInfo,
     primary_handle: Option<&str>,
     store: &std::sync::mpsc::Sender<StoreMsg>,
+    reads: Option<StoreView>,
     serving: &tokio::sync::watch::Receiver<bool>,
     events: &Events,
 ) -> Result<(ProxyLink, u64), ConnectOutcome> {
@@ -333,15 +360,33 @@ pub async fn connect_proxy(
         }
         let mut input = FramedRecv::new(rrecv, max);
         let gate = relay_gate;
+        let to_store = |reqs: Vec<(u64, Option<u64>, Command)>| {
+            gate.sent();
+            store.send(StoreMsg::Requests(reqs, gate.clone())).is_ok()
+        };
+        // A barrier: no read is answered here before the store has handled everything sent to
+        // it before this link served (a promoted backup's last updates from its primary).
+        if !to_store(Vec::new()) {
+            return;
+        }
         while let Ok(Some(batch)) = input.next_batch::<Relay>().await {
             let mut reqs = Vec::with_capacity(batch.len());
             for m in batch {
                 match m {
+                    // Only while nothing of this batch waits to be sent: requests of one
+                    // connection take effect in the order sent.
+                    Ok(Relay::Request {
+                        rid,
+                        client: Some(c),
+                        cmd,
+                    }) if reqs.is_empty()
+                        && reads
+                            .as_ref()
+                            .is_some_and(|v| v.try_read(&gate, rid, c, &cmd)) => {}
                     Ok(Relay::Request { rid, client, cmd }) => reqs.push((rid, client, cmd)),
                     Ok(Relay::Watermark(w)) => {
                         if !reqs.is_empty() {
-                            let _ = store
-                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
+                            to_store(std::mem::take(&mut reqs));
                         }
                         let _ = store.send(StoreMsg::Watermark(w));
                     }
@@ -349,7 +394,7 @@ pub async fn connect_proxy(
                     Err(e) => warn!("bad relay frame from the proxy: {e}"),
                 }
             }
-            if !reqs.is_empty() && store.send(StoreMsg::Requests(reqs, gate.clone())).is_err() {
+            if !reqs.is_empty() && !to_store(reqs) {
                 break;
             }
         }

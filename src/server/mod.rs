@@ -660,6 +660,7 @@ impl Replica {
             Role::Primary => None,
         };
         let store = self.store.clone();
+        let reads = self.stats.view.get().cloned();
         let serving = self.serving.subscribe();
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -675,6 +676,7 @@ impl Replica {
                 &info,
                 primary.as_deref(),
                 &store,
+                reads,
                 &serving,
                 &events,
             )

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -281,6 +281,73 @@ pub struct StoreStats {
     pub seq: Arc<AtomicU64>,
     /// Where the store records answers and their latency (observations only).
     pub metrics: Arc<ServerMetrics>,
+    /// Set once the thread runs: where exact-key reads may be answered without it.
+    pub view: Arc<OnceLock<StoreView>>,
+}
+
+/// The store as a relay reader may see it between two of the thread's messages: an exact-key
+/// GET that nothing queued for the thread can change the answer of is answered on the reader's
+/// own thread (no hand-off to the store thread and back). The answer goes out through the same
+/// channel as the thread's own, held by the replica machine like every read (`after_seq`).
+/// It does not keep the store alive: the thread owns it, and it ends with the thread.
+#[derive(Clone)]
+pub struct StoreView(std::sync::Weak<Mutex<Store>>);
+
+impl StoreView {
+    /// Answers `cmd` now and returns true if it is an exact-key GET (`is_exact_read`) and the
+    /// answer is the one the store thread would give: every request sent before it on this link
+    /// has been handled (`RelayGate::caught_up`), none of its connection waits behind a scan,
+    /// and the thread is between two messages (never waits for it: false if it is busy). The
+    /// caller sends everything else to the thread, and then every later request of the batch.
+    pub fn try_read(
+        &self,
+        gate: &crate::server::links::RelayGate,
+        rid: u64,
+        client: u64,
+        cmd: &Command,
+    ) -> bool {
+        let Command::Get { key, value } = cmd else {
+            return false;
+        };
+        let started = std::time::Instant::now();
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
+        let Ok(s) = shared.try_lock() else {
+            return false;
+        };
+        if !is_exact_read(key, value, s.cfg.max_pattern_bytes)
+            || !gate.caught_up()
+            || !gate.has_room()
+            || gate.is_gone(client)
+            || s.waiting.contains_key(&client)
+            || s.dedupe.get(rid).is_some()
+        {
+            return false;
+        }
+        let pairs = s
+            .space
+            .value_of(key)
+            .map(|v| vec![Pair::new(key.clone(), v.clone())])
+            .unwrap_or_default();
+        let reply = Reply::Pairs {
+            pairs,
+            message: None,
+        };
+        s.metrics
+            .requests
+            .inc(OpLabel::Get, crate::metrics::reply_status(&reply));
+        s.metrics.apply.observe(OpLabel::Get, started.elapsed());
+        s.emit(StoreOut::Read {
+            after_seq: s.seq,
+            reply: RelayReply { rid, reply },
+        });
+        true
+    }
+}
+
+fn lock(m: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts the store thread.
@@ -313,7 +380,7 @@ pub fn spawn(
         .pairs
         .store(init.space.len() as u64, Ordering::Relaxed);
     stats.seq.store(init.seq, Ordering::Relaxed);
-    let mut store = Store {
+    let store = Store {
         space: init.space,
         seq: init.seq,
         epoch: init.epoch,
@@ -335,13 +402,17 @@ pub fn spawn(
         direct_applied: 0,
         snapshot_due: false,
     };
+    // Held by the thread while it handles a message; relay readers only ever try it.
+    let shared = Arc::new(Mutex::new(store));
+    let _ = stats.view.set(StoreView(Arc::downgrade(&shared)));
     let h = std::thread::Builder::new()
         .name("store".into())
         .spawn(move || {
             if init.log_base {
-                store.log_base();
+                lock(&shared).log_base();
             }
             while let Ok(msg) = rx.recv() {
+                let mut store = lock(&shared);
                 if !store.handle(msg) {
                     break;
                 }
@@ -349,6 +420,7 @@ pub fn spawn(
                 store.seq_pub.store(store.seq, Ordering::Relaxed);
                 store.maybe_snapshot();
             }
+            let store = lock(&shared);
             if let Some(d) = &store.direct {
                 // The writer ends once every sender is gone (the reader's too).
                 d.retire();
@@ -490,10 +562,11 @@ impl Store {
     fn handle(&mut self, msg: StoreMsg) -> bool {
         match msg {
             StoreMsg::Requests(reqs, gate) => {
-                self.gate = Some(gate);
+                self.gate = Some(gate.clone());
                 for (rid, client, cmd) in reqs {
                     self.request(rid, client, cmd);
                 }
+                gate.handled();
             }
             StoreMsg::Watermark(w) => {
                 self.dedupe.trim_below(w);
@@ -705,9 +778,7 @@ impl Store {
         let limits = self.cfg.tuple_limits();
         match cmd {
             Command::Get { key, value }
-                if is_plain_key(&key)
-                    && key.len() <= self.cfg.max_pattern_bytes
-                    && value == ".*" =>
+                if is_exact_read(&key, &value, self.cfg.max_pattern_bytes) =>
             {
                 // The commonest read, an exact key with any value: a map lookup, no regex.
                 let pairs = self
@@ -884,6 +955,12 @@ impl Store {
             reply,
         });
     }
+}
+
+/// The commonest read: an exact key (a plain key no longer than `max_pattern_bytes`) with any
+/// value, answered by a map lookup.
+fn is_exact_read(key: &str, value: &str, max_pattern_bytes: usize) -> bool {
+    is_plain_key(key) && key.len() <= max_pattern_bytes && value == ".*"
 }
 
 /// A key pattern that can only match itself: alphanumerics and commas, no regex syntax at all.
@@ -1227,5 +1304,96 @@ mod tests {
             "a sender of the log writer is left"
         );
         drop((w, log));
+    }
+
+    #[test]
+    fn an_exact_read_is_answered_beside_the_thread_only_when_nothing_before_it_waits() {
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let init = StoreInit {
+            space: Space::new(),
+            seq: 0,
+            epoch: 1,
+            dedupe: vec![],
+            wal: None,
+            log_base: false,
+            direct: None,
+        };
+        let stats = StoreStats::default();
+        let cfg = Config::default();
+        let (tx, _h) = spawn(init, Arc::new(cfg.clone()), None, out, stats.clone()).unwrap();
+        let view = stats.view.get().unwrap().clone();
+        let gate = crate::server::links::RelayGate::new(&cfg);
+        let get = |key: &str, value: &str| Command::Get {
+            key: key.into(),
+            value: value.into(),
+        };
+        // Sent but not yet handled (the batch is still on its way): the thread must answer.
+        gate.sent();
+        assert!(!view.try_read(&gate, 2, 7, &get("a", ".*")));
+        tx.send(StoreMsg::Requests(
+            vec![(1, Some(7), Command::Put(vec![pair("a", "1")]))],
+            gate.clone(),
+        ))
+        .unwrap();
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            StoreOut::Write { seq: 1, .. }
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !view.try_read(&gate, 2, 7, &get("a", ".*")) {
+            assert!(std::time::Instant::now() < deadline, "never caught up");
+            std::thread::yield_now();
+        }
+        match rx.blocking_recv().unwrap() {
+            StoreOut::Read { after_seq, reply } => {
+                assert_eq!(after_seq, 1, "held until the write it saw is committed");
+                assert_eq!(reply.rid, 2);
+                assert!(
+                    matches!(&reply.reply, Reply::Pairs { pairs, .. } if pairs.len() == 1 && pairs[0].value == "1"),
+                    "{reply:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Anything but an exact key with any value goes to the thread.
+        assert!(!view.try_read(&gate, 3, 7, &get("a", "1")));
+        assert!(!view.try_read(&gate, 3, 7, &get("a|b", ".*")));
+        assert!(!view.try_read(&gate, 3, 7, &Command::Put(vec![pair("b", "2")])));
+        // So does a read of a connection with a request on the scan threads.
+        let elems: Vec<RawItem> = (0..1000).map(|i| pair(&format!("k,{i}"), "v")).collect();
+        gate.sent();
+        tx.send(StoreMsg::Requests(
+            vec![
+                (4, Some(8), Command::Put(elems)),
+                (5, Some(8), get(r"k,\d+", ".*")),
+            ],
+            gate.clone(),
+        ))
+        .unwrap();
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            StoreOut::Write { seq: 2, .. }
+        ));
+        let mut answered = false;
+        while !gate.caught_up() {
+            assert!(std::time::Instant::now() < deadline, "never caught up");
+            std::thread::yield_now();
+        }
+        // Until the scan is done (then its answer is already out).
+        if view.try_read(&gate, 6, 8, &get("a", ".*")) {
+            answered = true;
+        }
+        let mut rids = Vec::new();
+        while rids.len() < 1 + usize::from(answered) {
+            match rx.blocking_recv().unwrap() {
+                StoreOut::Read { reply, .. } => rids.push(reply.rid),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            rids[0], 5,
+            "the read of connection 8 came before its scan: {rids:?}"
+        );
+        drop(tx);
     }
 }
