@@ -28,13 +28,12 @@ use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
+use crate::wire::cbor::RawItem;
 use crate::wire::client::{
     self, BackupState, CloseCode, ClusterStatus, Command, Op, Response, Status,
 };
 use crate::wire::frame::{self, FrameError};
-use crate::wire::node::{
-    Relay, RelayReply, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
-};
+use crate::wire::node::{Relay, RelayAnswer, ReplicaInfo, Role, StreamKind, ToProxy, ToServer};
 use crate::wire::{CLIENT_ALPN, NODE_ALPN};
 
 /// Errors that stop the proxy from starting.
@@ -62,16 +61,23 @@ pub struct ProxySaps {
     pub shutdown: SocketAddr,
 }
 
+/// An answer for a client stream: made here, or the primary's (already in the client's
+/// encoding, with a null id: the stream puts the client's id in and copies the rest).
+enum Answer {
+    Made(Response),
+    Relayed { id: u64, response: RawItem },
+}
+
 /// Where a client stream's answers go. Each is counted in the connection's reply budget (its
 /// estimated client encoding) from the moment it is sent until its stream has encoded it.
 #[derive(Clone)]
 struct RespTx {
-    tx: mpsc::UnboundedSender<(Response, Charge)>,
+    tx: mpsc::UnboundedSender<(Answer, Charge)>,
     replies: Arc<ConnReplies>,
 }
 
 impl RespTx {
-    fn channel(replies: Arc<ConnReplies>) -> (RespTx, mpsc::UnboundedReceiver<(Response, Charge)>) {
+    fn channel(replies: Arc<ConnReplies>) -> (RespTx, mpsc::UnboundedReceiver<(Answer, Charge)>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (RespTx { tx, replies }, rx)
     }
@@ -79,12 +85,23 @@ impl RespTx {
     /// False if the stream is gone (the answer is dropped).
     fn send(&self, r: Response) -> bool {
         let n = client::response_len(&r);
+        self.send_answer(Answer::Made(r), n)
+    }
+
+    /// The primary's answer to the client's request `id`.
+    fn send_relayed(&self, id: u64, response: RawItem) -> bool {
+        // Its bytes, the id put in, and the frame's length.
+        let n = response.as_bytes().len() + 16;
+        self.send_answer(Answer::Relayed { id, response }, n)
+    }
+
+    fn send_answer(&self, a: Answer, n: usize) -> bool {
         self.replies.charge(n);
         let charge = Charge {
             replies: self.replies.clone(),
             n,
         };
-        self.tx.send((r, charge)).is_ok()
+        self.tx.send((a, charge)).is_ok()
     }
 }
 
@@ -132,7 +149,7 @@ enum RouterMsg {
     },
     Replies {
         link: LinkId,
-        replies: Vec<RelayReply>,
+        replies: Vec<RelayAnswer>,
         /// Their place in the link's relay budget (`max_relay_reply_bytes`), given back once the
         /// router has handed them on (they then count in the clients' reply budgets).
         _held: tokio::sync::OwnedSemaphorePermit,
@@ -382,13 +399,33 @@ impl Outbox {
     }
 
     fn push(&mut self, r: &Response) {
+        self.compact();
+        let before = self.buf.len();
+        r.encode_into(&mut self.buf);
+        self.replies.charge(self.buf.len() - before);
+    }
+
+    fn push_answer(&mut self, a: &Answer) {
+        match a {
+            Answer::Made(r) => self.push(r),
+            Answer::Relayed { id, response } => {
+                self.compact();
+                let before = self.buf.len();
+                if !put_id(*id, response.as_bytes(), &mut self.buf) {
+                    // Not the form our servers write (a null id first): the slow way.
+                    self.buf.truncate(before);
+                    return self.push(&relayed_fallback(*id, response));
+                }
+                self.replies.charge(self.buf.len() - before);
+            }
+        }
+    }
+
+    fn compact(&mut self) {
         if self.pos > 0 && self.pos >= self.buf.len() / 2 {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        let before = self.buf.len();
-        r.encode_into(&mut self.buf);
-        self.replies.charge(self.buf.len() - before);
     }
 
     fn pending(&self) -> &[u8] {
@@ -411,6 +448,52 @@ impl Outbox {
                 self.buf = Vec::new();
             }
         }
+    }
+}
+
+/// Appends the frame of a client response whose encoding `response` the primary wrote with a
+/// null id in first place (`RelayAnswer`), with `id` in its place instead. False (and something
+/// written) if `response` does not start that way.
+fn put_id(id: u64, response: &[u8], out: &mut Vec<u8>) -> bool {
+    const NULL_ID: [u8; 4] = [0x62, b'i', b'd', 0xf6];
+    let (Some(&map), Some(rest)) = (response.first(), response.get(5..)) else {
+        return false;
+    };
+    if map >> 5 != 5 || map & 0x1f >= 24 || response[1..5] != NULL_ID {
+        return false;
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(map);
+    out.extend_from_slice(&NULL_ID[..3]);
+    crate::wire::cbor::write_head(out, 0, id);
+    out.extend_from_slice(rest);
+    let Ok(len) = u32::try_from(out.len() - start - 4) else {
+        return false;
+    };
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    true
+}
+
+/// The status of a relayed answer (its entry after the null id), for the metrics; `unknown` if it
+/// is not in the form our servers write (the client then gets `relayed_fallback`'s answer).
+fn relayed_status(response: &[u8]) -> Status {
+    let mut r = crate::wire::cbor::Reader::new(response.get(5..).unwrap_or_default());
+    match (r.text(), r.text()) {
+        (Ok(Some(k)), Ok(Some(v))) if k == "status" => Status::parse(&v).unwrap_or(Status::Unknown),
+        _ => Status::Unknown,
+    }
+}
+
+/// A relayed answer not in the expected form: decoded, its id replaced.
+fn relayed_fallback(id: u64, response: &RawItem) -> Response {
+    match response.to_value().as_ref().and_then(Response::from_value) {
+        Some(r) => Response { id: Some(id), ..r },
+        None => Response::error(
+            Some(id),
+            Status::Unknown,
+            "the primary's answer could not be read; the request may or may not have been applied: re-read to find out",
+        ),
     }
 }
 
@@ -459,8 +542,8 @@ impl Drop for IdentitySlot {
     }
 }
 
-type Machine = router::Router<Req, Reply>;
-type MAction = router::Action<Req, Reply>;
+type Machine = router::Router<Req, RawItem>;
+type MAction = router::Action<Req, RawItem>;
 
 struct Link {
     control: mpsc::UnboundedSender<ToServer>,
@@ -509,7 +592,7 @@ impl Router {
         self.origin.elapsed().as_millis() as Millis
     }
 
-    fn step(&mut self, input: router::Input<Req, Reply>) {
+    fn step(&mut self, input: router::Input<Req, RawItem>) {
         let now = self.now();
         let mut actions = std::mem::take(&mut self.actions);
         self.machine.step(now, input, &mut actions);
@@ -556,14 +639,21 @@ impl Router {
             }
             MAction::Answer { payload, outcome } => {
                 if let Some(token) = payload.status {
-                    let pairs = match outcome {
-                        Outcome::Reply(Reply::Count(n)) => Some(n),
+                    let pairs = match &outcome {
+                        Outcome::Reply(r) => RelayAnswer::count(r),
                         _ => None,
                     };
                     return self.answer_status(token, pairs);
                 }
+                let op = OpLabel::of_command(&payload.cmd);
+                self.metrics.latency.observe(op, payload.start.elapsed());
+                self.metrics.in_flight.dec();
                 let resp = match outcome {
-                    Outcome::Reply(r) => to_response(payload.id, r),
+                    Outcome::Reply(r) => {
+                        self.metrics.requests.inc(op, relayed_status(r.as_bytes()));
+                        let _ = payload.reply.send_relayed(payload.id, r);
+                        return;
+                    }
                     Outcome::Unknown => Response::error(
                         Some(payload.id),
                         Status::Unknown,
@@ -578,10 +668,7 @@ impl Router {
                         ),
                     ),
                 };
-                let op = OpLabel::of_command(&payload.cmd);
                 self.metrics.requests.inc(op, resp.status);
-                self.metrics.latency.observe(op, payload.start.elapsed());
-                self.metrics.in_flight.dec();
                 let _ = payload.reply.send(resp);
             }
             MAction::Watermark { link, rid } => {
@@ -725,7 +812,7 @@ impl Router {
                 }
             }
             RouterMsg::Replies { link, replies, .. } => {
-                let replies = replies.into_iter().map(|r| (r.rid, r.reply)).collect();
+                let replies = replies.into_iter().map(|r| (r.rid, r.response)).collect();
                 self.step(router::Input::Replies { link, replies });
             }
             RouterMsg::FromServer { link, msg } => match msg {
@@ -1055,28 +1142,6 @@ impl ProxyStateFile {
         let mut f = atomic_write_file::AtomicWriteFile::options().open(&self.path)?;
         f.write_all(&bytes)?;
         f.commit()
-    }
-}
-
-fn to_response(id: u64, reply: Reply) -> Response {
-    match reply {
-        Reply::Pairs { pairs, message } => Response {
-            pairs: Some(pairs),
-            message,
-            ..Response::ok(Some(id))
-        },
-        Reply::Rejected(r) => Response {
-            rejected: Some(r),
-            ..Response::ok(Some(id))
-        },
-        Reply::TooLarge(m) => Response::error(Some(id), Status::TooLarge, m),
-        Reply::Malformed(m) => Response::error(Some(id), Status::Malformed, m),
-        // Only ever the answer to STATUS's count, which `apply` answers itself.
-        Reply::Count(_) => Response::error(
-            Some(id),
-            Status::Malformed,
-            "internal error: a count answered a client request",
-        ),
     }
 }
 
@@ -1477,10 +1542,10 @@ async fn client_stream(
             biased;
             Some((resp, _estimate)) = rx.recv() => {
                 outstanding -= 1;
-                out.push(&resp);
+                out.push_answer(&resp);
                 while let Ok((r, _estimate)) = rx.try_recv() {
                     outstanding -= 1;
-                    out.push(&r);
+                    out.push_answer(&r);
                 }
                 if replies.is_cut.load(Ordering::Relaxed) {
                     return;
@@ -1666,7 +1731,7 @@ async fn serve_server_conn(
                 let most = u32::try_from(cfg.max_relay_reply_bytes).unwrap_or(u32::MAX);
                 tasks.spawn(async move {
                     loop {
-                        let batch = match input.next_batch::<RelayReply>().await {
+                        let first = match input.next().await {
                             Ok(Some(b)) => b,
                             Ok(None) => break,
                             Err(RecvError::Read(quinn::ReadError::ConnectionLost(e))) => {
@@ -1687,21 +1752,19 @@ async fn serve_server_conn(
                                 break;
                             }
                         };
-                        let mut replies = Vec::with_capacity(batch.len());
+                        // Read in place: each answer stays the bytes the server sent.
+                        let mut replies = Vec::new();
                         let mut bytes = 0usize;
-                        for r in batch {
-                            match r {
+                        let mut next = Some(first);
+                        while let Some(f) = next {
+                            match RelayAnswer::read(&f) {
                                 Ok(r) => {
-                                    bytes += match &r.reply {
-                                        Reply::Pairs { pairs, .. } => {
-                                            client::pairs_response_len(pairs)
-                                        }
-                                        _ => 0,
-                                    };
+                                    bytes += r.response.as_bytes().len();
                                     replies.push(r);
                                 }
                                 Err(e) => warn!(link, "bad relay frame from server: {e}"),
                             }
+                            next = input.try_next().ok().flatten();
                         }
                         let n = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX).min(most);
                         let Ok(held) = budget.clone().acquire_many_owned(n).await else {
@@ -1724,4 +1787,45 @@ async fn serve_server_conn(
     // The stream tasks end by themselves: their streams fail once the connection is gone.
     tasks.detach_all();
     let _ = router.send(RouterMsg::LinkDown { link });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::Pair;
+    use crate::wire::node::Reply;
+
+    #[test]
+    fn a_relayed_answer_gets_the_clients_id_and_is_otherwise_forwarded_as_sent() {
+        let replies = [
+            Reply::Pairs {
+                pairs: vec![Pair::new("a,b", "1")],
+                message: None,
+            },
+            Reply::Rejected(vec![RawItem::from_value(&ciborium::Value::Text("junk".into()))]),
+            Reply::Malformed("bad".into()),
+        ];
+        for reply in replies {
+            for id in [0, 23, 24, 1 << 40, u64::MAX] {
+                let mut primary = Vec::new();
+                reply.clone().into_response(None).encode_into(&mut primary);
+                let mut out = Vec::new();
+                assert!(put_id(id, &primary[4..], &mut out));
+                let mut want = Vec::new();
+                reply.clone().into_response(Some(id)).encode_into(&mut want);
+                assert_eq!(out, want, "{reply:?} {id}");
+            }
+        }
+        // Anything else is refused (and answered the slow way).
+        assert!(!put_id(1, &[0xa1, 0x62, b'i', b'd', 0x01], &mut Vec::new()));
+        assert!(!put_id(1, &[0xf6], &mut Vec::new()));
+        let mut primary = Vec::new();
+        Reply::TooLarge("big".into())
+            .into_response(None)
+            .encode_into(&mut primary);
+        assert_eq!(relayed_status(&primary[4..]), Status::TooLarge);
+        assert_eq!(relayed_status(&[0xf6]), Status::Unknown);
+        let odd = RawItem::from_value(&Response::ok(Some(9)).to_value());
+        assert_eq!(relayed_fallback(3, &odd), Response::ok(Some(3)));
+    }
 }

@@ -92,6 +92,11 @@ impl FramedSend {
         r.encode_into(&mut self.buf);
     }
 
+    /// Queues frames already encoded (length prefix included) by `write`.
+    pub fn queue_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.buf);
+    }
+
     pub fn queued(&self) -> usize {
         self.buf.len()
     }

@@ -23,7 +23,8 @@ use crate::net::tls::{self, SapKind};
 use crate::wire::client::{Command, pairs_node_len};
 use crate::wire::frame;
 use crate::wire::node::{
-    Beat, Relay, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind, ToProxy, ToServer,
+    Beat, Relay, RelayAnswer, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind,
+    ToProxy, ToServer,
 };
 
 /// Everything the stream tasks tell the replica's event loop. Proxy events carry the link's
@@ -326,15 +327,18 @@ pub async fn connect_proxy(
     tokio::spawn(async move {
         // Answers stay counted in the gate until QUIC has taken them.
         let mut written = Vec::new();
-        while let Some(m) = rel_rx.recv().await {
-            rout.queue(&m.reply);
+        let mut scratch = Vec::new();
+        // In the client's encoding: the proxy forwards the bytes with the client's id put in.
+        let mut queue = |out: &mut FramedSend, mut m: Charged, written: &mut Vec<Charged>| {
+            let reply = std::mem::replace(&mut m.reply.reply, Reply::Rejected(Vec::new()));
+            out.queue_with(|buf| RelayAnswer::encode_into(m.reply.rid, reply, &mut scratch, buf));
             written.push(m);
+        };
+        while let Some(m) = rel_rx.recv().await {
+            queue(&mut rout, m, &mut written);
             while rout.queued() < BATCH_BYTES {
                 match rel_rx.try_recv() {
-                    Ok(m) => {
-                        rout.queue(&m.reply);
-                        written.push(m);
-                    }
+                    Ok(m) => queue(&mut rout, m, &mut written),
                     Err(_) => break,
                 }
             }
@@ -369,9 +373,13 @@ pub async fn connect_proxy(
         if !to_store(Vec::new()) {
             return;
         }
-        while let Ok(Some(batch)) = input.next_batch::<Relay>().await {
-            let mut reqs = Vec::with_capacity(batch.len());
-            for m in batch {
+        while let Ok(Some(first)) = input.next().await {
+            let mut reqs = Vec::new();
+            let mut next = Some(first);
+            while let Some(frame) = next {
+                // Read in place, as the proxy wrote it; take what is already buffered.
+                let m = Relay::read(&frame);
+                next = input.try_next().ok().flatten();
                 match m {
                     // Only while nothing of this batch waits to be sent: requests of one
                     // connection take effect in the order sent.

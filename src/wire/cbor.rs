@@ -75,7 +75,8 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn take(&mut self, n: u64) -> Result<&'a [u8], CborError> {
+    /// The next `n` bytes (the content of a string whose head was read).
+    pub fn take(&mut self, n: u64) -> Result<&'a [u8], CborError> {
         if n > self.remaining() as u64 {
             return Err(invalid(format!(
                 "an item announces {n} bytes but only {} follow",

@@ -9,8 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::space::{Change, Pair};
-use crate::wire::cbor::RawItem;
-use crate::wire::client::Command;
+use crate::wire::cbor::{self, Head, RawItem, Reader, TAG_ENCODED_CBOR};
+use crate::wire::client::{Command, Response, Status};
+use crate::wire::frame::CborError;
 
 /// What a server believes it is when it says hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,6 +111,88 @@ pub enum Relay {
     ClientGone { client: u64 },
 }
 
+impl Relay {
+    /// Reads a relay frame body. A request as the proxy writes it is read in place (its
+    /// PUT/POST elements stay slices of `body`, each checked to be one well-formed item);
+    /// anything else is read by serde, so the result is the same either way.
+    pub fn read(body: &bytes::Bytes) -> Result<Relay, CborError> {
+        match Self::read_request(body) {
+            Some(r) => Ok(r),
+            None => crate::wire::frame::decode(body),
+        }
+    }
+
+    /// `{"Request": {"rid": n, "client": n | null, "cmd": {"Get" | "Delete": {"key": text,
+    /// "value": text}} | {"Put" | "Post": [tag 24 bytes, ...]}}}`, exactly; None otherwise.
+    fn read_request(body: &bytes::Bytes) -> Option<Relay> {
+        let mut r = Reader::new(body);
+        let key = |r: &mut Reader, k: &str| r.text().ok()?.filter(|t| t == k).map(|_| ());
+        if r.head().ok()? != Head::Map(Some(1)) {
+            return None;
+        }
+        key(&mut r, "Request")?;
+        if r.head().ok()? != Head::Map(Some(3)) {
+            return None;
+        }
+        key(&mut r, "rid")?;
+        let Head::Uint(rid) = r.head().ok()? else {
+            return None;
+        };
+        key(&mut r, "client")?;
+        let client = match r.head().ok()? {
+            Head::Uint(c) => Some(c),
+            Head::Simple(22) => None,
+            _ => return None,
+        };
+        key(&mut r, "cmd")?;
+        if r.head().ok()? != Head::Map(Some(1)) {
+            return None;
+        }
+        let name = r.text().ok()??;
+        let cmd = match &*name {
+            "Get" | "Delete" => {
+                if r.head().ok()? != Head::Map(Some(2)) {
+                    return None;
+                }
+                key(&mut r, "key")?;
+                let k = r.text().ok()??.into_owned();
+                key(&mut r, "value")?;
+                let value = r.text().ok()??.into_owned();
+                if name == "Get" {
+                    Command::Get { key: k, value }
+                } else {
+                    Command::Delete { key: k, value }
+                }
+            }
+            "Put" | "Post" => {
+                let Head::Array(Some(n)) = r.head().ok()? else {
+                    return None;
+                };
+                // Each element takes at least two bytes: no larger than the frame allows.
+                let mut elems = Vec::with_capacity((n as usize).min(r.remaining() / 2));
+                for _ in 0..n {
+                    if r.head().ok()? != Head::Tag(TAG_ENCODED_CBOR) {
+                        return None;
+                    }
+                    let Head::Bytes(Some(len)) = r.head().ok()? else {
+                        return None;
+                    };
+                    let at = r.pos();
+                    r.take(len).ok()?;
+                    elems.push(RawItem::parse(body.slice(at..r.pos())).ok()?);
+                }
+                if name == "Put" {
+                    Command::Put(elems)
+                } else {
+                    Command::Post(elems)
+                }
+            }
+            _ => return None,
+        };
+        (r.remaining() == 0).then_some(Relay::Request { rid, client, cmd })
+    }
+}
+
 /// What a replica answers to a relayed request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
@@ -146,11 +229,121 @@ impl Reply {
     }
 }
 
-/// Server -> proxy on the relay stream.
+impl Reply {
+    /// The client response carrying this reply (PROTOCOL §4).
+    pub fn into_response(self, id: Option<u64>) -> Response {
+        match self {
+            Reply::Pairs { pairs, message } => Response {
+                pairs: Some(pairs),
+                message,
+                ..Response::ok(id)
+            },
+            Reply::Rejected(r) => Response {
+                rejected: Some(r),
+                ..Response::ok(id)
+            },
+            Reply::TooLarge(m) => Response::error(id, Status::TooLarge, m),
+            Reply::Malformed(m) => Response::error(id, Status::Malformed, m),
+            // Internal (STATUS): never a client's answer; `RelayAnswer` carries it as a count.
+            Reply::Count(_) => Response::error(
+                id,
+                Status::Malformed,
+                "internal error: a count answered a client request",
+            ),
+        }
+    }
+}
+
+/// A replica's answer to a relayed request, as its store and replica machine keep it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RelayReply {
     pub rid: u64,
     pub reply: Reply,
+}
+
+/// Server -> proxy on the relay stream: the answer to request `rid`, already in the client's
+/// encoding (PROTOCOL §4) with a null `id`, so that the proxy only puts the client's id in and
+/// forwards the rest as is (no decoding, no re-encoding). The answer to the internal
+/// [`Command::Count`] (STATUS) is the map `{"id": null, "status": "ok", "count": n}`, which the
+/// proxy reads ([`RelayAnswer::count`]) and never forwards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayAnswer {
+    pub rid: u64,
+    pub response: RawItem,
+}
+
+impl RelayAnswer {
+    /// Appends the frame of the answer `reply` to request `rid` (the bytes serde would write for
+    /// a `RelayAnswer`, without building one); `scratch` is working space.
+    pub fn encode_into(rid: u64, reply: Reply, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+        scratch.clear();
+        match reply {
+            Reply::Count(n) => {
+                scratch.extend_from_slice(&[0; 4]);
+                cbor::write_head(scratch, 5, 3);
+                scratch.extend_from_slice(b"\x62id\xf6\x66status\x62ok\x65count");
+                cbor::write_head(scratch, 0, n);
+            }
+            r => r.into_response(None).encode_into(scratch),
+        }
+        let body = scratch.get(4..).unwrap_or_default();
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        cbor::write_head(out, 5, 2);
+        cbor::write_head(out, 3, 3);
+        out.extend_from_slice(b"rid");
+        cbor::write_head(out, 0, rid);
+        cbor::write_head(out, 3, 8);
+        out.extend_from_slice(b"response");
+        cbor::write_head(out, 6, TAG_ENCODED_CBOR);
+        cbor::write_head(out, 2, body.len() as u64);
+        out.extend_from_slice(body);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The count an answer to [`Command::Count`] carries; None for any other answer.
+    pub fn count(response: &RawItem) -> Option<u64> {
+        let Some(ciborium::Value::Map(m)) = response.to_value() else {
+            return None;
+        };
+        m.iter().find_map(|(k, v)| match (k, v) {
+            (ciborium::Value::Text(k), ciborium::Value::Integer(n)) if k == "count" => {
+                u64::try_from(*n).ok()
+            }
+            _ => None,
+        })
+    }
+
+    /// Reads a frame body written by [`RelayAnswer::encode_into`] in place: the response stays
+    /// a slice of `body` (checked to be one well-formed item). Anything else is read by serde.
+    pub fn read(body: &bytes::Bytes) -> Result<RelayAnswer, CborError> {
+        let fast = || -> Option<(u64, usize)> {
+            let mut r = Reader::new(body);
+            if r.head().ok()? != Head::Map(Some(2)) || r.text().ok()?.as_deref() != Some("rid") {
+                return None;
+            }
+            let Head::Uint(rid) = r.head().ok()? else {
+                return None;
+            };
+            if r.text().ok()?.as_deref() != Some("response")
+                || r.head().ok()? != Head::Tag(TAG_ENCODED_CBOR)
+            {
+                return None;
+            }
+            let Head::Bytes(Some(n)) = r.head().ok()? else {
+                return None;
+            };
+            (n == r.remaining() as u64).then_some((rid, r.pos()))
+        };
+        match fast() {
+            Some((rid, at)) => Ok(RelayAnswer {
+                rid,
+                response: RawItem::parse(body.slice(at..))?,
+            }),
+            None => crate::wire::frame::decode(body),
+        }
+    }
 }
 
 /// Primary -> backup on the replication stream.
@@ -213,4 +406,111 @@ pub enum Beat {
     Terminate {
         epoch: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::Pair;
+
+    fn replies() -> Vec<Reply> {
+        let raw = |v: ciborium::Value| RawItem::from_value(&v);
+        vec![
+            Reply::Pairs {
+                pairs: vec![Pair::new("a,b", "1")],
+                message: None,
+            },
+            Reply::Pairs {
+                pairs: vec![],
+                message: Some("not computed".into()),
+            },
+            Reply::Rejected(vec![raw(ciborium::Value::Text("junk".into()))]),
+            Reply::Rejected(vec![]),
+            Reply::TooLarge("too large".into()),
+            Reply::Malformed("bad".into()),
+        ]
+    }
+
+    #[test]
+    fn a_count_is_carried_as_a_map_the_proxy_reads_and_no_other_answer_has_one() {
+        for n in [0, 23, 24, 1 << 40, u64::MAX] {
+            let (mut scratch, mut f) = (Vec::new(), Vec::new());
+            RelayAnswer::encode_into(9, Reply::Count(n), &mut scratch, &mut f);
+            let a = RelayAnswer::read(&bytes::Bytes::copy_from_slice(&f[4..])).unwrap();
+            assert_eq!(a.rid, 9);
+            assert_eq!(RelayAnswer::count(&a.response), Some(n));
+            let v = a.response.to_value().unwrap();
+            let r = Response::from_value(&v).expect("a well-formed client response");
+            assert_eq!((r.id, r.status), (None, Status::Ok));
+        }
+        for reply in replies() {
+            let (mut scratch, mut f) = (Vec::new(), Vec::new());
+            RelayAnswer::encode_into(9, reply, &mut scratch, &mut f);
+            let a = RelayAnswer::read(&bytes::Bytes::copy_from_slice(&f[4..])).unwrap();
+            assert_eq!(RelayAnswer::count(&a.response), None);
+        }
+    }
+
+    #[test]
+    fn a_relayed_request_is_read_in_place_as_serde_reads_it() {
+        let raw = |v: ciborium::Value| RawItem::from_value(&v);
+        let text = |s: &str| ciborium::Value::Text(s.into());
+        let cmds = [
+            Command::Get {
+                key: "a,b".into(),
+                value: ".*".into(),
+            },
+            Command::Delete {
+                key: "a".into(),
+                value: "x|y".into(),
+            },
+            Command::Put(vec![
+                raw(ciborium::Value::Array(vec![text("k"), text("v")])),
+                raw(text("junk")),
+            ]),
+            Command::Post(vec![]),
+        ];
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            for client in [None, Some(7), Some(1 << 40)] {
+                let m = Relay::Request {
+                    rid: 1 << (i * 9),
+                    client,
+                    cmd: cmd.clone(),
+                };
+                let mut f = Vec::new();
+                crate::wire::frame::encode_into(&m, &mut f);
+                let body = bytes::Bytes::copy_from_slice(&f[4..]);
+                assert!(Relay::read_request(&body).is_some(), "{m:?}");
+                assert_eq!(Relay::read(&body).unwrap(), m);
+            }
+        }
+        for m in [Relay::Watermark(5), Relay::ClientGone { client: 3 }] {
+            let mut f = Vec::new();
+            crate::wire::frame::encode_into(&m, &mut f);
+            assert_eq!(
+                Relay::read(&bytes::Bytes::copy_from_slice(&f[4..])).unwrap(),
+                m
+            );
+        }
+    }
+
+    #[test]
+    fn a_relay_answer_is_written_as_serde_would_and_read_back_in_place() {
+        for (i, reply) in replies().into_iter().enumerate() {
+            let rid = 1 << (i * 9);
+            let (mut scratch, mut fast) = (Vec::new(), Vec::new());
+            RelayAnswer::encode_into(rid, reply.clone(), &mut scratch, &mut fast);
+            let mut client = Vec::new();
+            reply.clone().into_response(None).encode_into(&mut client);
+            let answer = RelayAnswer {
+                rid,
+                response: RawItem::parse(bytes::Bytes::copy_from_slice(&client[4..])).unwrap(),
+            };
+            let mut slow = Vec::new();
+            crate::wire::frame::encode_into(&answer, &mut slow);
+            assert_eq!(fast, slow, "{reply:?}");
+            let read = RelayAnswer::read(&bytes::Bytes::copy_from_slice(&fast[4..])).unwrap();
+            assert_eq!(read, answer);
+        }
+    }
 }
