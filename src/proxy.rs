@@ -1802,7 +1802,9 @@ mod tests {
                 pairs: vec![Pair::new("a,b", "1")],
                 message: None,
             },
-            Reply::Rejected(vec![RawItem::from_value(&ciborium::Value::Text("junk".into()))]),
+            Reply::Rejected(vec![RawItem::from_value(&ciborium::Value::Text(
+                "junk".into(),
+            ))]),
             Reply::Malformed("bad".into()),
         ];
         for reply in replies {
