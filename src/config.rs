@@ -98,6 +98,15 @@ pub struct Config {
     /// Server side: bytes of answers queued for the proxy that QUIC has not taken yet. Above it
     /// the primary's store stops starting new requests until the proxy has read enough.
     pub max_relay_reply_bytes: usize,
+    /// Requests waiting for a match (PROTOCOL.md §4a `wait_ms`) a primary holds at once, all
+    /// connections together; one more is answered at once (`ok`, no pairs, a message).
+    pub max_waiters: usize,
+    /// ... and at most this many of one client connection.
+    pub max_waiters_per_connection: usize,
+    /// A limited GET/DELETE (`limit`) whose patterns are compiled already is matched on the store
+    /// thread when it needs to look at no more than this many keys (a work-queue take: the first
+    /// key under a prefix); otherwise it goes to the scan threads. 0 = always the scan threads.
+    pub max_inline_visits: usize,
 
     // ---- timeouts (ms) ----
     /// QUIC idle timeout on client connections.
@@ -116,6 +125,9 @@ pub struct Config {
     pub slow_reader_timeout_ms: u64,
     /// How long the proxy waits for some replica to answer a request before `unavailable`.
     pub request_timeout_ms: u64,
+    /// Longest a GET or DELETE may wait for a match (`wait_ms` of PROTOCOL.md §4a is capped to
+    /// it). The proxy waits this plus `request_timeout_ms` for the answer of a waiting request.
+    pub max_wait_ms: u64,
     /// Interval between application heartbeats (server -> proxy, backup <-> primary).
     pub heartbeat_interval_ms: u64,
     /// Heartbeats missing for this long = the peer is considered failed.
@@ -220,6 +232,9 @@ impl Default for Config {
             max_incoming: 1024,
             incoming_buffer_bytes: 4 << 20,
             max_relay_reply_bytes: 64 << 20,
+            max_waiters: 100_000,
+            max_waiters_per_connection: 4096,
+            max_inline_visits: 1024,
             idle_timeout_ms: 30_000,
             keep_alive_ms: 5_000,
             node_idle_timeout_ms: 2_000,
@@ -227,6 +242,7 @@ impl Default for Config {
             connect_timeout_ms: 3_000,
             slow_reader_timeout_ms: 10_000,
             request_timeout_ms: 10_000,
+            max_wait_ms: 60_000,
             heartbeat_interval_ms: 50,
             heartbeat_timeout_ms: 300,
             proxy_loss_timeout_ms: 5_000,
@@ -353,6 +369,12 @@ impl Config {
             if v == 0 {
                 return bad(key, "must be greater than 0");
             }
+        }
+        if self.max_waiters_per_connection > self.max_waiters {
+            return bad("max_waiters_per_connection", "must be at most max_waiters");
+        }
+        if self.max_wait_ms > 24 * 3_600_000 {
+            return bad("max_wait_ms", "must be at most a day (86400000)");
         }
         if self.scan_threads > 256 {
             return bad("scan_threads", "must be at most 256");
@@ -530,6 +552,21 @@ impl Config {
     pub fn slow_reader_timeout(&self) -> Duration {
         Duration::from_millis(self.slow_reader_timeout_ms)
     }
+    pub fn waiter_limits(&self) -> crate::space::waiters::WaiterLimits {
+        crate::space::waiters::WaiterLimits {
+            total: self.max_waiters,
+            per_client: self.max_waiters_per_connection,
+        }
+    }
+
+    /// How long the proxy waits for an answer to a request that may wait `wait_ms`.
+    pub fn request_timeout_with_wait(&self, wait_ms: u64) -> Duration {
+        Duration::from_millis(
+            self.request_timeout_ms
+                .saturating_add(wait_ms.min(self.max_wait_ms)),
+        )
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }

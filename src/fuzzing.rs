@@ -386,7 +386,7 @@ fn client_request(body: &[u8], cfg: &Config) {
                 out.len()
             );
         }
-        Command::Get { key, value } | Command::Delete { key, value } => {
+        Command::Get { key, value, .. } | Command::Delete { key, value, .. } => {
             let lim = cfg.pattern_limits();
             if let (Ok(k), Ok(v)) = (Pattern::compile(&key, &lim), Pattern::compile(&value, &lim)) {
                 check_space_query(&small_space(), &k, &v);

@@ -6,7 +6,7 @@
 //! operations), one per server stream, and one *router* that owns the pending-request table and
 //! the witness. They talk through channels only. The router never blocks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -121,11 +121,18 @@ enum RouterMsg {
     Request {
         cmd: Command,
         client: u64,
+        /// The client stream it came on (unique in this proxy).
+        stream: u64,
         id: u64,
         reply: RespTx,
         permit: Permit,
         /// When the request was read (for the latency metric only).
         start: Instant,
+    },
+    /// A client stream that sent requests that may wait has ended: those still waiting are
+    /// cancelled (PROTOCOL.md §4a).
+    StreamGone {
+        stream: u64,
     },
     Admin {
         op: Op,
@@ -174,6 +181,9 @@ enum RouterMsg {
 struct Req {
     cmd: Command,
     client: u64,
+    stream: u64,
+    /// Numbers the requests that may wait (0: it may not), to find them when their stream goes.
+    wait_no: u64,
     id: u64,
     reply: RespTx,
     /// Its place in the connection's and the proxy's pending budgets, given back when the
@@ -585,6 +595,14 @@ struct Router {
     stop: CancellationToken,
     /// Recorded, never read back.
     metrics: Arc<ProxyMetrics>,
+    /// Requests that may wait, by client stream (their `wait_no`s), until answered.
+    waits: HashMap<u64, HashSet<u64>>,
+    /// The rid each of those was last forwarded with.
+    wait_rids: HashMap<u64, u64>,
+    /// Those whose stream has gone: the primary was told to cancel them, and is told again if
+    /// they are re-sent to a new primary.
+    wait_cancelled: HashSet<u64>,
+    next_wait_no: u64,
 }
 
 impl Router {
@@ -635,9 +653,25 @@ impl Router {
                         client: Some(p.client),
                         cmd: p.cmd.clone(),
                     });
+                    if p.wait_no != 0 {
+                        self.wait_rids.insert(p.wait_no, rid);
+                        if self.wait_cancelled.contains(&p.wait_no) {
+                            let _ = relay.send(Relay::Cancel { rids: vec![rid] });
+                        }
+                    }
                 }
             }
             MAction::Answer { payload, outcome } => {
+                if payload.wait_no != 0 {
+                    self.wait_rids.remove(&payload.wait_no);
+                    self.wait_cancelled.remove(&payload.wait_no);
+                    if let Some(set) = self.waits.get_mut(&payload.stream) {
+                        set.remove(&payload.wait_no);
+                        if set.is_empty() {
+                            self.waits.remove(&payload.stream);
+                        }
+                    }
+                }
                 if let Some(token) = payload.status {
                     let pairs = match &outcome {
                         Outcome::Reply(r) => RelayAnswer::count(r),
@@ -740,16 +774,26 @@ impl Router {
             RouterMsg::Request {
                 cmd,
                 client,
+                stream,
                 id,
                 reply,
                 permit,
                 start,
             } => {
                 let write = cmd.is_write();
+                let wait = cmd.wait_ms(self.cfg.max_wait_ms);
+                let mut wait_no = 0;
+                if wait > 0 {
+                    self.next_wait_no += 1;
+                    wait_no = self.next_wait_no;
+                    self.waits.entry(stream).or_default().insert(wait_no);
+                }
                 self.step(router::Input::Request {
                     payload: Req {
                         cmd,
                         client,
+                        stream,
+                        wait_no,
                         id,
                         reply,
                         permit: Some(permit),
@@ -757,7 +801,29 @@ impl Router {
                         status: None,
                     },
                     write,
+                    wait,
                 });
+            }
+            RouterMsg::StreamGone { stream } => {
+                let Some(nos) = self.waits.remove(&stream) else {
+                    return;
+                };
+                let mut rids = Vec::with_capacity(nos.len());
+                for no in nos {
+                    self.wait_cancelled.insert(no);
+                    if let Some(rid) = self.wait_rids.get(&no) {
+                        rids.push(*rid);
+                    }
+                }
+                if let (false, Some(relay)) = (
+                    rids.is_empty(),
+                    self.machine
+                        .route()
+                        .and_then(|p| self.links.get(&p))
+                        .and_then(|l| l.relay.as_ref()),
+                ) {
+                    let _ = relay.send(Relay::Cancel { rids });
+                }
             }
             RouterMsg::Admin {
                 op,
@@ -1016,6 +1082,8 @@ impl Router {
             payload: Req {
                 cmd: Command::Count,
                 client,
+                stream: 0,
+                wait_no: 0,
                 id,
                 reply,
                 permit: None,
@@ -1023,6 +1091,7 @@ impl Router {
                 status: Some(token),
             },
             write: false,
+            wait: 0,
         });
     }
 
@@ -1266,6 +1335,10 @@ pub async fn run(
         next_status: 1,
         stop: stop.clone(),
         metrics: proxy_metrics.clone(),
+        waits: HashMap::new(),
+        wait_rids: HashMap::new(),
+        wait_cancelled: HashSet::new(),
+        next_wait_no: 0,
     };
     let router_task = tokio::spawn(router_loop(router, rx));
     let conn_ids = Arc::new(AtomicU64::new(1));
@@ -1499,6 +1572,27 @@ fn classify_request(
     }
 }
 
+/// Numbers client streams (unique in this proxy).
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+/// Tells the router, when a client stream task ends, that requests of it still waiting for a
+/// match are to be cancelled (only if it sent any that may wait).
+struct StreamGone {
+    router: mpsc::UnboundedSender<RouterMsg>,
+    stream: u64,
+    waited: bool,
+}
+
+impl Drop for StreamGone {
+    fn drop(&mut self) {
+        if self.waited {
+            let _ = self.router.send(RouterMsg::StreamGone {
+                stream: self.stream,
+            });
+        }
+    }
+}
+
 /// A data request waiting for its place in the pending budgets; the stream reads nothing more
 /// meanwhile, so that requests keep their order.
 type Waiting = (
@@ -1522,6 +1616,13 @@ async fn client_stream(
     metrics: Arc<ProxyMetrics>,
 ) {
     let (tx, mut rx) = RespTx::channel(replies.clone());
+    // However the stream ends, requests of it still waiting for a match are cancelled.
+    let mut gone = StreamGone {
+        router: router.clone(),
+        stream: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+        waited: false,
+    };
+    let stream = gone.stream;
     let mut input = FramedRecv::new(recv, cfg.max_request_bytes);
     // Answers are taken from the router at once and held encoded, counted, until QUIC takes
     // them: a client that does not read is throttled and then cut, never buffered without limit.
@@ -1563,7 +1664,8 @@ async fn client_stream(
             }, if waiting.is_some() => {
                 let (Some((cmd, id, _, start)), Some(permit)) = (waiting.take(), p) else { return };
                 outstanding += 1;
-                let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit, start };
+                gone.waited |= cmd.wait_ms(1) > 0;
+                let msg = RouterMsg::Request { cmd, client: conn_id, stream, id, reply: tx.clone(), permit, start };
                 if router.send(msg).is_err() { return; }
                 metrics.in_flight.inc();
             }
@@ -1593,7 +1695,8 @@ async fn client_stream(
                                         break;
                                     };
                                     outstanding += 1;
-                                    let msg = RouterMsg::Request { cmd, client: conn_id, id, reply: tx.clone(), permit, start };
+                                    gone.waited |= cmd.wait_ms(1) > 0;
+                                    let msg = RouterMsg::Request { cmd, client: conn_id, stream, id, reply: tx.clone(), permit, start };
                                     if router.send(msg).is_err() { return; }
                                     metrics.in_flight.inc();
                                 }

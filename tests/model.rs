@@ -1928,6 +1928,7 @@ impl St {
             router::Input::Request {
                 payload: slot,
                 write: matches!(op, KvOp::Set(_)),
+                wait: 0,
             },
         );
     }

@@ -14,6 +14,14 @@ use crate::wire::node::ReplicaInfo;
 pub const HELP: &str = r#"commands (tuples in text form: elements joined by commas, e.g. user,42):
   get KEYEXP VALEXP        pairs whose key and value fully match the regexes   get 'user,\d+' '.*'
   delete KEYEXP VALEXP     remove and return the matching pairs
+    get/delete options:    --limit N  only the first N matches in key order (delete removes only those)
+                           --wait D   if nothing matches, wait up to D (500ms, 5s, 2m; the service
+                                      caps it at max_wait_ms) for a put/post that makes something
+                                      match; then answer at once. Waiters are served in the order
+                                      they came; a timeout answers ok with no pairs and changes nothing
+                                                                                   get --wait 5s --limit 1 'job,.*' '.*'
+  take KEYEXP VALEXP [--wait D]   remove and return the first match (delete --limit 1): a work-queue
+                           consumer; one pair goes to one take only        take 'job,.*' '.*' --wait 30s
   put KEY=VALUE ...        insert pairs whose key is absent                     put user,1=alice user,2=bob
   post KEY=VALUE ...       replace values of present keys                       post user,1=carol
                            an element may also be any JSON value, sent as-is:   put '"junk"' '[["a"],["b"]]'
@@ -116,8 +124,9 @@ impl Session {
                     self.opts.client_sap
                 )));
             }
-            Line::Request { op, args } => {
-                self.on_data(|c| Box::pin(c.request_owned(op, args))).await
+            Line::Request { op, args, opts } => {
+                self.on_data(|c| Box::pin(c.request_owned(op, args, opts)))
+                    .await
             }
             Line::Raw(v) => self.on_data(|c| Box::pin(c.raw_value(v))).await,
             Line::RawBytes(b) => self.on_data(|c| Box::pin(c.raw_frame(b))).await,
@@ -220,8 +229,16 @@ impl Client {
         &mut self,
         op: String,
         args: Option<Value>,
+        opts: crate::wire::client::MatchOpts,
     ) -> Result<Response, ClientError> {
-        self.call(&Request::op(&op, args)).await
+        let mut req = Request::op(&op, args);
+        if let Some(n) = opts.limit {
+            req = req.limit(n);
+        }
+        if let Some(ms) = opts.wait_ms {
+            req = req.wait(std::time::Duration::from_millis(ms));
+        }
+        self.call(&req).await
     }
     async fn raw_value(&mut self, v: Value) -> Result<Response, ClientError> {
         self.send_value(&v).await?;

@@ -6,6 +6,9 @@
 //!   and one long-lived request stream.
 //! - [`Request`] builds the requests (`GET`, `PUT`, `POST`, `DELETE`, `STATUS`, `SHUTDOWN`, or any
 //!   operator); [`Client::call`] sends one and waits for its [`Response`].
+//! - Coordination (PROTOCOL.md §4a): [`Request::take`] removes the first matching pair (a Linda
+//!   `in`); [`Request::limit`] keeps a GET or DELETE to the first N matches in key order, and
+//!   [`Request::wait`] makes it wait, when nothing matches, for a PUT or POST that matches.
 //! - Pipelining: [`Client::send`] (or [`Client::queue`] several, then [`Client::flush`]) returns
 //!   the request's id at once; [`Client::read_response`] returns the answers as they come, which
 //!   may be in another order than the requests (match them by [`Response::id`]). Keep at most
@@ -18,6 +21,7 @@
 //! ```no_run
 //! use tuplespace::client::{CertRole, Client, ClientError, Request, Status};
 //! use tuplespace::config::Config;
+//! use std::time::Duration;
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), ClientError> {
@@ -37,6 +41,13 @@
 //! while !ids.is_empty() {
 //!     let r = c.read_response().await?;
 //!     assert!(r.id.is_some_and(|id| ids.remove(&id)));
+//! }
+//!
+//! // A work-queue consumer: take the first job, waiting up to 5 s for one.
+//! let job = c.call(&Request::take(r"job,\d+", ".*").wait(Duration::from_secs(5))).await?;
+//! match job.pairs.as_deref() {
+//!     Some([pair]) => println!("took {pair:?}"), // removed by this take, by no other
+//!     _ => println!("no job within 5 s"),         // `ok`, no pairs: nothing was removed
 //! }
 //!
 //! match c.call(&Request::get(r"user,\d+", ".*")).await?.status {
@@ -73,7 +84,6 @@ use crate::net::endpoint::{self, LinkParams, NetError};
 use crate::net::stream::{FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{Identity, TlsError};
 use crate::wire::CLIENT_ALPN;
-use crate::wire::client::request_value;
 
 /// Errors a client sees, each saying what to do. An answer with a status other than `ok` is not
 /// an error: it is a [`Response`] whose [`Status`] says what happened.
@@ -161,6 +171,9 @@ pub struct Client {
     recv: FramedRecv,
     next_id: u64,
     timeout: Duration,
+    /// Sent requests that may wait for a match (PROTOCOL.md §4a), by id, until answered: their
+    /// wait is added to the time an answer may take.
+    waiting: std::collections::HashMap<u64, Duration>,
     _ep: quinn::Endpoint,
 }
 
@@ -202,6 +215,7 @@ impl Client {
             next_id: 1,
             // The service answers `unavailable` after its request timeout; wait a little longer.
             timeout: cfg.request_timeout() + Duration::from_secs(5),
+            waiting: std::collections::HashMap::new(),
             _ep: ep,
         })
     }
@@ -214,6 +228,8 @@ impl Client {
     /// Sends `req` and waits for its answer. With other requests in flight (see [`Client::send`])
     /// the next answer to arrive may be another one's: then read answers with
     /// [`Client::read_response`] and match them by id instead.
+    ///
+    /// A request that may wait ([`Request::wait`]) is given its wait on top of the timeout.
     pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         self.send(req).await?;
         self.read_response().await
@@ -232,6 +248,9 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         self.send.queue(&req.to_value(id));
+        if let Some(w) = req.wait_time().filter(|w| !w.is_zero()) {
+            self.waiting.insert(id, w);
+        }
         id
     }
 
@@ -250,10 +269,7 @@ impl Client {
         op: &str,
         args: Option<Value>,
     ) -> Result<Response, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send_value(&request_value(id, op, args)).await?;
-        self.read_response().await
+        self.call(&Request::op(op, args)).await
     }
 
     /// Sends an arbitrary CBOR item as a request frame (for malformed-request tests).
@@ -274,10 +290,21 @@ impl Client {
             })
     }
 
-    /// Reads the next answer to arrive, waiting at most the request timeout (plus 5 s).
+    /// Reads the next answer to arrive, waiting at most the request timeout (plus 5 s), plus the
+    /// longest [`Request::wait`] among the requests not answered yet.
     pub async fn read_response(&mut self) -> Result<Response, ClientError> {
-        let body = match tokio::time::timeout(self.timeout, self.recv.next()).await {
-            Err(_) => return Err(ClientError::Timeout(self.timeout)),
+        let wait = self.waiting.values().max().copied().unwrap_or_default();
+        let r = self.read_response_within(self.timeout + wait).await?;
+        if let Some(id) = r.id {
+            self.waiting.remove(&id);
+        }
+        Ok(r)
+    }
+
+    /// Reads the next answer to arrive, waiting at most `max`.
+    pub async fn read_response_within(&mut self, max: Duration) -> Result<Response, ClientError> {
+        let body = match tokio::time::timeout(max, self.recv.next()).await {
+            Err(_) => return Err(ClientError::Timeout(max)),
             Ok(Ok(Some(b))) => b,
             Ok(Ok(None)) => return Err(ClientError::EndOfStream),
             Ok(Err(RecvError::Read(quinn::ReadError::ConnectionLost(c)))) => {

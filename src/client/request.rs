@@ -1,10 +1,12 @@
 //! Requests as values, built without a connection and encoded to the frames of
 //! docs/PROTOCOL.md (§2 frames, §3 requests); answers decoded from their bytes (§4).
 
+use std::time::Duration;
+
 use ciborium::Value;
 
 use super::ClientError;
-use crate::wire::client::{Response, request_value};
+use crate::wire::client::{MatchOpts, Response, request_value_with};
 use crate::wire::frame;
 
 /// One request of PROTOCOL.md §3: an operator and its argument, without an `id` (the
@@ -24,11 +26,19 @@ use crate::wire::frame;
 ///
 /// let put = Request::put([("user,1", "alice"), ("user,2", "bob")]);
 /// assert_eq!(put.op_name(), "PUT");
+///
+/// // PROTOCOL.md §4a: a take waits up to 5 s for a job; a GET returns the first 10 matches.
+/// let take = Request::take(r"job,\d+", ".*").wait(std::time::Duration::from_secs(5));
+/// assert_eq!((take.op_name(), take.limit_count()), ("DELETE", Some(1)));
+/// let page = Request::get(r"user,\d+", ".*").limit(10);
+/// assert_eq!(page.limit_count(), Some(10));
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     op: String,
     args: Option<Value>,
+    /// PROTOCOL.md §4a `limit` and `wait_ms` (sent only when set).
+    opts: MatchOpts,
 }
 
 impl Request {
@@ -40,6 +50,39 @@ impl Request {
     /// `DELETE [keyexp, valexp]`: removes and returns every matching pair.
     pub fn delete(key_pattern: &str, value_pattern: &str) -> Request {
         Request::op("DELETE", Some(patterns(key_pattern, value_pattern)))
+    }
+
+    /// A take (Linda `in`, PROTOCOL.md §4a): `DELETE` with `limit` 1, which removes and returns
+    /// the first matching pair in key order. With [`Request::wait`] it waits for one when there
+    /// is none; a pair goes to one take only. An answer `ok` without pairs removed nothing.
+    pub fn take(key_pattern: &str, value_pattern: &str) -> Request {
+        Request::delete(key_pattern, value_pattern).limit(1)
+    }
+
+    /// At most `n` pairs, the first in key order (PROTOCOL.md §4a `limit`; GET and DELETE: a
+    /// DELETE removes only those). The service refuses 0 as `malformed`.
+    pub fn limit(mut self, n: u64) -> Request {
+        self.opts.limit = Some(n);
+        self
+    }
+
+    /// If nothing matches, wait up to `d` for a PUT or POST that makes something match, then
+    /// answer at once (PROTOCOL.md §4a `wait_ms`, in whole milliseconds; GET and DELETE). The
+    /// service caps the wait at its `max_wait_ms`; when it runs out the answer is `ok` with no
+    /// pairs and a message, and nothing changed. Waiters are served in the order they came.
+    pub fn wait(mut self, d: Duration) -> Request {
+        self.opts.wait_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The `limit` set by [`Request::limit`] (or [`Request::take`]).
+    pub fn limit_count(&self) -> Option<u64> {
+        self.opts.limit
+    }
+
+    /// The wait set by [`Request::wait`].
+    pub fn wait_time(&self) -> Option<Duration> {
+        self.opts.wait_ms.map(Duration::from_millis)
     }
 
     /// `PUT`: inserts each `(key, value)` whose key is absent; the others come back in
@@ -69,6 +112,7 @@ impl Request {
         Request {
             op: name.to_owned(),
             args,
+            opts: MatchOpts::default(),
         }
     }
 
@@ -82,9 +126,10 @@ impl Request {
         self.args.as_ref()
     }
 
-    /// The request as the CBOR map `{"id": id, "op": ..., "args": ...}`.
+    /// The request as the CBOR map `{"id": id, "op": ..., "args": ...}` (with `limit` and
+    /// `wait_ms` when set).
     pub fn to_value(&self, id: u64) -> Value {
-        request_value(id, &self.op, self.args.clone())
+        request_value_with(id, &self.op, self.args.clone(), self.opts)
     }
 
     /// One whole frame: the 4-byte big-endian length, then the CBOR map.
@@ -163,5 +208,40 @@ mod tests {
         );
         assert_eq!(put, want);
         assert_eq!(Request::status().args(), None);
+    }
+
+    /// `limit` and `wait_ms` go on the wire only when set, as unsigned integers.
+    #[test]
+    fn limit_and_wait_are_encoded() {
+        let keys = |r: &Request| match r.to_value(7) {
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| (k.into_text().unwrap(), v))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let plain = keys(&Request::get("a", "b"));
+        assert_eq!(
+            plain.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["id", "op", "args"]
+        );
+        let take = keys(&Request::take("job,.*", ".*").wait(Duration::from_millis(2500)));
+        assert_eq!(take[1].1, Value::Text("DELETE".into()));
+        assert_eq!(take[3], ("limit".into(), Value::Integer(1.into())));
+        assert_eq!(take[4], ("wait_ms".into(), Value::Integer(2500.into())));
+        let r = Request::get("a", "b").limit(3).wait(Duration::from_secs(1));
+        assert_eq!(r.limit_count(), Some(3));
+        assert_eq!(r.wait_time(), Some(Duration::from_secs(1)));
+        let parsed = crate::wire::client::parse_request(&r.encode(9)[4..]).unwrap();
+        let cmd = crate::wire::client::command_of(parsed, 10).unwrap();
+        assert_eq!(
+            cmd,
+            crate::wire::client::Command::Get {
+                key: "a".into(),
+                value: "b".into(),
+                limit: Some(3),
+                wait_ms: Some(1000),
+            }
+        );
     }
 }

@@ -31,10 +31,13 @@ pub enum Outcome<R> {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Input<P, R> {
-    /// A client request; `write` says whether it changes the space.
+    /// A client request; `write` says whether it changes the space, `wait` how long it may wait
+    /// for a match at the primary (PROTOCOL.md §4a; 0 for most), which its deadline adds to the
+    /// request timeout.
     Request {
         payload: P,
         write: bool,
+        wait: Millis,
     },
     /// Answers that arrived on `link`'s relay stream.
     Replies {
@@ -87,6 +90,8 @@ pub struct Router<P, R> {
     incarnation: u64,
     next: u64,
     pending: BTreeMap<u64, Pending<P>>,
+    /// Deadlines of pending requests (not in rid order: some may wait for a match).
+    deadlines: BTreeSet<(Millis, u64)>,
     route: Option<LinkId>,
     ready: BTreeSet<LinkId>,
     request_timeout: Millis,
@@ -100,6 +105,7 @@ impl<P: Clone, R> Router<P, R> {
             incarnation: incarnation & INCARNATION_MASK,
             next: 0,
             pending: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
             route: None,
             ready: BTreeSet::new(),
             request_timeout,
@@ -131,13 +137,19 @@ impl<P: Clone, R> Router<P, R> {
     /// Feeds one input observed at `now`; appends what the proxy must do, in order.
     pub fn step(&mut self, now: Millis, input: Input<P, R>, out: &mut Vec<Action<P, R>>) {
         match input {
-            Input::Request { payload, write } => {
+            Input::Request {
+                payload,
+                write,
+                wait,
+            } => {
                 let rid = self.next_rid();
                 self.next += 1;
+                let deadline = now + self.request_timeout + wait;
+                self.deadlines.insert((deadline, rid));
                 let mut p = Pending {
                     payload,
                     write,
-                    deadline: now + self.request_timeout,
+                    deadline,
                     sent_to: None,
                     sent: false,
                 };
@@ -162,6 +174,7 @@ impl<P: Clone, R> Router<P, R> {
                 }
                 for (rid, r) in replies {
                     if let Some(p) = self.pending.remove(&rid) {
+                        self.deadlines.remove(&(p.deadline, rid));
                         out.push(Action::Answer {
                             payload: p.payload,
                             outcome: Outcome::Reply(r),
@@ -254,22 +267,27 @@ impl<P: Clone, R> Router<P, R> {
     }
 
     fn expire(&mut self, now: Millis, out: &mut Vec<Action<P, R>>) {
-        // Deadlines grow with rids (arrival order), so the expired ones are a prefix.
-        while let Some(entry) = self.pending.first_entry() {
-            if entry.get().deadline > now {
+        while let Some(&(deadline, rid)) = self.deadlines.first() {
+            if deadline > now {
                 break;
             }
-            let p = entry.remove();
-            let outcome = if p.sent && p.write {
-                Outcome::Unknown
-            } else {
-                Outcome::Unavailable
-            };
-            out.push(Action::Answer {
-                payload: p.payload,
-                outcome,
-            });
+            self.deadlines.pop_first();
+            if let Some(p) = self.pending.remove(&rid) {
+                Self::expired(p, out);
+            }
         }
+    }
+
+    fn expired(p: Pending<P>, out: &mut Vec<Action<P, R>>) {
+        let outcome = if p.sent && p.write {
+            Outcome::Unknown
+        } else {
+            Outcome::Unavailable
+        };
+        out.push(Action::Answer {
+            payload: p.payload,
+            outcome,
+        });
     }
 }
 
@@ -323,6 +341,7 @@ mod tests {
             Input::Request {
                 payload: 1,
                 write: true,
+                wait: 0,
             },
         ));
         let rb = forwards(&run(
@@ -331,6 +350,7 @@ mod tests {
             Input::Request {
                 payload: 1,
                 write: true,
+                wait: 0,
             },
         ));
         assert_eq!(ra[0].1 >> RID_COUNTER_BITS, 7);
@@ -350,6 +370,7 @@ mod tests {
             Input::Request {
                 payload: 1,
                 write: true,
+                wait: 0,
             },
         );
         run(
@@ -358,6 +379,7 @@ mod tests {
             Input::Request {
                 payload: 2,
                 write: false,
+                wait: 0,
             },
         );
         run(&mut r, 1, hello(1, Role::Primary));
@@ -391,6 +413,33 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_request_gets_its_wait_on_top_of_the_timeout_and_holds_up_no_other() {
+        let mut r = R::new(Witness::new(300), 1, 1000);
+        run(&mut r, 0, hello(1, Role::Primary));
+        run(&mut r, 0, Input::RelayReady { link: 1 });
+        let req = |payload, wait| Input::Request {
+            payload,
+            write: true,
+            wait,
+        };
+        run(&mut r, 0, req(1, 5000));
+        run(&mut r, 10, req(2, 0));
+        let answered = |a: Vec<Action<u32, &'static str>>| -> Vec<u32> {
+            a.iter()
+                .filter_map(|x| match x {
+                    Action::Answer { payload, .. } => Some(*payload),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(answered(run(&mut r, 1010, Input::Tick)), vec![2]);
+        assert_eq!(answered(run(&mut r, 5999, Input::Tick)), Vec::<u32>::new());
+        assert_eq!(answered(run(&mut r, 6000, Input::Tick)), vec![1]);
+        assert_eq!(r.pending_len(), 0);
+        assert!(r.deadlines.is_empty());
+    }
+
+    #[test]
     fn unanswered_writes_that_were_sent_are_unknown_the_rest_unavailable() {
         let mut r = R::new(Witness::new(300), 1, 1000);
         run(
@@ -399,6 +448,7 @@ mod tests {
             Input::Request {
                 payload: 1,
                 write: true,
+                wait: 0,
             },
         ); // never sent
         run(&mut r, 0, hello(1, Role::Primary));
@@ -409,6 +459,7 @@ mod tests {
             Input::Request {
                 payload: 2,
                 write: true,
+                wait: 0,
             },
         ); // sent
         run(
@@ -417,6 +468,7 @@ mod tests {
             Input::Request {
                 payload: 3,
                 write: false,
+                wait: 0,
             },
         ); // sent, a read
         let a = run(&mut r, 2000, Input::Tick);
@@ -449,6 +501,7 @@ mod tests {
             Input::Request {
                 payload: 1,
                 write: true,
+                wait: 0,
             },
         ));
         run(

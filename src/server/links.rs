@@ -398,7 +398,21 @@ pub async fn connect_proxy(
                         }
                         let _ = store.send(StoreMsg::Watermark(w));
                     }
-                    Ok(Relay::ClientGone { client }) => gate.client_gone(client),
+                    Ok(Relay::ClientGone { client }) => {
+                        gate.client_gone(client);
+                        if !reqs.is_empty() {
+                            let _ = store
+                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
+                        }
+                        let _ = store.send(StoreMsg::ClientGone(client));
+                    }
+                    Ok(Relay::Cancel { rids }) => {
+                        if !reqs.is_empty() {
+                            let _ = store
+                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
+                        }
+                        let _ = store.send(StoreMsg::Cancel(rids));
+                    }
                     Err(e) => warn!("bad relay frame from the proxy: {e}"),
                 }
             }

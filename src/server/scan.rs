@@ -56,6 +56,10 @@ pub struct Job {
     pub rid: u64,
     pub client: u64,
     pub kind: Kind,
+    /// At most this many pairs, the first in key order (PROTOCOL.md §4a).
+    pub limit: Option<u64>,
+    /// How long the request may wait for a match, in ms (0: it does not wait).
+    pub wait_ms: u64,
     pub work: Work,
     /// Rounds of matching done so far for this request.
     pub round: u32,
@@ -88,6 +92,8 @@ pub struct Done {
     pub rid: u64,
     pub client: u64,
     pub kind: Kind,
+    pub limit: Option<u64>,
+    pub wait_ms: u64,
     pub round: u32,
     /// The update the copy reflects.
     pub seq: u64,
@@ -106,23 +112,32 @@ pub fn too_large(size: &AnswerSize, max: usize) -> Reply {
     ))
 }
 
-/// Every pair of `space` matching both patterns, unless the answer passes `max` bytes.
+/// Every pair of `space` matching both patterns (the first `limit` of them, ascending, if there
+/// is a limit), unless the answer passes `max` bytes.
 pub fn matching(
     space: &Space,
     key: &Pattern,
     value: &Pattern,
     max: usize,
+    limit: Option<u64>,
 ) -> Result<(Vec<Pair>, AnswerSize), AnswerSize> {
+    let limit = limit_of(limit);
     let mut size = AnswerSize::default();
-    let (pairs, complete) = space.get_while(key, value, |k, v| {
+    let mut over = false;
+    let (pairs, _) = space.get_while(key, value, |k, v| {
+        if size.pairs() >= limit {
+            return false;
+        }
         size.add(k, v);
-        size.bytes() <= max
+        over = size.bytes() > max;
+        !over
     });
-    if complete {
-        Ok((pairs, size))
-    } else {
-        Err(size)
-    }
+    if over { Err(size) } else { Ok((pairs, size)) }
+}
+
+/// A request's `limit` as a count (none: no limit).
+pub fn limit_of(limit: Option<u64>) -> usize {
+    limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// `matched` (the pairs of `base` matching both patterns, ascending) as it is in `now`, a later
@@ -181,7 +196,7 @@ pub fn run(job: Job, copy: Space, seq: u64, limits: &PatternLimits, max: usize) 
             };
             let (k, v) = (get(key), get(value));
             match (k, v) {
-                (Ok(k), Ok(v)) => match matching(&copy, &k, &v, max) {
+                (Ok(k), Ok(v)) => match matching(&copy, &k, &v, max, job.limit) {
                     Ok((pairs, size)) => Outcome::Matched {
                         key: k,
                         value: v,
@@ -218,6 +233,8 @@ pub fn run(job: Job, copy: Space, seq: u64, limits: &PatternLimits, max: usize) 
         rid: job.rid,
         client: job.client,
         kind: job.kind,
+        limit: job.limit,
+        wait_ms: job.wait_ms,
         round: job.round + 1,
         seq,
         outcome,
@@ -336,7 +353,7 @@ mod tests {
             .collect();
         let (k, v) = (pat(r"k,\d*5\d*"), pat("v[0-3]"));
         let base = s.clone();
-        let (m, size) = matching(&base, &k, &v, usize::MAX).unwrap();
+        let (m, size) = matching(&base, &k, &v, usize::MAX, None).unwrap();
         // Inserts that match and do not, a value changed to match and one to stop matching,
         // removals of a match and of a non-match.
         s.put(vec![
@@ -350,7 +367,7 @@ mod tests {
         ]);
         s.delete(&pat("k,35|k,45|k,1"), &pat(".*"));
         let (got, got_size) = revalidate(&base, &s, m, size, &k, &v, usize::MAX).unwrap();
-        let (want, want_size) = matching(&s, &k, &v, usize::MAX).unwrap();
+        let (want, want_size) = matching(&s, &k, &v, usize::MAX, None).unwrap();
         assert_eq!(got, want);
         assert_eq!(got_size.bytes(), want_size.bytes());
         assert_eq!(got_size.pairs(), want_size.pairs());
@@ -361,9 +378,13 @@ mod tests {
         let s: Space = (0..10_000)
             .map(|i| (format!("k,{i}"), "x".repeat(100)))
             .collect();
-        let e = matching(&s, &pat(".*"), &pat(".*"), 10_000).unwrap_err();
+        let e = matching(&s, &pat(".*"), &pat(".*"), 10_000, None).unwrap_err();
         assert!(e.pairs() < 100, "stopped after {} pairs", e.pairs());
-        assert!(matching(&s, &pat("k,1.*"), &pat(".*"), 1 << 20).is_ok());
+        assert!(matching(&s, &pat("k,1.*"), &pat(".*"), 1 << 20, None).is_ok());
+        // A limit stops the scan before the size does.
+        let (got, _) = matching(&s, &pat(".*"), &pat(".*"), 10_000, Some(3)).unwrap();
+        let keys: Vec<_> = got.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["k,0", "k,1", "k,10"]);
     }
 
     #[test]
@@ -387,6 +408,8 @@ mod tests {
                     rid,
                     client: 1,
                     kind: Kind::Get,
+                    limit: None,
+                    wait_ms: 0,
                     work: Work::Scan {
                         key: Pat::Source(key.into()),
                         value: Pat::Source(".*".into()),

@@ -9,7 +9,7 @@
 //! one client connection still take effect in the order they were sent: while one of its requests
 //! is with the scan threads, the connection's later requests wait here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -21,9 +21,10 @@ use crate::durable::dedupe::{self, DEDUPE_CHUNK_BYTES, Dedupe};
 use crate::durable::wal::{Wal, WalMsg};
 use crate::durable::{Position, Record, SNAPSHOT_CHUNK};
 use crate::metrics::{OpLabel, ServerMetrics};
+use crate::space::waiters::{Action as WaitAction, Millis, Refused, Waiter, Waiters};
 use crate::space::{self, Change, IndexHint, Pair, Pattern, Space};
 use crate::wire::cbor::RawItem;
-use crate::wire::client::{Command, pair_from_raw};
+use crate::wire::client::{AnswerSize, Command, pair_from_raw};
 use crate::wire::node::{RelayReply, Reply};
 
 use super::scan::{self, Done, Job, Kind, Outcome, Pat, Pool, Work};
@@ -85,6 +86,10 @@ pub enum StoreMsg {
     ScanCopy(std::sync::mpsc::SyncSender<(Space, u64)>),
     /// A scan thread finished a job.
     ScanDone(Box<Done>),
+    /// The proxy cancels these waiting requests (their client stream has gone).
+    Cancel(Vec<u64>),
+    /// The client connection has ended: its waiting requests are cancelled.
+    ClientGone(u64),
     Stop,
 }
 
@@ -258,6 +263,13 @@ struct Store {
     /// Client connections with a request on the scan threads, and their requests that arrived
     /// since (run in order once it is done).
     waiting: HashMap<u64, VecDeque<(u64, Command, std::time::Instant)>>,
+    /// Requests waiting for a match (PROTOCOL.md §4a).
+    waiters: Waiters,
+    /// Rids the proxy cancelled before they started waiting (oldest first, at most
+    /// `max_waiters`): such a request is answered at once instead of waiting.
+    cancelled: (HashSet<u64>, VecDeque<u64>),
+    /// The clock of `waiters`.
+    clock: std::time::Instant,
     /// The relay gate of the proxy link the latest requests came on.
     gate: Option<Arc<crate::server::links::RelayGate>>,
     save_file: Option<PathBuf>,
@@ -306,7 +318,7 @@ impl StoreView {
         client: u64,
         cmd: &Command,
     ) -> bool {
-        let Command::Get { key, value } = cmd else {
+        let Command::Get { key, value, .. } = cmd else {
             return false;
         };
         let started = std::time::Instant::now();
@@ -316,7 +328,9 @@ impl StoreView {
         let Ok(s) = shared.try_lock() else {
             return false;
         };
+        // A GET that may wait (PROTOCOL.md §4a) goes to the thread: only it registers waiters.
         if !is_exact_read(key, value, s.cfg.max_pattern_bytes)
+            || cmd.wait_ms(s.cfg.max_wait_ms) != 0
             || !gate.caught_up()
             || !gate.has_room()
             || gate.is_gone(client)
@@ -391,6 +405,9 @@ pub fn spawn(
         last_eviction_warning: None,
         scans,
         waiting: HashMap::new(),
+        waiters: Waiters::new(cfg.waiter_limits()),
+        cancelled: (HashSet::new(), VecDeque::new()),
+        clock: std::time::Instant::now(),
         gate: None,
         save_file,
         out,
@@ -411,11 +428,31 @@ pub fn spawn(
             if init.log_base {
                 lock(&shared).log_base();
             }
-            while let Ok(msg) = rx.recv() {
+            loop {
+                // Waiting requests time out while no message comes.
+                let next = lock(&shared).waiters.next_deadline();
+                let msg = match next {
+                    None => match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                    Some(d) => {
+                        let wait = d.saturating_sub(lock(&shared).now());
+                        match rx.recv_timeout(std::time::Duration::from_millis(wait)) {
+                            Ok(m) => m,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                lock(&shared).expire();
+                                continue;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                };
                 let mut store = lock(&shared);
                 if !store.handle(msg) {
                     break;
                 }
+                store.expire();
                 store.len.store(store.space.len() as u64, Ordering::Relaxed);
                 store.seq_pub.store(store.seq, Ordering::Relaxed);
                 store.maybe_snapshot();
@@ -667,6 +704,29 @@ impl Store {
                 let _ = tx.send((self.space.clone(), self.seq));
             }
             StoreMsg::ScanDone(done) => self.scan_done(*done),
+            StoreMsg::Cancel(rids) => {
+                let mut acts = vec![];
+                for rid in rids {
+                    if !self.waiters.cancel(rid, &mut acts) {
+                        // Not waiting (yet): if it comes to wait, it is answered at once.
+                        let (set, order) = &mut self.cancelled;
+                        if set.insert(rid) {
+                            order.push_back(rid);
+                        }
+                        while order.len() > self.cfg.max_waiters.max(1) {
+                            if let Some(old) = order.pop_front() {
+                                set.remove(&old);
+                            }
+                        }
+                    }
+                }
+                self.carry_out(acts);
+            }
+            StoreMsg::ClientGone(client) => {
+                let mut acts = vec![];
+                self.waiters.cancel_client(client, &mut acts);
+                self.carry_out(acts);
+            }
             StoreMsg::Stop => return false,
         }
         true
@@ -776,11 +836,13 @@ impl Store {
             return;
         }
         let limits = self.cfg.tuple_limits();
+        let wait = cmd.wait_ms(self.cfg.max_wait_ms);
         match cmd {
-            Command::Get { key, value }
-                if is_exact_read(&key, &value, self.cfg.max_pattern_bytes) =>
+            Command::Get { key, value, .. }
+                if wait == 0 && is_exact_read(&key, &value, self.cfg.max_pattern_bytes) =>
             {
-                // The commonest read, an exact key with any value: a map lookup, no regex.
+                // The commonest read, an exact key with any value: a map lookup, no regex (at
+                // most one pair, so a limit changes nothing).
                 let pairs = self
                     .space
                     .value_of(&key)
@@ -795,10 +857,12 @@ impl Store {
                     },
                 );
             }
-            Command::Get { key, value } => self.match_request(rid, client, Kind::Get, key, value),
-            Command::Delete { key, value } => {
-                self.match_request(rid, client, Kind::Delete, key, value)
-            }
+            Command::Get {
+                key, value, limit, ..
+            } => self.match_request(rid, client, Kind::Get, key, value, limit, wait),
+            Command::Delete {
+                key, value, limit, ..
+            } => self.match_request(rid, client, Kind::Delete, key, value, limit, wait),
             // STATUS: the pairs as of every write applied before (ordered like a read).
             Command::Count => self.answer(rid, self.seq, Reply::Count(self.space.len() as u64)),
             Command::Put(elems) | Command::Post(elems) if elems.is_empty() => {
@@ -808,52 +872,236 @@ impl Store {
                 let cands = elems.iter().map(|v| pair_from_raw(v, &limits)).collect();
                 let (change, rejected) = self.space.put(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
-                self.write(rid, change, reply);
+                let written = self.write(rid, change, reply);
+                self.serve_waiters(&written);
             }
             Command::Post(elems) => {
                 let cands = elems.iter().map(|v| pair_from_raw(v, &limits)).collect();
                 let (change, rejected) = self.space.post(cands);
                 let reply = Reply::Rejected(pick(elems, &rejected));
-                self.write(rid, change, reply);
+                let written = self.write(rid, change, reply);
+                self.serve_waiters(&written);
             }
         }
     }
 
-    /// A GET or DELETE: here if it needs no regex and only looks keys up, else on a scan thread.
-    fn match_request(&mut self, rid: u64, client: u64, kind: Kind, key: String, value: String) {
+    /// A GET or DELETE: here if it needs no regex and only looks keys up (or, with a limit and
+    /// compiled patterns, finds its pairs within `max_inline_visits` keys), else on a scan thread.
+    #[allow(clippy::too_many_arguments)]
+    fn match_request(
+        &mut self,
+        rid: u64,
+        client: u64,
+        kind: Kind,
+        key: String,
+        value: String,
+        limit: Option<u64>,
+        wait_ms: u64,
+    ) {
         let (kp, vp) = (self.cheap_pattern(&key), self.cheap_pattern(&value));
-        if let (Pat::Compiled(k), Pat::Compiled(v)) = (&kp, &vp)
-            && matches!(k.hint(), IndexHint::Exact(_) | IndexHint::AnyOf(_))
-            && !k.uses_regex()
-            && !v.uses_regex()
-        {
+        if let (Pat::Compiled(k), Pat::Compiled(v)) = (&kp, &vp) {
             let max = self.cfg.max_response_bytes;
-            match scan::matching(&self.space, k, v, max) {
-                Err(size) => self.answer(rid, self.seq, scan::too_large(&size, max)),
-                Ok((pairs, _)) => match kind {
-                    Kind::Get => self.answer(
-                        rid,
-                        self.seq,
-                        Reply::Pairs {
-                            pairs,
-                            message: None,
-                        },
-                    ),
-                    Kind::Delete => self.delete(rid, pairs),
-                },
+            let found = if matches!(k.hint(), IndexHint::Exact(_) | IndexHint::AnyOf(_))
+                && !k.uses_regex()
+                && !v.uses_regex()
+            {
+                Some(scan::matching(&self.space, k, v, max, limit))
+            } else if limit.is_some() {
+                self.inline_match(k, v, limit, self.cfg.max_inline_visits)
+            } else {
+                None
+            };
+            if let Some(found) = found {
+                let m = Matched {
+                    rid,
+                    client,
+                    kind,
+                    key: k.clone(),
+                    value: v.clone(),
+                    limit,
+                    wait_ms,
+                };
+                return match found {
+                    Err(size) => self.answer(rid, self.seq, scan::too_large(&size, max)),
+                    Ok((pairs, _)) => self.matched(m, pairs),
+                };
             }
-            return;
         }
         let job = Job {
             rid,
             client,
             kind,
+            limit,
+            wait_ms,
             work: Work::Scan { key: kp, value: vp },
             round: 0,
             copy: None,
             started: self.current.1,
         };
         self.offload(job, false);
+    }
+
+    /// The first `limit` matches in the current space if at most `visits` keys give them (None:
+    /// more needed), Err if the answer passes `max_response_bytes`.
+    fn inline_match(
+        &self,
+        key: &Pattern,
+        value: &Pattern,
+        limit: Option<u64>,
+        visits: usize,
+    ) -> Option<Result<(Vec<Pair>, AnswerSize), AnswerSize>> {
+        let pairs = self
+            .space
+            .first_matches(key, value, scan::limit_of(limit), visits)?;
+        let mut size = AnswerSize::default();
+        for p in &pairs {
+            size.add(&p.key, &p.value);
+        }
+        Some(if size.bytes() > self.cfg.max_response_bytes {
+            Err(size)
+        } else {
+            Ok((pairs, size))
+        })
+    }
+
+    /// A GET or DELETE has its current match: answers it, or removes and answers it, or (nothing
+    /// matched and it may wait) makes it wait.
+    fn matched(&mut self, m: Matched, pairs: Vec<Pair>) {
+        if pairs.is_empty() && m.wait_ms > 0 {
+            return self.wait(m);
+        }
+        match m.kind {
+            Kind::Get => self.answer(
+                m.rid,
+                self.seq,
+                Reply::Pairs {
+                    pairs,
+                    message: None,
+                },
+            ),
+            Kind::Delete => self.delete(m.rid, pairs),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.clock.elapsed().as_millis() as Millis
+    }
+
+    /// Nothing matches `m` in the current space: it waits for a write that makes something match
+    /// (or is answered at once if it may not wait).
+    fn wait(&mut self, m: Matched) {
+        let refused = if self.cancelled.0.remove(&m.rid)
+            || self.gate.as_ref().is_some_and(|g| g.is_gone(m.client))
+        {
+            Some("cancelled: the client's stream or connection closed before a match".to_owned())
+        } else {
+            let w = Waiter {
+                rid: m.rid,
+                client: m.client,
+                take: m.kind == Kind::Delete,
+                key: m.key,
+                value: m.value,
+                limit: scan::limit_of(m.limit),
+                deadline: self.now().saturating_add(m.wait_ms),
+            };
+            match self.waiters.add(w) {
+                Ok(()) => None,
+                // The first registration answers it.
+                Err(Refused::Duplicate) => return,
+                Err(Refused::Full { limit }) => Some(format!(
+                    "not waiting: {limit} requests wait already (max_waiters); nothing matched, nothing changed; retry later"
+                )),
+                Err(Refused::ClientFull { limit }) => Some(format!(
+                    "not waiting: this connection has {limit} requests waiting already (max_waiters_per_connection); nothing matched, nothing changed"
+                )),
+            }
+        };
+        if let Some(message) = refused {
+            self.answer(
+                m.rid,
+                self.seq,
+                Reply::Pairs {
+                    pairs: vec![],
+                    message: Some(message),
+                },
+            );
+        }
+    }
+
+    /// Answers the waiting requests whose time is up.
+    fn expire(&mut self) {
+        if self
+            .waiters
+            .next_deadline()
+            .is_some_and(|d| d <= self.now())
+        {
+            let mut acts = vec![];
+            self.waiters.tick(self.now(), &mut acts);
+            self.carry_out(acts);
+        }
+    }
+
+    /// A PUT or POST wrote `change`: the waiting requests it satisfies are answered, in the order
+    /// they started waiting (takes remove their pairs as writes of their own). The pairs of one
+    /// write fit in `max_request_bytes`, so an answer made of them never passes
+    /// `max_response_bytes`.
+    fn serve_waiters(&mut self, change: &Change) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        if let Change::Insert(pairs) | Change::Replace(pairs) = change {
+            let mut acts = vec![];
+            self.waiters.on_write(pairs, &mut acts);
+            self.carry_out(acts);
+        }
+    }
+
+    fn carry_out(&mut self, acts: Vec<WaitAction>) {
+        let saved = self.current;
+        for a in acts {
+            // Metrics: a waiter's answer counts under its own operation; its time in the store
+            // does not include the wait.
+            self.current = (
+                match a {
+                    WaitAction::Read { .. } => OpLabel::Get,
+                    _ => OpLabel::Delete,
+                },
+                std::time::Instant::now(),
+            );
+            match a {
+                WaitAction::Read { rid, pairs } => self.answer(
+                    rid,
+                    self.seq,
+                    Reply::Pairs {
+                        pairs,
+                        message: None,
+                    },
+                ),
+                WaitAction::Take { rid, pairs } => self.delete(rid, pairs),
+                WaitAction::TimedOut { rid } => self.answer(
+                    rid,
+                    self.seq,
+                    Reply::Pairs {
+                        pairs: vec![],
+                        message: Some(
+                            "timed out: nothing matched within wait_ms; nothing changed".into(),
+                        ),
+                    },
+                ),
+                WaitAction::Cancelled { rid } => self.answer(
+                    rid,
+                    self.seq,
+                    Reply::Pairs {
+                        pairs: vec![],
+                        message: Some(
+                            "cancelled: the client's stream or connection closed; nothing changed"
+                                .into(),
+                        ),
+                    },
+                ),
+            }
+        }
+        self.current = saved;
     }
 
     /// Removes `pairs` (the current match of a DELETE) and answers them.
@@ -883,34 +1131,76 @@ impl Store {
             self.cache_pattern(src, p);
         }
         let max = self.cfg.max_response_bytes;
-        match (d.kind, d.outcome) {
-            (_, Outcome::Answer(reply)) => self.answer(d.rid, d.seq, reply),
-            (Kind::Get, Outcome::Matched { pairs, .. }) => self.answer(
-                d.rid,
-                d.seq,
-                Reply::Pairs {
-                    pairs,
-                    message: None,
-                },
-            ),
-            (
-                Kind::Delete,
-                Outcome::Matched {
-                    key,
-                    value,
-                    pairs,
-                    size,
-                    copy,
-                },
-            ) => {
-                if d.seq == self.seq {
-                    // Nothing was written since the copy: its match is the current one.
-                    self.delete(d.rid, pairs);
+        match d.outcome {
+            Outcome::Answer(reply) => self.answer(d.rid, d.seq, reply),
+            Outcome::Matched {
+                key,
+                value,
+                pairs,
+                size,
+                copy,
+            } => {
+                let m = Matched {
+                    rid: d.rid,
+                    client: d.client,
+                    kind: d.kind,
+                    key: key.clone(),
+                    value: value.clone(),
+                    limit: d.limit,
+                    wait_ms: d.wait_ms,
+                };
+                if d.kind == Kind::Get && pairs.is_empty() && d.wait_ms > 0 && d.seq != self.seq {
+                    // A GET that would wait must match nothing now, not only at its copy.
+                    let limit = scan::limit_of(d.limit);
+                    match scan::revalidate(&copy, &self.space, pairs, size, &key, &value, max) {
+                        Ok((mut pairs, _)) => {
+                            pairs.truncate(limit);
+                            self.matched(m, pairs)
+                        }
+                        Err(size) => self.answer(d.rid, self.seq, scan::too_large(&size, max)),
+                    }
+                } else if d.kind == Kind::Get || d.seq == self.seq {
+                    // A GET takes effect at its copy; a DELETE whose copy is current has its
+                    // match.
+                    self.matched(m, pairs);
+                } else if d.limit.is_some() {
+                    // The first N at the copy may have gone since: find the first N now, here if
+                    // that is quick, else in another round (here at any cost after the last).
+                    let visits = if d.round < OFFLOAD_ROUNDS {
+                        self.cfg.max_inline_visits
+                    } else {
+                        usize::MAX
+                    };
+                    match self.inline_match(&key, &value, d.limit, visits) {
+                        Some(Ok((pairs, _))) => self.matched(m, pairs),
+                        Some(Err(size)) => {
+                            self.answer(d.rid, self.seq, scan::too_large(&size, max))
+                        }
+                        None => {
+                            let job = Job {
+                                rid: d.rid,
+                                client: d.client,
+                                kind: d.kind,
+                                limit: d.limit,
+                                wait_ms: d.wait_ms,
+                                work: Work::Scan {
+                                    key: Pat::Compiled(key),
+                                    value: Pat::Compiled(value),
+                                },
+                                round: d.round,
+                                copy: None,
+                                started: d.started,
+                            };
+                            return self.offload(job, true);
+                        }
+                    }
                 } else if d.round < OFFLOAD_ROUNDS {
                     let job = Job {
                         rid: d.rid,
                         client: d.client,
                         kind: Kind::Delete,
+                        limit: None,
+                        wait_ms: d.wait_ms,
                         work: Work::Revalidate {
                             key,
                             value,
@@ -926,7 +1216,7 @@ impl Store {
                     return self.offload(job, true);
                 } else {
                     match scan::revalidate(&copy, &self.space, pairs, size, &key, &value, max) {
-                        Ok((pairs, _)) => self.delete(d.rid, pairs),
+                        Ok((pairs, _)) => self.matched(m, pairs),
                         Err(size) => self.answer(d.rid, self.seq, scan::too_large(&size, max)),
                     }
                 }
@@ -935,7 +1225,14 @@ impl Store {
         self.release(d.client);
     }
 
-    fn write(&mut self, rid: u64, change: Change, reply: Reply) {
+    /// Records an applied write; gives back its change when requests wait (to serve them), else
+    /// an empty one.
+    fn write(&mut self, rid: u64, change: Change, reply: Reply) -> Change {
+        let kept = if self.waiters.is_empty() || matches!(change, Change::Remove(_)) {
+            Change::Insert(vec![])
+        } else {
+            change.clone()
+        };
         self.record(&reply);
         self.seq += 1;
         if self.wal.is_some() {
@@ -954,6 +1251,7 @@ impl Store {
             change,
             reply,
         });
+        kept
     }
 }
 
@@ -961,6 +1259,17 @@ impl Store {
 /// value, answered by a map lookup.
 fn is_exact_read(key: &str, value: &str, max_pattern_bytes: usize) -> bool {
     is_plain_key(key) && key.len() <= max_pattern_bytes && value == ".*"
+}
+
+/// A GET or DELETE whose patterns compiled, on its way to an answer.
+struct Matched {
+    rid: u64,
+    client: u64,
+    kind: Kind,
+    key: Pattern,
+    value: Pattern,
+    limit: Option<u64>,
+    wait_ms: u64,
 }
 
 /// A key pattern that can only match itself: alphanumerics and commas, no regex syntax at all.
@@ -1079,24 +1388,10 @@ mod tests {
         .unwrap();
         tx.send(StoreMsg::Requests(
             vec![
-                (
-                    2,
-                    Some(7),
-                    Command::Get {
-                        key: r"k,\d+".into(),
-                        value: ".*".into(),
-                    },
-                ),
+                (2, Some(7), Command::get(r"k,\d+", ".*")),
                 (3, Some(7), Command::Put(vec![pair("k,5000", "v")])),
                 (4, Some(8), Command::Put(vec![pair("other", "v")])),
-                (
-                    5,
-                    Some(7),
-                    Command::Delete {
-                        key: r"k,\d+".into(),
-                        value: "v".into(),
-                    },
-                ),
+                (5, Some(7), Command::delete(r"k,\d+", "v")),
                 (6, Some(7), Command::Put(vec![pair("k,1", "w")])),
             ],
             gate,

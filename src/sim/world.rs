@@ -2087,6 +2087,7 @@ impl World {
                 self.proxy_step(router::Input::Request {
                     payload: (c, op),
                     write,
+                    wait: 0,
                 });
             }
             _ => {}

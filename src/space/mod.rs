@@ -7,6 +7,7 @@ pub mod pattern;
 pub mod snapshot;
 pub mod store;
 pub mod tuple;
+pub mod waiters;
 
 pub use pattern::{IndexHint, Pattern, PatternError, PatternLimits};
 pub use snapshot::{SnapshotError, load_snapshot, save_snapshot};

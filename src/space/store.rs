@@ -94,6 +94,36 @@ impl Space {
         (out, complete)
     }
 
+    /// The first `limit` pairs (ascending) matching both patterns, looking at no more than
+    /// `max_visits` keys the key pattern's hint allows: `None` if that was not enough to find
+    /// them (or to reach the last candidate).
+    pub fn first_matches(
+        &self,
+        key: &Pattern,
+        value: &Pattern,
+        limit: usize,
+        max_visits: usize,
+    ) -> Option<Vec<Pair>> {
+        let mut out = Vec::new();
+        let mut visits = 0usize;
+        let mut exhausted = false;
+        self.for_each_candidate(key, |k, v| {
+            if out.len() >= limit {
+                return false;
+            }
+            if visits >= max_visits {
+                exhausted = true;
+                return false;
+            }
+            visits += 1;
+            if key.is_match(k) && value.is_match(v) {
+                out.push(Pair::new(k, v));
+            }
+            true
+        });
+        (!exhausted).then_some(out)
+    }
+
     /// The changes between this space and `newer` (a later version of the same space), ascending
     /// by key: `(key, Some(value))` for a key added or changed, `(key, None)` for one removed.
     /// Fast when `newer` shares most of its structure with `self` (an O(1) copy since changed):
@@ -193,7 +223,18 @@ impl Space {
         mut f: impl FnMut(&str, &str) -> bool,
     ) -> bool {
         // The hint only narrows; both regexes still decide.
-        let mut check = |k: &String, v: &String| !(key.is_match(k) && value.is_match(v)) || f(k, v);
+        self.for_each_candidate(key, |k, v| {
+            !(key.is_match(k) && value.is_match(v)) || f(k, v)
+        })
+    }
+
+    /// Calls `check` for each pair the key pattern's hint allows, ascending, until it returns
+    /// false. Returns true if every candidate was visited.
+    fn for_each_candidate(
+        &self,
+        key: &Pattern,
+        mut check: impl FnMut(&String, &String) -> bool,
+    ) -> bool {
         match key.hint() {
             IndexHint::Exact(k) => match self.map.get_key_value(k.as_str()) {
                 Some((k, v)) => check(k, v),
@@ -369,6 +410,44 @@ mod tests {
             vec![("k,5", Some("w")), ("k,7", None), ("new", Some("x"))]
         );
         assert_eq!(s.changes_to(&s).count(), 0);
+    }
+
+    #[test]
+    fn first_matches_stops_at_the_limit_or_the_visit_budget() {
+        let s: Space = (0..100)
+            .map(|i| {
+                (
+                    format!("job,{i:03}"),
+                    if i % 10 == 0 { "x" } else { "y" }.to_owned(),
+                )
+            })
+            .collect();
+        let keys = |v: Vec<Pair>| v.into_iter().map(|p| p.key).collect::<Vec<_>>();
+        let got = s.first_matches(&pat("job,.*"), &pat(".*"), 2, 10).unwrap();
+        assert_eq!(keys(got), ["job,000", "job,001"]);
+        let got = s.first_matches(&pat("job,.*"), &pat("x"), 2, 100).unwrap();
+        assert_eq!(keys(got), ["job,000", "job,010"]);
+        // 2 matches need 11 visits here.
+        assert!(s.first_matches(&pat("job,.*"), &pat("x"), 2, 10).is_none());
+        // Fewer matches than the limit: every candidate is visited (a prefix hint, 100 keys).
+        assert_eq!(
+            s.first_matches(&pat("job,.*"), &pat("x"), 50, 100)
+                .unwrap()
+                .len(),
+            10
+        );
+        assert!(s.first_matches(&pat("job,.*"), &pat("x"), 50, 99).is_none());
+        assert!(
+            s.first_matches(&pat("nope,.*"), &pat(".*"), 1, 0)
+                .unwrap()
+                .is_empty()
+        );
+        let all = s.get(&pat("job,.*"), &pat("x"));
+        assert_eq!(
+            s.first_matches(&pat("job,.*"), &pat("x"), 3, usize::MAX)
+                .unwrap(),
+            all[..3]
+        );
     }
 
     #[test]

@@ -199,12 +199,22 @@ pub enum Command {
     Get {
         key: String,
         value: String,
+        /// PROTOCOL.md §4a: at most this many pairs, the first in key order.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
+        /// PROTOCOL.md §4a: if nothing matches, wait up to this long (capped by `max_wait_ms`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
     },
     Put(Vec<RawItem>),
     Post(Vec<RawItem>),
     Delete {
         key: String,
         value: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
     },
     /// Not a client operation: the proxy asks the primary how many pairs it holds (for STATUS),
     /// ordered like a read after every write answered before.
@@ -218,6 +228,37 @@ impl Command {
             Command::Put(_) | Command::Post(_) | Command::Delete { .. }
         )
     }
+    /// A plain GET of `[key, value]` (no limit, no wait).
+    pub fn get(key: impl Into<String>, value: impl Into<String>) -> Command {
+        Command::Get {
+            key: key.into(),
+            value: value.into(),
+            limit: None,
+            wait_ms: None,
+        }
+    }
+
+    /// A plain DELETE of `[key, value]` (no limit, no wait).
+    pub fn delete(key: impl Into<String>, value: impl Into<String>) -> Command {
+        Command::Delete {
+            key: key.into(),
+            value: value.into(),
+            limit: None,
+            wait_ms: None,
+        }
+    }
+
+    /// How long a GET or DELETE may wait for a match (PROTOCOL.md §4a), capped at `max_ms`;
+    /// 0 for everything else.
+    pub fn wait_ms(&self, max_ms: u64) -> u64 {
+        match self {
+            Command::Get { wait_ms, .. } | Command::Delete { wait_ms, .. } => {
+                wait_ms.unwrap_or(0).min(max_ms)
+            }
+            _ => 0,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Command::Get { .. } => "GET",
@@ -233,7 +274,7 @@ impl Command {
     pub fn mem_bytes(&self) -> usize {
         std::mem::size_of::<Command>()
             + match self {
-                Command::Get { key, value } | Command::Delete { key, value } => {
+                Command::Get { key, value, .. } | Command::Delete { key, value, .. } => {
                     key.capacity() + value.capacity()
                 }
                 Command::Put(e) | Command::Post(e) => e.iter().map(RawItem::mem_bytes).sum(),
@@ -249,7 +290,15 @@ pub struct Request {
     pub id: u64,
     pub op: Op,
     pub args: Option<RawItem>,
+    /// `limit` (PROTOCOL.md §4a): absent, an unsigned integer, or `Err` for any other type.
+    pub limit: Option<Result<u64, WrongType>>,
+    /// `wait_ms` (PROTOCOL.md §4a), same.
+    pub wait_ms: Option<Result<u64, WrongType>>,
 }
+
+/// An optional request key held a value of the wrong type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WrongType;
 
 /// A request that cannot be understood; answered `malformed` with whatever id could be read.
 #[derive(Clone, Debug, PartialEq)]
@@ -276,6 +325,8 @@ enum Field {
     Id(Option<u64>),
     Op(Option<String>),
     Args(std::ops::Range<usize>),
+    Limit(Result<u64, WrongType>),
+    WaitMs(Result<u64, WrongType>),
     Other,
 }
 
@@ -301,6 +352,7 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
     let mut id_v: Option<Option<u64>> = None;
     let mut op_v: Option<Option<String>> = None;
     let mut args = None;
+    let (mut limit, mut wait_ms) = (None, None);
     let mut seen = 0u64;
     loop {
         match n {
@@ -327,6 +379,23 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
                     Field::Op(None)
                 }
             },
+            Some(k) if k == "limit" || k == "wait_ms" => {
+                let v = match r.peek().map_err(not_cbor)? {
+                    Head::Uint(i) => {
+                        r.head().map_err(not_cbor)?;
+                        Ok(i)
+                    }
+                    _ => {
+                        r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                        Err(WrongType)
+                    }
+                };
+                if k == "limit" {
+                    Field::Limit(v)
+                } else {
+                    Field::WaitMs(v)
+                }
+            }
             Some(k) if k == "args" => {
                 let start = r.pos();
                 r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
@@ -348,6 +417,8 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
             Field::Id(v) => id_v = Some(v),
             Field::Op(v) => op_v = Some(v),
             Field::Args(span) => args = Some(span),
+            Field::Limit(v) => limit = Some(v),
+            Field::WaitMs(v) => wait_ms = Some(v),
             Field::Other => {}
         }
     }
@@ -382,7 +453,13 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
         }
     };
     let args = args.map(|span| RawItem::from_checked(bytes::Bytes::copy_from_slice(&body[span])));
-    Ok(Request { id, op, args })
+    Ok(Request {
+        id,
+        op,
+        args,
+        limit,
+        wait_ms,
+    })
 }
 
 /// Checks the argument shape of a data operation (reading `args` in place).
@@ -411,6 +488,24 @@ pub fn command_of(req: Request, max_pairs: usize) -> Result<Command, Malformed> 
     };
     match req.op {
         Op::Get | Op::Delete => {
+            let limit = match req.limit {
+                None => None,
+                Some(Ok(n)) if n >= 1 => Some(n),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "{name} `limit` must be an unsigned integer of at least 1"
+                    )));
+                }
+            };
+            let wait_ms = match req.wait_ms {
+                None => None,
+                Some(Ok(n)) => Some(n),
+                Some(Err(WrongType)) => {
+                    return Err(bad(format!(
+                        "{name} `wait_ms` must be an unsigned integer (milliseconds)"
+                    )));
+                }
+            };
             let (key, value) = patterns_of(&args).map_err(|two| {
                 bad(if two {
                     format!("{name} args must be two text strings [keyexp, valexp]")
@@ -419,9 +514,19 @@ pub fn command_of(req: Request, max_pairs: usize) -> Result<Command, Malformed> 
                 })
             })?;
             Ok(if req.op == Op::Get {
-                Command::Get { key, value }
+                Command::Get {
+                    key,
+                    value,
+                    limit,
+                    wait_ms,
+                }
             } else {
-                Command::Delete { key, value }
+                Command::Delete {
+                    key,
+                    value,
+                    limit,
+                    wait_ms,
+                }
             })
         }
         _ => {
@@ -883,12 +988,32 @@ pub fn pairs_node_len(pairs: &[Pair]) -> usize {
 
 /// A request built by our own client.
 pub fn request_value(id: u64, op: &str, args: Option<Value>) -> Value {
+    request_value_with(id, op, args, MatchOpts::default())
+}
+
+/// PROTOCOL.md §4a options of a GET or DELETE (absent: the request does not carry the key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatchOpts {
+    /// At most this many pairs, the first in key order.
+    pub limit: Option<u64>,
+    /// If nothing matches, wait up to this long for a write that makes something match.
+    pub wait_ms: Option<u64>,
+}
+
+/// A request map with `limit` / `wait_ms` when set.
+pub fn request_value_with(id: u64, op: &str, args: Option<Value>, opts: MatchOpts) -> Value {
     let mut m = vec![
         (Value::Text("id".into()), Value::Integer(id.into())),
         (Value::Text("op".into()), Value::Text(op.into())),
     ];
     if let Some(a) = args {
         m.push((Value::Text("args".into()), a));
+    }
+    if let Some(n) = opts.limit {
+        m.push((Value::Text("limit".into()), Value::Integer(n.into())));
+    }
+    if let Some(w) = opts.wait_ms {
+        m.push((Value::Text("wait_ms".into()), Value::Integer(w.into())));
     }
     Value::Map(m)
 }
@@ -1041,11 +1166,64 @@ mod tests {
         ));
         assert_eq!(
             command_of(get.unwrap(), 10).unwrap(),
-            Command::Get {
-                key: "a.*".into(),
-                value: ".*".into()
+            Command::get("a.*", ".*")
+        );
+    }
+
+    #[test]
+    fn limit_and_wait_ms_are_read_and_checked() {
+        let with = |op: &str, extra: Vec<(Value, Value)>| {
+            let Value::Map(mut m) =
+                request_value(5, op, Some(Value::Array(vec![text("job,.*"), text(".*")])))
+            else {
+                unreachable!()
+            };
+            m.extend(extra);
+            command_of(req(Value::Map(m)).unwrap(), 10)
+        };
+        let n = |i: u64| Value::Integer(i.into());
+        assert_eq!(
+            with("get", vec![]).unwrap(),
+            Command::get("job,.*", ".*"),
+            "without the keys, a plain GET"
+        );
+        assert_eq!(
+            with(
+                "DELETE",
+                vec![(text("limit"), n(1)), (text("wait_ms"), n(5000))]
+            )
+            .unwrap(),
+            Command::Delete {
+                key: "job,.*".into(),
+                value: ".*".into(),
+                limit: Some(1),
+                wait_ms: Some(5000),
             }
         );
+        let c = with("get", vec![(text("wait_ms"), n(0))]).unwrap();
+        assert_eq!(c.wait_ms(60_000), 0);
+        let c = with("get", vec![(text("wait_ms"), n(u64::MAX))]).unwrap();
+        assert_eq!(c.wait_ms(60_000), 60_000, "capped by max_wait_ms");
+        for (k, v) in [
+            ("limit", text("1")),
+            ("limit", n(0)),
+            ("limit", Value::Integer((-1).into())),
+            ("limit", Value::Null),
+            ("wait_ms", text("5s")),
+            ("wait_ms", Value::Float(1.5)),
+            ("wait_ms", Value::Array(vec![])),
+        ] {
+            let e = with("get", vec![(text(k), v.clone())]).unwrap_err();
+            assert_eq!(e.id, Some(5));
+            assert!(e.message.contains(k), "{k}={v:?}: {}", e.message);
+            assert!(with("delete", vec![(text(k), v)]).is_err());
+        }
+        // PUT and POST ignore them, like any unknown key.
+        let Value::Map(mut m) = request_value(6, "put", Some(Value::Array(vec![]))) else {
+            unreachable!()
+        };
+        m.push((text("limit"), text("x")));
+        assert!(command_of(req(Value::Map(m)).unwrap(), 10).is_ok());
     }
 
     #[test]

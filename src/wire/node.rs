@@ -109,6 +109,10 @@ pub enum Relay {
     /// The client connection `client` has ended: its reads still queued need not be computed
     /// (they are answered empty; nobody is there to read them). Writes are applied as sent.
     ClientGone { client: u64 },
+    /// These requests' client stream has gone (reset, stopped, or its connection closed): those
+    /// still waiting for a match (PROTOCOL.md §4a) are answered empty and change nothing; a take
+    /// already applied stays applied.
+    Cancel { rids: Vec<u64> },
 }
 
 impl Relay {

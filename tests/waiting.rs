@@ -1,0 +1,427 @@
+//! Waiting reads and takes (PROTOCOL.md §4a: `limit` and `wait_ms` on GET and DELETE), on real
+//! processes over QUIC: a work queue with 8 consumers, timeouts, cancellation by stream and
+//! connection close, arrival order, limits, and the types of the two keys.
+//!
+//! Run: `cargo test --release --test waiting`
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use ciborium::Value;
+use common::*;
+use tuplespace::wire::client::{MatchOpts, Status, request_value_with};
+
+fn int(n: u64) -> Value {
+    Value::Integer(n.into())
+}
+
+/// `pending` of STATUS (requests the proxy has not answered yet).
+async fn pending(cl: &Cluster) -> Option<u64> {
+    get(&cl.cluster_status().await, "pending").and_then(as_u64)
+}
+
+async fn wait_pending(cl: &Cluster, n: u64, within: Duration) -> bool {
+    wait_until(within, || async { pending(cl).await == Some(n) }).await
+}
+
+fn keys(r: &tuplespace::wire::client::Response) -> Vec<String> {
+    pairs_of(r).into_iter().map(|p| p.0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_consumers_take_a_thousand_jobs_each_exactly_once_in_key_order() {
+    const JOBS: usize = 1000;
+    const CONSUMERS: usize = 8;
+    let cl = Cluster::start().await;
+    let mut consumers = Vec::new();
+    for c in 0..CONSUMERS {
+        let mut cli = cl.client().await;
+        consumers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let r = cli
+                    .take(r"job,\w+", ".*", Duration::from_secs(20))
+                    .await
+                    .unwrap_or_else(|e| panic!("consumer {c}: {e}"));
+                let ks = keys(&r);
+                assert!(ks.len() <= 1, "consumer {c}: a take got {ks:?}");
+                let Some(k) = ks.into_iter().next() else {
+                    panic!("consumer {c} timed out: {r:?}");
+                };
+                if k.starts_with("job,stop") {
+                    return got;
+                }
+                got.push(k);
+            }
+        }));
+    }
+    // All 8 wait before the first job comes.
+    assert!(
+        wait_pending(&cl, CONSUMERS as u64, Duration::from_secs(10)).await,
+        "consumers not waiting: {}",
+        cl.logs()
+    );
+    let mut producer = cl.client().await;
+    let started = Instant::now();
+    let mut i = 0;
+    while i < JOBS {
+        // A few at a time: 1, 2, 3, 4, 5, 1, 2, ...
+        let n = (i % 5 + 1).min(JOBS - i);
+        let batch: Vec<Value> = (i..i + n)
+            .map(|j| tpair(&format!("job,{j:04}"), &format!("payload,{j}")))
+            .collect();
+        let r = producer
+            .request("PUT", Some(Value::Array(batch)))
+            .await
+            .unwrap();
+        assert!(rejected_of(&r).is_empty(), "{r:?}");
+        i += n;
+    }
+    // One stop job per consumer, after every real one (and above them in key order).
+    let stops: Vec<Value> = (0..CONSUMERS)
+        .map(|c| tpair(&format!("job,stop{c}"), "x"))
+        .collect();
+    let r = producer
+        .request("PUT", Some(Value::Array(stops)))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty(), "{r:?}");
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (c, h) in consumers.into_iter().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .expect("consumer finished")
+            .expect("consumer did not panic");
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(got, sorted, "consumer {c} received out of key order");
+        for k in got {
+            if let Some(other) = seen.insert(k.clone(), c) {
+                panic!("{k} received by consumers {other} and {c}");
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let want: BTreeSet<String> = (0..JOBS).map(|j| format!("job,{j:04}")).collect();
+    let got: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(got, want, "every job received exactly once");
+    let r = producer.request("GET", pats(".*", ".*")).await.unwrap();
+    assert!(pairs_of(&r).is_empty(), "the queue is empty: {r:?}");
+    let per: Vec<usize> = (0..CONSUMERS)
+        .map(|c| seen.values().filter(|v| **v == c).count())
+        .collect();
+    eprintln!("{JOBS} jobs to {CONSUMERS} consumers in {elapsed:?}; per consumer {per:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_that_times_out_changes_nothing() {
+    let cl = Cluster::start().await;
+    let mut c = cl.client().await;
+    let r = c
+        .request(
+            "PUT",
+            Some(Value::Array(vec![tpair("job,1", "a"), tpair("other", "b")])),
+        )
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let t = Instant::now();
+    let r = c
+        .take("job,1", "nomatch", Duration::from_millis(300))
+        .await
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(r.status, Status::Ok, "{r:?}");
+    assert_eq!(r.pairs.as_deref(), Some(&[][..]), "{r:?}");
+    assert!(
+        r.message.as_deref().unwrap_or("").contains("timed out"),
+        "{r:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}");
+    let r = c.request("GET", pats(".*", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("job,1", "a"), ("other", "b")]));
+    // A write after the timeout is not taken by the request that timed out.
+    let r = c
+        .request("POST", Some(Value::Array(vec![tpair("job,1", "nomatch")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let r = c.request("GET", pats("job,1", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("job,1", "nomatch")]));
+    assert!(wait_pending(&cl, 0, Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_read_sees_a_post_and_wait_zero_answers_at_once() {
+    let cl = Cluster::start().await;
+    let mut c = cl.client().await;
+    let mut w = cl.client().await;
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair("cfg,a", "old")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    // wait_ms 0: answered at once, like a plain GET.
+    let opts = MatchOpts {
+        limit: None,
+        wait_ms: Some(0),
+    };
+    let r = w.get("cfg,a", "new", opts).await.unwrap();
+    assert!(pairs_of(&r).is_empty());
+    let reader = tokio::spawn(async move {
+        let opts = MatchOpts {
+            limit: None,
+            wait_ms: Some(20_000),
+        };
+        w.get("cfg,.*", "new", opts).await.unwrap()
+    });
+    assert!(wait_pending(&cl, 1, Duration::from_secs(10)).await);
+    let r = c
+        .request("POST", Some(Value::Array(vec![tpair("cfg,a", "new")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let r = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the waiting read is answered")
+        .unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("cfg,a", "new")]));
+    // A read removes nothing.
+    let r = c.request("GET", pats("cfg,a", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("cfg,a", "new")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_answers_the_first_pairs_in_key_order_and_removes_only_those() {
+    let cl = Cluster::start().await;
+    let mut c = cl.client().await;
+    let batch: Vec<Value> = [5, 1, 4, 2, 3]
+        .iter()
+        .map(|i| tpair(&format!("q,{i}"), "v"))
+        .collect();
+    let r = c.request("PUT", Some(Value::Array(batch))).await.unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let lim = |n| MatchOpts {
+        limit: Some(n),
+        wait_ms: None,
+    };
+    let r = c.get(r"q,\d", ".*", lim(2)).await.unwrap();
+    assert_eq!(keys(&r), ["q,1", "q,2"]);
+    let r = c
+        .request_with("DELETE", pats(r"q,\d", ".*"), lim(3))
+        .await
+        .unwrap();
+    assert_eq!(keys(&r), ["q,1", "q,2", "q,3"]);
+    let r = c.get(".*", ".*", lim(100)).await.unwrap();
+    assert_eq!(keys(&r), ["q,4", "q,5"]);
+    // Exact keys and a limit of 1.
+    let r = c.get("q,4|q,5", ".*", lim(1)).await.unwrap();
+    assert_eq!(keys(&r), ["q,4"]);
+    // take = DELETE with limit 1; with something there it does not wait.
+    let r = c
+        .take(r"q,\d", ".*", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(keys(&r), ["q,4"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_the_order_they_started_waiting() {
+    let cl = Cluster::start().await;
+    let mut order = Vec::new();
+    for i in 0..4u64 {
+        let mut c = cl.client().await;
+        order.push(tokio::spawn(async move {
+            (
+                i,
+                c.take("t,.*", ".*", Duration::from_secs(20)).await.unwrap(),
+            )
+        }));
+        // Each starts waiting before the next is sent.
+        assert!(wait_pending(&cl, i + 1, Duration::from_secs(10)).await);
+    }
+    let mut p = cl.client().await;
+    // One write of four pairs, given out of key order.
+    let batch: Vec<Value> = ["t,c", "t,a", "t,d", "t,b"]
+        .iter()
+        .map(|k| tpair(k, "v"))
+        .collect();
+    let r = p.request("PUT", Some(Value::Array(batch))).await.unwrap();
+    assert!(rejected_of(&r).is_empty());
+    for (h, want) in order.into_iter().zip(["t,a", "t,b", "t,c", "t,d"]) {
+        let (i, r) = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(keys(&r), [want], "waiter {i}");
+    }
+}
+
+/// A raw stream with a waiting take on it.
+async fn waiting_take(cl: &Cluster, raw: &RawConn, key: &str) -> RawStream {
+    let mut s = raw.open().await;
+    let opts = MatchOpts {
+        limit: Some(1),
+        wait_ms: Some(30_000),
+    };
+    s.write_value(&request_value_with(1, "DELETE", pats(key, ".*"), opts))
+        .await;
+    assert!(
+        wait_pending(cl, 1, Duration::from_secs(10)).await,
+        "the take is not pending: {}",
+        cl.logs()
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_waiting_stream_or_connection_cancels_its_take() {
+    let cl = Cluster::start().await;
+    let mut c = cl.client().await;
+
+    // Stream reset (the connection stays).
+    let raw = cl.raw_client().await;
+    let mut s = waiting_take(&cl, &raw, "job,a").await;
+    s.send.reset(0u32.into()).expect("reset");
+    assert!(
+        wait_pending(&cl, 0, Duration::from_secs(10)).await,
+        "the take of a reset stream still waits: {}",
+        cl.logs()
+    );
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair("job,a", "x")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let r = c.request("GET", pats("job,a", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("job,a", "x")]), "nothing was taken");
+    // The connection still works.
+    let mut s2 = raw.open().await;
+    let r = s2.call(2, "GET", pats("job,a", ".*")).await;
+    assert_eq!(pairs_of(&r).len(), 1);
+
+    // Connection close.
+    let raw2 = cl.raw_client().await;
+    let _s = waiting_take(&cl, &raw2, "job,b").await;
+    raw2.conn.close(0u32.into(), b"bye");
+    assert!(
+        wait_pending(&cl, 0, Duration::from_secs(10)).await,
+        "the take of a closed connection still waits: {}",
+        cl.logs()
+    );
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair("job,b", "y")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let r = c.request("GET", pats("job,.*", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("job,a", "x"), ("job,b", "y")]));
+
+    // Finishing the send side (FIN) does not cancel: the answer still comes.
+    let raw3 = cl.raw_client().await;
+    let mut s3 = waiting_take(&cl, &raw3, "job,c").await;
+    s3.finish();
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair("job,c", "z")])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let r = s3.answer().await;
+    assert_eq!(pairs_of(&r), owned(&[("job,c", "z")]));
+    assert!(matches!(s3.read().await, Read::End), "the stream finishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_and_wait_ms_of_the_wrong_type_are_malformed() {
+    let cl = Cluster::start().await;
+    let raw = cl.raw_client().await;
+    let mut s = raw.open().await;
+    let mut id = 10;
+    for op in ["GET", "DELETE"] {
+        for (k, v) in [
+            ("limit", text("1")),
+            ("limit", int(0)),
+            ("limit", Value::Integer((-3).into())),
+            ("limit", Value::Float(1.0)),
+            ("wait_ms", text("5s")),
+            ("wait_ms", Value::Integer((-1).into())),
+            ("wait_ms", Value::Array(vec![])),
+            ("wait_ms", Value::Null),
+        ] {
+            id += 1;
+            let Value::Map(mut m) = req(id, op, pats(".*", ".*")) else {
+                unreachable!()
+            };
+            m.push((text(k), v.clone()));
+            s.write_value(&Value::Map(m)).await;
+            let r = s.answer().await;
+            assert_eq!(r.id, Some(id));
+            assert_eq!(r.status, Status::Malformed, "{op} {k}={v:?}: {r:?}");
+            assert!(r.message.as_deref().unwrap_or("").contains(k), "{r:?}");
+        }
+    }
+    // The right types are fine (and the stream goes on after the malformed ones).
+    let Value::Map(mut m) = req(99, "GET", pats(".*", ".*")) else {
+        unreachable!()
+    };
+    m.push((text("limit"), int(1)));
+    m.push((text("wait_ms"), int(0)));
+    s.write_value(&Value::Map(m)).await;
+    let r = s.answer().await;
+    assert_eq!((r.id, r.status), (Some(99), Status::Ok), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_is_capped_by_max_wait_ms_and_bounded_by_max_waiters() {
+    let cl = Cluster::builder()
+        .set("max_wait_ms=200")
+        .set("max_waiters=2")
+        .set("max_waiters_per_connection=1")
+        .start()
+        .await;
+    let mut a = cl.client().await;
+    let t = Instant::now();
+    let r = a.take("x", ".*", Duration::from_secs(30)).await.unwrap();
+    assert!(
+        r.message.as_deref().unwrap_or("").contains("timed out"),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "capped: {:?}",
+        t.elapsed()
+    );
+    // A second waiting request of one connection is refused at once (max_waiters_per_connection).
+    let raw = cl.raw_client().await;
+    let mut s = raw.open().await;
+    let opts = MatchOpts {
+        limit: None,
+        wait_ms: Some(10_000),
+    };
+    s.write_value(&request_value_with(1, "GET", pats("y", ".*"), opts))
+        .await;
+    s.write_value(&request_value_with(2, "GET", pats("y", ".*"), opts))
+        .await;
+    let r = s.answer().await;
+    assert_eq!(r.id, Some(2), "the second is answered first: {r:?}");
+    assert_eq!(r.status, Status::Ok);
+    assert!(
+        r.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("max_waiters_per_connection"),
+        "{r:?}"
+    );
+    let r = s.answer().await;
+    assert_eq!(r.id, Some(1));
+    assert!(
+        r.message.as_deref().unwrap_or("").contains("timed out"),
+        "{r:?}"
+    );
+}
