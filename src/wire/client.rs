@@ -1138,10 +1138,7 @@ mod tests {
         let r = parse_request(&examples[1].0[4..]).unwrap();
         assert_eq!(
             command_of(r, 10).unwrap(),
-            Command::Get {
-                key: r"user,\d+".into(),
-                value: "a.*".into()
-            }
+            Command::get(r"user,\d+", "a.*")
         );
         assert_eq!(
             parse_request(&examples[2].0[4..]).unwrap().op,
