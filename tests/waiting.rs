@@ -425,3 +425,119 @@ async fn waiting_is_capped_by_max_wait_ms_and_bounded_by_max_waiters() {
         "{r:?}"
     );
 }
+
+/// (epoch, primary pid) once the backup is synchronised.
+async fn synced(cl: &Cluster) -> Option<(u64, u32)> {
+    let st = cl.cluster_status().await;
+    if !matches!(get(&st, "backup_synced"), Some(Value::Bool(true))) {
+        return None;
+    }
+    let epoch = get(&st, "epoch").and_then(as_u64)?;
+    let pid = get(&st, "primary")
+        .and_then(|p| get(p, "pid"))
+        .and_then(as_u64)?;
+    Some((epoch, pid as u32))
+}
+
+async fn wait_synced(cl: &Cluster, above_epoch: u64) -> (u64, u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((e, p)) = synced(cl).await
+            && e > above_epoch
+        {
+            return (e, p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no synchronised backup above epoch {above_epoch}: {}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_through_two_primary_kills_lose_no_job_and_take_none_twice() {
+    const JOBS: usize = 600;
+    const CONSUMERS: usize = 4;
+    let cl = Cluster::start().await;
+    let (mut epoch, _) = wait_synced(&cl, 0).await;
+    let mut consumers = Vec::new();
+    for c in 0..CONSUMERS {
+        let mut cli = cl.client().await;
+        consumers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut errors = Vec::new();
+            loop {
+                match cli.take(r"job,\w+", ".*", Duration::from_secs(5)).await {
+                    Ok(r) if r.status == Status::Ok => {
+                        let ks = keys(&r);
+                        match ks.first() {
+                            Some(k) if k.starts_with("job,stop") => return (got, errors),
+                            Some(k) => got.push(k.clone()),
+                            // A timeout: take again.
+                            None => {}
+                        }
+                    }
+                    Ok(r) => errors.push(format!("consumer {c}: {r:?}")),
+                    Err(e) => {
+                        errors.push(format!("consumer {c}: {e}"));
+                        return (got, errors);
+                    }
+                }
+            }
+        }));
+    }
+    let mut producer = cl.client().await;
+    for j in 0..JOBS {
+        if j == JOBS / 3 || j == 2 * JOBS / 3 {
+            let (_, primary) = wait_synced(&cl, epoch - 1).await;
+            signal(primary, nix::sys::signal::Signal::SIGKILL);
+            // The next PUTs go on while the backup takes over.
+            epoch += 1;
+        }
+        let r = producer
+            .request(
+                "PUT",
+                Some(Value::Array(vec![tpair(&format!("job,{j:05}"), "x")])),
+            )
+            .await
+            .unwrap();
+        assert!(
+            rejected_of(&r).is_empty(),
+            "job {j} applied twice? {r:?}\n{}",
+            cl.logs()
+        );
+    }
+    let (e, _) = wait_synced(&cl, epoch - 1).await;
+    assert_eq!(e, epoch, "one failover per kill");
+    let stops: Vec<Value> = (0..CONSUMERS)
+        .map(|c| tpair(&format!("job,stop{c}"), "x"))
+        .collect();
+    let r = producer
+        .request("PUT", Some(Value::Array(stops)))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (c, h) in consumers.into_iter().enumerate() {
+        let (got, errors) = tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .expect("consumer finished")
+            .expect("consumer did not panic");
+        assert!(errors.is_empty(), "{errors:?}\n{}", cl.logs());
+        for k in got {
+            if let Some(other) = seen.insert(k.clone(), c) {
+                panic!("{k} taken by consumers {other} and {c}");
+            }
+        }
+    }
+    let r = producer.request("GET", pats(".*", ".*")).await.unwrap();
+    let left: Vec<String> = pairs_of(&r).into_iter().map(|p| p.0).collect();
+    assert!(left.is_empty(), "jobs left: {left:?}");
+    let want: BTreeSet<String> = (0..JOBS).map(|j| format!("job,{j:05}")).collect();
+    let got: BTreeSet<String> = seen.keys().cloned().collect();
+    let lost: Vec<_> = want.difference(&got).collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert_eq!(got.len(), JOBS);
+}

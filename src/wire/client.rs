@@ -1136,10 +1136,7 @@ mod tests {
         };
         assert_eq!(elems.len(), 3);
         let r = parse_request(&examples[1].0[4..]).unwrap();
-        assert_eq!(
-            command_of(r, 10).unwrap(),
-            Command::get(r"user,\d+", "a.*")
-        );
+        assert_eq!(command_of(r, 10).unwrap(), Command::get(r"user,\d+", "a.*"));
         assert_eq!(
             parse_request(&examples[2].0[4..]).unwrap().op,
             Op::Other("FROB".into())
