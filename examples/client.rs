@@ -219,6 +219,34 @@ async fn run(a: &Args) -> Result<bool, ClientError> {
         }),
     );
 
+    // A take (PROTOCOL.md §4a): DELETE with limit 1 removes the first match in key order; with a
+    // wait it would wait for one. One that times out answers ok without pairs and removes nothing.
+    let res = call(
+        &mut c,
+        &Request::take(&keys, ".*").wait(Duration::from_secs(1)),
+    )
+    .await?;
+    step(
+        "take",
+        res.and_then(|r| match r.pairs.as_deref() {
+            Some([p]) => Ok(format!("took {}", p.key)),
+            other => Err(format!("expected one pair, got {other:?}")),
+        }),
+    );
+    let none = format!("{},none", a.prefix);
+    let res = call(
+        &mut c,
+        &Request::take(&none, ".*").wait(Duration::from_millis(200)),
+    )
+    .await?;
+    step(
+        "take with nothing to take",
+        res.and_then(|r| match r.pairs.as_deref() {
+            Some([]) => Ok(format!("ok, 0 pairs after 200 ms: {}", msg_of(&r.message))),
+            other => Err(format!("expected no pairs, got {other:?}")),
+        }),
+    );
+
     let res = call(&mut c, &Request::delete(&keys, ".*")).await?;
     step(
         "DELETE",

@@ -46,7 +46,9 @@ async fn the_example_client_runs_every_step() {
         "GET: 2000 pairs match",
         "FROB: refused as expected: not implemented",
         "GET with a bad pattern: ok, 0 pairs",
-        "DELETE: 2000 pairs removed",
+        "take: took example,0",
+        "take with nothing to take: ok, 0 pairs after 200 ms: timed out",
+        "DELETE: 1999 pairs removed",
         "STATUS: epoch ",
     ] {
         assert!(said.contains(want), "no `{want}` in:\n{said}");

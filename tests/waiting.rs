@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ciborium::Value;
 use common::*;
-use tuplespace::wire::client::{MatchOpts, Status, request_value_with};
+use tuplespace::client::{Request, Status};
 
 fn int(n: u64) -> Value {
     Value::Integer(n.into())
@@ -19,7 +19,7 @@ fn int(n: u64) -> Value {
 
 /// `pending` of STATUS (requests the proxy has not answered yet).
 async fn pending(cl: &Cluster) -> Option<u64> {
-    get(&cl.cluster_status().await, "pending").and_then(as_u64)
+    cl.cluster_status().await.map(|s| s.pending)
 }
 
 async fn wait_pending(cl: &Cluster, n: u64, within: Duration) -> bool {
@@ -42,7 +42,7 @@ async fn eight_consumers_take_a_thousand_jobs_each_exactly_once_in_key_order() {
             let mut got = Vec::new();
             loop {
                 let r = cli
-                    .take(r"job,\w+", ".*", Duration::from_secs(20))
+                    .call(&Request::take(r"job,\w+", ".*").wait(Duration::from_secs(20)))
                     .await
                     .unwrap_or_else(|e| panic!("consumer {c}: {e}"));
                 let ks = keys(&r);
@@ -129,7 +129,7 @@ async fn a_take_that_times_out_changes_nothing() {
     assert!(rejected_of(&r).is_empty());
     let t = Instant::now();
     let r = c
-        .take("job,1", "nomatch", Duration::from_millis(300))
+        .call(&Request::take("job,1", "nomatch").wait(Duration::from_millis(300)))
         .await
         .unwrap();
     let waited = t.elapsed();
@@ -168,18 +168,15 @@ async fn a_waiting_read_sees_a_post_and_wait_zero_answers_at_once() {
         .unwrap();
     assert!(rejected_of(&r).is_empty());
     // wait_ms 0: answered at once, like a plain GET.
-    let opts = MatchOpts {
-        limit: None,
-        wait_ms: Some(0),
-    };
-    let r = w.get("cfg,a", "new", opts).await.unwrap();
+    let r = w
+        .call(&Request::get("cfg,a", "new").wait(Duration::ZERO))
+        .await
+        .unwrap();
     assert!(pairs_of(&r).is_empty());
     let reader = tokio::spawn(async move {
-        let opts = MatchOpts {
-            limit: None,
-            wait_ms: Some(20_000),
-        };
-        w.get("cfg,.*", "new", opts).await.unwrap()
+        w.call(&Request::get("cfg,.*", "new").wait(Duration::from_secs(20)))
+            .await
+            .unwrap()
     });
     assert!(wait_pending(&cl, 1, Duration::from_secs(10)).await);
     let r = c
@@ -207,25 +204,24 @@ async fn limit_answers_the_first_pairs_in_key_order_and_removes_only_those() {
         .collect();
     let r = c.request("PUT", Some(Value::Array(batch))).await.unwrap();
     assert!(rejected_of(&r).is_empty());
-    let lim = |n| MatchOpts {
-        limit: Some(n),
-        wait_ms: None,
-    };
-    let r = c.get(r"q,\d", ".*", lim(2)).await.unwrap();
+    let r = c.call(&Request::get(r"q,\d", ".*").limit(2)).await.unwrap();
     assert_eq!(keys(&r), ["q,1", "q,2"]);
     let r = c
-        .request_with("DELETE", pats(r"q,\d", ".*"), lim(3))
+        .call(&Request::delete(r"q,\d", ".*").limit(3))
         .await
         .unwrap();
     assert_eq!(keys(&r), ["q,1", "q,2", "q,3"]);
-    let r = c.get(".*", ".*", lim(100)).await.unwrap();
+    let r = c.call(&Request::get(".*", ".*").limit(100)).await.unwrap();
     assert_eq!(keys(&r), ["q,4", "q,5"]);
     // Exact keys and a limit of 1.
-    let r = c.get("q,4|q,5", ".*", lim(1)).await.unwrap();
+    let r = c
+        .call(&Request::get("q,4|q,5", ".*").limit(1))
+        .await
+        .unwrap();
     assert_eq!(keys(&r), ["q,4"]);
     // take = DELETE with limit 1; with something there it does not wait.
     let r = c
-        .take(r"q,\d", ".*", Duration::from_secs(30))
+        .call(&Request::take(r"q,\d", ".*").wait(Duration::from_secs(30)))
         .await
         .unwrap();
     assert_eq!(keys(&r), ["q,4"]);
@@ -240,7 +236,9 @@ async fn waiters_are_served_in_the_order_they_started_waiting() {
         order.push(tokio::spawn(async move {
             (
                 i,
-                c.take("t,.*", ".*", Duration::from_secs(20)).await.unwrap(),
+                c.call(&Request::take("t,.*", ".*").wait(Duration::from_secs(20)))
+                    .await
+                    .unwrap(),
             )
         }));
         // Each starts waiting before the next is sent.
@@ -266,12 +264,8 @@ async fn waiters_are_served_in_the_order_they_started_waiting() {
 /// A raw stream with a waiting take on it.
 async fn waiting_take(cl: &Cluster, raw: &RawConn, key: &str) -> RawStream {
     let mut s = raw.open().await;
-    let opts = MatchOpts {
-        limit: Some(1),
-        wait_ms: Some(30_000),
-    };
-    s.write_value(&request_value_with(1, "DELETE", pats(key, ".*"), opts))
-        .await;
+    let take = Request::take(key, ".*").wait(Duration::from_secs(30));
+    s.write_value(&take.to_value(1)).await;
     assert!(
         wait_pending(cl, 1, Duration::from_secs(10)).await,
         "the take is not pending: {}",
@@ -387,7 +381,10 @@ async fn waiting_is_capped_by_max_wait_ms_and_bounded_by_max_waiters() {
         .await;
     let mut a = cl.client().await;
     let t = Instant::now();
-    let r = a.take("x", ".*", Duration::from_secs(30)).await.unwrap();
+    let r = a
+        .call(&Request::take("x", ".*").wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
     assert!(
         r.message.as_deref().unwrap_or("").contains("timed out"),
         "{r:?}"
@@ -400,14 +397,9 @@ async fn waiting_is_capped_by_max_wait_ms_and_bounded_by_max_waiters() {
     // A second waiting request of one connection is refused at once (max_waiters_per_connection).
     let raw = cl.raw_client().await;
     let mut s = raw.open().await;
-    let opts = MatchOpts {
-        limit: None,
-        wait_ms: Some(10_000),
-    };
-    s.write_value(&request_value_with(1, "GET", pats("y", ".*"), opts))
-        .await;
-    s.write_value(&request_value_with(2, "GET", pats("y", ".*"), opts))
-        .await;
+    let get = Request::get("y", ".*").wait(Duration::from_secs(10));
+    s.write_value(&get.to_value(1)).await;
+    s.write_value(&get.to_value(2)).await;
     let r = s.answer().await;
     assert_eq!(r.id, Some(2), "the second is answered first: {r:?}");
     assert_eq!(r.status, Status::Ok);
@@ -428,15 +420,11 @@ async fn waiting_is_capped_by_max_wait_ms_and_bounded_by_max_waiters() {
 
 /// (epoch, primary pid) once the backup is synchronised.
 async fn synced(cl: &Cluster) -> Option<(u64, u32)> {
-    let st = cl.cluster_status().await;
-    if !matches!(get(&st, "backup_synced"), Some(Value::Bool(true))) {
+    let st = cl.cluster_status().await?;
+    if !st.backup_synced {
         return None;
     }
-    let epoch = get(&st, "epoch").and_then(as_u64)?;
-    let pid = get(&st, "primary")
-        .and_then(|p| get(p, "pid"))
-        .and_then(as_u64)?;
-    Some((epoch, pid as u32))
+    Some((st.epoch, st.pid_of("primary")?))
 }
 
 async fn wait_synced(cl: &Cluster, above_epoch: u64) -> (u64, u32) {
@@ -469,7 +457,10 @@ async fn takes_through_two_primary_kills_lose_no_job_and_take_none_twice() {
             let mut got = Vec::new();
             let mut errors = Vec::new();
             loop {
-                match cli.take(r"job,\w+", ".*", Duration::from_secs(5)).await {
+                match cli
+                    .call(&Request::take(r"job,\w+", ".*").wait(Duration::from_secs(5)))
+                    .await
+                {
                     Ok(r) if r.status == Status::Ok => {
                         let ks = keys(&r);
                         match ks.first() {
