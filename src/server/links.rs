@@ -400,16 +400,16 @@ pub async fn connect_proxy(
                     }
                     Ok(Relay::ClientGone { client }) => {
                         gate.client_gone(client);
+                        // Counted by the gate like every batch (its reads wait for it).
                         if !reqs.is_empty() {
-                            let _ = store
-                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
+                            to_store(std::mem::take(&mut reqs));
                         }
                         let _ = store.send(StoreMsg::ClientGone(client));
                     }
                     Ok(Relay::Cancel { rids }) => {
+                        // Counted by the gate like every batch (its reads wait for it).
                         if !reqs.is_empty() {
-                            let _ = store
-                                .send(StoreMsg::Requests(std::mem::take(&mut reqs), gate.clone()));
+                            to_store(std::mem::take(&mut reqs));
                         }
                         let _ = store.send(StoreMsg::Cancel(rids));
                     }

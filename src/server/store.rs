@@ -1618,10 +1618,7 @@ mod tests {
         let (tx, _h) = spawn(init, Arc::new(cfg.clone()), None, out, stats.clone()).unwrap();
         let view = stats.view.get().unwrap().clone();
         let gate = crate::server::links::RelayGate::new(&cfg);
-        let get = |key: &str, value: &str| Command::Get {
-            key: key.into(),
-            value: value.into(),
-        };
+        let get = |key: &str, value: &str| Command::get(key, value);
         // Sent but not yet handled (the batch is still on its way): the thread must answer.
         gate.sent();
         assert!(!view.try_read(&gate, 2, 7, &get("a", ".*")));
@@ -1653,6 +1650,14 @@ mod tests {
         // Anything but an exact key with any value goes to the thread.
         assert!(!view.try_read(&gate, 3, 7, &get("a", "1")));
         assert!(!view.try_read(&gate, 3, 7, &get("a|b", ".*")));
+        // And a GET that may wait (PROTOCOL.md §4a): only the thread registers waiters.
+        let waiting = Command::Get {
+            key: "a".into(),
+            value: ".*".into(),
+            limit: Some(1),
+            wait_ms: Some(1000),
+        };
+        assert!(!view.try_read(&gate, 3, 7, &waiting));
         assert!(!view.try_read(&gate, 3, 7, &Command::Put(vec![pair("b", "2")])));
         // So does a read of a connection with a request on the scan threads.
         let elems: Vec<RawItem> = (0..1000).map(|i| pair(&format!("k,{i}"), "v")).collect();

@@ -162,10 +162,11 @@ impl Relay {
                 let k = r.text().ok()??.into_owned();
                 key(&mut r, "value")?;
                 let value = r.text().ok()??.into_owned();
+                // Exactly two keys: no `limit` or `wait_ms` (PROTOCOL.md §4a; those go by serde).
                 if name == "Get" {
-                    Command::Get { key: k, value }
+                    Command::get(k, value)
                 } else {
-                    Command::Delete { key: k, value }
+                    Command::delete(k, value)
                 }
             }
             "Put" | "Post" => {
@@ -460,14 +461,8 @@ mod tests {
         let raw = |v: ciborium::Value| RawItem::from_value(&v);
         let text = |s: &str| ciborium::Value::Text(s.into());
         let cmds = [
-            Command::Get {
-                key: "a,b".into(),
-                value: ".*".into(),
-            },
-            Command::Delete {
-                key: "a".into(),
-                value: "x|y".into(),
-            },
+            Command::get("a,b", ".*"),
+            Command::delete("a", "x|y"),
             Command::Put(vec![
                 raw(ciborium::Value::Array(vec![text("k"), text("v")])),
                 raw(text("junk")),
@@ -487,6 +482,32 @@ mod tests {
                 assert!(Relay::read_request(&body).is_some(), "{m:?}");
                 assert_eq!(Relay::read(&body).unwrap(), m);
             }
+        }
+        // With `limit` / `wait_ms` (PROTOCOL.md §4a) serde reads it, to the same result.
+        for cmd in [
+            Command::Delete {
+                key: "job,.*".into(),
+                value: ".*".into(),
+                limit: Some(1),
+                wait_ms: Some(30_000),
+            },
+            Command::Get {
+                key: "a".into(),
+                value: ".*".into(),
+                limit: None,
+                wait_ms: Some(0),
+            },
+        ] {
+            let m = Relay::Request {
+                rid: 9,
+                client: Some(3),
+                cmd,
+            };
+            let mut f = Vec::new();
+            crate::wire::frame::encode_into(&m, &mut f);
+            let body = bytes::Bytes::copy_from_slice(&f[4..]);
+            assert!(Relay::read_request(&body).is_none(), "{m:?}");
+            assert_eq!(Relay::read(&body).unwrap(), m);
         }
         for m in [Relay::Watermark(5), Relay::ClientGone { client: 3 }] {
             let mut f = Vec::new();
