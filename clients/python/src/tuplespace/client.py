@@ -52,6 +52,24 @@ DEFAULT_CLIENT_SAP = "127.0.0.1:7400"
 DEFAULT_ADMIN_SAP = "127.0.0.1:7402"
 
 _NO_ARGS = object()
+
+# Application error code of RESET_STREAM / STOP_SENDING when the client gives up on a waiting
+# request (any code cancels it, PROTOCOL.md §4a).
+STREAM_CANCELLED = 0
+
+
+def _wait_keys(limit: Optional[int], wait: Optional[float]) -> dict:
+    """The §4a keys of a request: `limit` (>= 1) and `wait_ms` (from seconds, >= 0)."""
+    extra: dict = {}
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an integer >= 1, not {limit!r}")
+        extra["limit"] = limit
+    if wait is not None:
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+            raise ValueError(f"wait must be a number of seconds >= 0, not {wait!r}")
+        extra["wait_ms"] = int(round(wait * 1000))
+    return extra
 _CRYPTO_ERROR = 0x100
 
 PairLike = Tuple[TupleLike, TupleLike]
@@ -153,6 +171,8 @@ class Client:
         self._decoder = FrameDecoder(max_response_bytes)
         self._pending: Dict[int, asyncio.Future] = {}
         self._raw_waiters: Deque[asyncio.Future] = collections.deque()
+        # Requests with a wait, each on a stream of its own: stream id -> (decoder, answer).
+        self._waiting: Dict[int, Tuple[FrameDecoder, asyncio.Future]] = {}
         self._slots = asyncio.Semaphore(max_outstanding)
         self._next_id = 1
         self._error: Optional[Exception] = None
@@ -300,10 +320,24 @@ class Client:
     # -----------------------------------------------------------------------------------------
 
     async def request(
-        self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None
+        self,
+        op: str,
+        args: Any = _NO_ARGS,
+        *,
+        timeout: Optional[float] = None,
+        limit: Optional[int] = None,
+        wait: Optional[float] = None,
     ) -> Response:
         """Sends `{id, op, args}` (no `args` key if not given) and returns the answer, whatever
-        its status. Raises ConnectionClosed, StreamEnded, RequestTimeout or ProtocolError."""
+        its status. Raises ConnectionClosed, StreamEnded, RequestTimeout or ProtocolError.
+
+        `limit` and `wait` (seconds) are PROTOCOL.md §4a's `limit` and `wait_ms` (GET and
+        DELETE). A request with a wait goes on a stream of its own, so that giving up on it
+        (a timeout, or cancelling the task awaiting it) resets that stream, which cancels the
+        request in the service; its `timeout` defaults to `request_timeout` + `wait`."""
+        extra = _wait_keys(limit, wait)
+        if wait:
+            return await self._request_waiting(op, args, extra, timeout, wait)
         async with self._slots:
             if self._error is not None:
                 raise self._error
@@ -313,10 +347,51 @@ class Client:
             self._pending[rid] = fut
             try:
                 self._send(encode_request(rid, op, None if args is _NO_ARGS else args,
-                                          with_args=args is not _NO_ARGS))
+                                          with_args=args is not _NO_ARGS, extra=extra))
                 return await self._wait(fut, timeout)
             finally:
                 self._pending.pop(rid, None)
+
+    async def _request_waiting(
+        self, op: str, args: Any, extra: dict, timeout: Optional[float], wait: float
+    ) -> Response:
+        async with self._slots:
+            if self._error is not None:
+                raise self._error
+            rid = self._next_id
+            self._next_id += 1
+            sid = self._quic.get_next_available_stream_id()
+            if sid == self._stream_id:
+                # The request stream opens with its first request: open it now, so that this
+                # request gets a stream of its own.
+                self._quic.send_stream_data(self._stream_id, b"", end_stream=False)
+                sid = self._quic.get_next_available_stream_id()
+            fut = self._loop.create_future()
+            self._waiting[sid] = (FrameDecoder(self._decoder.max_bytes), fut)
+            answered = False
+            try:
+                self._quic.send_stream_data(
+                    sid,
+                    encode_request(rid, op, None if args is _NO_ARGS else args,
+                                   with_args=args is not _NO_ARGS, extra=extra),
+                    end_stream=False,
+                )
+                self._schedule_flush()
+                r = await self._wait(fut, self.request_timeout + wait if timeout is None else timeout)
+                answered = True
+                return r
+            finally:
+                self._waiting.pop(sid, None)
+                if self._error is None:
+                    if answered:
+                        # Done with the stream: finish our side (the service ends its own).
+                        self._quic.send_stream_data(sid, b"", end_stream=True)
+                    else:
+                        # Given up (timeout or cancelled): the reset cancels the request in the
+                        # service (§4a), and nothing it may still send is wanted.
+                        self._quic.reset_stream(sid, STREAM_CANCELLED)
+                        self._quic.stop_stream(sid, STREAM_CANCELLED)
+                    self._schedule_flush()
 
     async def send_frame(self, body: bytes, *, timeout: Optional[float] = None) -> Response:
         """Sends `body` as one frame, as it is (for testing the service with bad input), and
@@ -343,22 +418,36 @@ class Client:
             raise self._error
         self._send(data)
 
-    async def call(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None) -> Response:
+    async def call(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None,
+                   limit: Optional[int] = None, wait: Optional[float] = None) -> Response:
         """Like `request`, but raises the StatusError of a status other than `ok`."""
-        r = await self.request(op, args, timeout=timeout)
+        r = await self.request(op, args, timeout=timeout, limit=limit, wait=wait)
         if r.status != "ok":
             raise errors.status_error(r)
         return r
 
-    async def get(self, keyexp: str, valexp: str = ".*") -> List[Pair]:
+    async def get(self, keyexp: str, valexp: str = ".*", *, limit: Optional[int] = None,
+                  wait: Optional[float] = None) -> List[Pair]:
         """Every pair whose key and value text forms fully match the two regular expressions,
         ascending by key. (A pattern that does not compile matches nothing; `request` shows the
-        service's message.)"""
-        return (await self.call("GET", [keyexp, valexp])).pairs or []
+        service's message.) `limit`: at most that many, the first by key. `wait` (seconds): if
+        nothing matches, wait up to that long for a PUT or POST that makes something match
+        (PROTOCOL.md §4a); [] if none came."""
+        return (await self.call("GET", [keyexp, valexp], limit=limit, wait=wait)).pairs or []
 
-    async def delete(self, keyexp: str, valexp: str = ".*") -> List[Pair]:
-        """Removes and returns the pairs `get` would return."""
-        return (await self.call("DELETE", [keyexp, valexp])).pairs or []
+    async def delete(self, keyexp: str, valexp: str = ".*", *, limit: Optional[int] = None,
+                     wait: Optional[float] = None) -> List[Pair]:
+        """Removes and returns the pairs `get` would return (with the same `limit` and `wait`:
+        each pair goes to one DELETE only)."""
+        return (await self.call("DELETE", [keyexp, valexp], limit=limit, wait=wait)).pairs or []
+
+    async def take(self, keyexp: str, valexp: str = ".*", *,
+                   wait: Optional[float] = None) -> Optional[Pair]:
+        """Linda `in`: removes and returns the first matching pair (by key), waiting up to `wait`
+        seconds for one to appear; None if none did. Exactly once, through a failover too: a
+        pair goes to one take only. Cancelling the awaiting task cancels the take."""
+        pairs = await self.delete(keyexp, valexp, limit=1, wait=wait)
+        return pairs[0] if pairs else None
 
     async def put(self, *pairs: PairLike) -> list:
         """Inserts each pair whose key is absent; returns those not inserted (key present, or
@@ -394,6 +483,9 @@ class Client:
 
     def _send(self, data: bytes) -> None:
         self._quic.send_stream_data(self._stream_id, data, end_stream=False)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         # Many requests queued in the same turn of the loop go out together.
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -426,6 +518,25 @@ class Client:
                 self._fail(StreamEnded("the service ended the request stream; connect again"))
         elif isinstance(event, StreamReset) and event.stream_id == self._stream_id:
             self._fail(StreamEnded(f"the service reset the request stream (code {event.error_code})"))
+        elif isinstance(event, (StreamDataReceived, StreamReset)) and event.stream_id in self._waiting:
+            decoder, fut = self._waiting[event.stream_id]
+            if isinstance(event, StreamReset):
+                err: Optional[Exception] = StreamEnded(
+                    f"the service reset a waiting request's stream (code {event.error_code})")
+            else:
+                err = None
+                try:
+                    for body in decoder.feed(event.data):
+                        if not fut.done():
+                            fut.set_result(decode_response(body))
+                except ProtocolError as e:
+                    self._fail(e)
+                    self._protocol.close(0, "protocol error")
+                    return
+                if event.end_stream and not fut.done():
+                    err = StreamEnded("the service ended a waiting request's stream without an answer")
+            if err is not None and not fut.done():
+                fut.set_exception(err)
         elif isinstance(event, ConnectionTerminated):
             self._fail(_termination_error(event, self._closing))
 
@@ -440,7 +551,8 @@ class Client:
     def _fail(self, err: Exception) -> None:
         if self._error is None:
             self._error = err
-        for fut in list(self._pending.values()) + list(self._raw_waiters):
+        waiting = [fut for _, fut in self._waiting.values()]
+        for fut in list(self._pending.values()) + list(self._raw_waiters) + waiting:
             if not fut.done():
                 fut.set_exception(self._error)
         if self._keep_alive_task is not None:

@@ -70,11 +70,15 @@ def encode_frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def encode_request(request_id: int, op: str, args: Any = None, *, with_args: bool = True) -> bytes:
-    """One framed request (PROTOCOL.md §3)."""
+def encode_request(request_id: int, op: str, args: Any = None, *, with_args: bool = True,
+                   extra: Optional[dict] = None) -> bytes:
+    """One framed request (PROTOCOL.md §3); `extra` adds keys such as `limit` and `wait_ms`
+    (§4a)."""
     req: dict = {"id": request_id, "op": op}
     if with_args:
         req["args"] = args
+    if extra:
+        req.update(extra)
     return encode_frame(cbor2.dumps(req))
 
 

@@ -67,17 +67,24 @@ class SyncClient:
         """The async client underneath (use only from its loop)."""
         return self._client
 
-    def request(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None) -> Response:
-        return self._run(self._client.request(op, args, timeout=timeout))
+    def request(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None,
+                limit: Optional[int] = None, wait: Optional[float] = None) -> Response:
+        return self._run(self._client.request(op, args, timeout=timeout, limit=limit, wait=wait))
 
-    def call(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None) -> Response:
-        return self._run(self._client.call(op, args, timeout=timeout))
+    def call(self, op: str, args: Any = _NO_ARGS, *, timeout: Optional[float] = None,
+             limit: Optional[int] = None, wait: Optional[float] = None) -> Response:
+        return self._run(self._client.call(op, args, timeout=timeout, limit=limit, wait=wait))
 
-    def get(self, keyexp: str, valexp: str = ".*") -> List[Pair]:
-        return self._run(self._client.get(keyexp, valexp))
+    def get(self, keyexp: str, valexp: str = ".*", *, limit: Optional[int] = None,
+            wait: Optional[float] = None) -> List[Pair]:
+        return self._run(self._client.get(keyexp, valexp, limit=limit, wait=wait))
 
-    def delete(self, keyexp: str, valexp: str = ".*") -> List[Pair]:
-        return self._run(self._client.delete(keyexp, valexp))
+    def delete(self, keyexp: str, valexp: str = ".*", *, limit: Optional[int] = None,
+               wait: Optional[float] = None) -> List[Pair]:
+        return self._run(self._client.delete(keyexp, valexp, limit=limit, wait=wait))
+
+    def take(self, keyexp: str, valexp: str = ".*", *, wait: Optional[float] = None) -> Optional[Pair]:
+        return self._run(self._client.take(keyexp, valexp, wait=wait))
 
     def put(self, *pairs: PairLike) -> list:
         return self._run(self._client.put(*pairs))
