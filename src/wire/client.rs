@@ -330,16 +330,20 @@ enum Field {
     Other,
 }
 
-/// Reads a request from a frame body (PROTOCOL.md §3) without building a value tree: the body is
-/// checked to be one well-formed CBOR item, then `id` and `op` are read in place and `args` kept
-/// as its bytes (one copy of them; the frame buffer is not pinned). Costs O(body) time and
-/// O(args) memory, whatever the body nests.
+/// Reads a request from a frame body (PROTOCOL.md §3) without building a value tree: `id` and
+/// `op` are read in place and `args` kept as its bytes (one copy of them; the frame buffer is not
+/// pinned), in one walk that also checks the body is one well-formed CBOR item (each entry is
+/// checked as it is read or skipped, at the depth `cbor::validate` allows it, and nothing may
+/// follow the map). On a body that is not, the error is `cbor::validate`'s (the first fault).
+/// Costs O(body) time and O(args) memory, whatever the body nests.
 pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
     let not_cbor = |e: crate::wire::frame::CborError| Malformed {
         id: None,
-        message: format!("request is not one CBOR item: {e}"),
+        message: format!(
+            "request is not one CBOR item: {}",
+            cbor::validate(body).err().unwrap_or(e)
+        ),
     };
-    cbor::validate(body).map_err(not_cbor)?;
     let mut r = Reader::new(body);
     let not_map = || Malformed {
         id: None,
@@ -347,8 +351,13 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
     };
     let n = match r.head().map_err(not_cbor)? {
         Head::Map(n) => n,
-        _ => return Err(not_map()),
+        _ => {
+            cbor::validate(body).map_err(not_cbor)?;
+            return Err(not_map());
+        }
     };
+    // The map's entries, as `cbor::validate` nests them.
+    let depth = cbor::MAX_DEPTH - 1;
     let mut id_v: Option<Option<u64>> = None;
     let mut op_v: Option<Option<String>> = None;
     let mut args = None;
@@ -368,14 +377,14 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
                     Field::Id(Some(i))
                 }
                 _ => {
-                    r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                    r.skip(depth).map_err(not_cbor)?;
                     Field::Id(None)
                 }
             },
             Some(k) if k == "op" => match r.text().map_err(not_cbor)? {
                 Some(op) => Field::Op(Some(op.into_owned())),
                 None => {
-                    r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                    r.skip(depth).map_err(not_cbor)?;
                     Field::Op(None)
                 }
             },
@@ -398,17 +407,17 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
             }
             Some(k) if k == "args" => {
                 let start = r.pos();
-                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                r.skip(depth).map_err(not_cbor)?;
                 Field::Args(start..r.pos())
             }
             Some(_) => {
-                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                r.skip(depth).map_err(not_cbor)?;
                 Field::Other
             }
             None => {
                 // A key that is not text: skip it and its value (unknown keys are ignored).
-                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
-                r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                r.skip(depth).map_err(not_cbor)?;
+                r.skip(depth).map_err(not_cbor)?;
                 Field::Other
             }
         };
@@ -421,6 +430,11 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
             Field::WaitMs(v) => wait_ms = Some(v),
             Field::Other => {}
         }
+    }
+    if r.remaining() > 0 {
+        return Err(not_cbor(crate::wire::frame::CborError::TrailingBytes(
+            r.remaining(),
+        )));
     }
     let id = match id_v {
         None => {
@@ -1413,5 +1427,69 @@ mod tests {
         assert_eq!(direct, frame::encode(&r.to_value()));
         let back = Response::from_value(&frame::decode_value(&direct[4..]).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_request_is_refused_as_not_cbor_exactly_when_validate_refuses_it_with_its_error() {
+        let text = |s: &str| Value::Text(s.into());
+        let deep = |levels: usize| {
+            let mut v = Value::Array(vec![]);
+            for _ in 1..levels {
+                v = Value::Array(vec![v]);
+            }
+            v
+        };
+        let pair = Value::Array(vec![
+            Value::Array(vec![text("user"), text("c0s0")]),
+            Value::Array(vec![text("v1")]),
+        ]);
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        for v in [
+            request_value(7, "POST", Some(Value::Array(vec![pair.clone()]))),
+            request_value(7, "GET", Some(Value::Array(vec![text("a"), text(".*")]))),
+            // args nested as deep as a body may nest (the map is one level), and one more.
+            request_value(7, "PUT", Some(deep(cbor::MAX_DEPTH - 1))),
+            request_value(7, "PUT", Some(deep(cbor::MAX_DEPTH))),
+            Value::Map(vec![(Value::Integer(1.into()), deep(cbor::MAX_DEPTH))]),
+            Value::Map(vec![(text("zz"), deep(cbor::MAX_DEPTH - 1))]),
+            Value::Array(vec![text("id")]),
+        ] {
+            let b = frame::encode(&v)[4..].to_vec();
+            // Every cut of it, and it with a byte after it.
+            for cut in 0..b.len() {
+                bodies.push(b[..cut].to_vec());
+            }
+            let mut more = b.clone();
+            more.push(0);
+            bodies.push(more);
+            bodies.push(b);
+        }
+        bodies.extend([
+            // A key and a value that are not UTF-8.
+            vec![0xa1, 0x62, 0xff, 0xfe, 0x01],
+            vec![0xa2, 0x62, b'i', b'd', 0x01, 0x62, b'o', b'p', 0x61, 0xff],
+            // More entries announced than bytes follow; an indefinite map without its break.
+            vec![0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x62, b'i', b'd', 0x01],
+            vec![0xbf, 0x62, b'i', b'd', 0x01],
+            vec![0xbf, 0x62, b'i', b'd', 0x01, 0xff],
+            // Not a map, and not well-formed either.
+            vec![0x82, 0x01],
+            vec![0xff],
+        ]);
+        for b in &bodies {
+            let got = parse_request(b);
+            match cbor::validate(b) {
+                Err(e) => assert_eq!(
+                    got.as_ref().map_err(|m| m.message.clone()).unwrap_err(),
+                    format!("request is not one CBOR item: {e}"),
+                    "{b:02x?}"
+                ),
+                Ok(()) => assert!(
+                    !got.as_ref()
+                        .is_err_and(|m| m.message.starts_with("request is not one CBOR item")),
+                    "{b:02x?}: {got:?}"
+                ),
+            }
+        }
     }
 }
