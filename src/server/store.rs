@@ -1002,7 +1002,8 @@ impl Store {
                 key: m.key,
                 value: m.value,
                 limit: scan::limit_of(m.limit),
-                deadline: self.now().saturating_add(m.wait_ms),
+                // `now` is whole milliseconds rounded down: +1 so it never times out early.
+                deadline: self.now().saturating_add(m.wait_ms).saturating_add(1),
             };
             match self.waiters.add(w) {
                 Ok(()) => None,
