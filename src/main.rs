@@ -233,6 +233,13 @@ struct NemesisArgs {
     /// Width in milliseconds of a bucket of timeline.svg (ops/s and latency percentiles).
     #[arg(long, default_value_t = 100)]
     timeline_bucket_ms: u64,
+    /// More clients that take the fresh inserts with waiting takes (PROTOCOL.md §4a); the check
+    /// adds: none taken twice, none lost, each take linearizable on its key.
+    #[arg(long, default_value_t = 0)]
+    takers: u32,
+    /// Seconds each take waits for a key.
+    #[arg(long, default_value_t = 1.0)]
+    take_wait: f64,
     /// Print the report as JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -543,6 +550,8 @@ fn run(cli: Cli) -> Result<u8, String> {
                 op_timeout: secs(n.op_timeout.max(0.1)),
                 out: n.out,
                 timeline_bucket: std::time::Duration::from_millis(n.timeline_bucket_ms.max(1)),
+                takers: n.takers,
+                take_wait: secs(n.take_wait),
             };
             let rt = runtime()?;
             let report = rt.block_on(runner::run(opts, cfg))?;

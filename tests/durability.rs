@@ -154,6 +154,8 @@ async fn crash_round(
         op_timeout: Duration::from_secs(3),
         out,
         timeline_bucket: Duration::from_millis(100),
+        takers: 0,
+        take_wait: Duration::ZERO,
     };
     let nemesis = tokio::spawn(runner::run(opts, Config::default()));
 

@@ -1,8 +1,12 @@
 //! `tuplespace nemesis`: several clients do random operations on a small key set with unique
 //! written values while a fault is applied; the history (invoke, complete, result; unknown on
 //! timeout) is checked for linearizability per key, and for lost and duplicated writes (every
-//! client also inserts fresh keys that must each be applied exactly once). Prints a verdict,
-//! writes `history.jsonl`, `report.json` and `timeline.svg` (see [`crate::plot`]).
+//! client also inserts fresh keys that must each be applied exactly once). With `takers` > 0,
+//! that many more clients take the fresh keys with waiting takes (DELETE, `limit` 1, `wait_ms`:
+//! PROTOCOL.md §4a), and the check adds: no pair taken twice, every acknowledged insert either
+//! taken or still there, and each take linearizable on its key at the moment it removed the pair
+//! (after the insert it returns, before the final read that finds the key gone). Prints a
+//! verdict, writes `history.jsonl`, `report.json` and `timeline.svg` (see [`crate::plot`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -17,7 +21,7 @@ use crate::wire::client::ClusterStatus;
 use serde::Serialize;
 
 use super::checker::{self, Op, OpKind, Outcome};
-use crate::client::Client;
+use crate::client::{Client, Request};
 use crate::config::Config;
 use crate::net::tls::CertRole;
 use crate::plot::{self, Ending, FaultWindow, Sample};
@@ -68,6 +72,10 @@ pub struct NemesisOptions {
     pub op_timeout: Duration,
     /// Directory for history.jsonl, report.json and timeline.svg.
     pub out: PathBuf,
+    /// Clients that take fresh keys with waiting takes (0: none).
+    pub takers: u32,
+    /// How long each take waits for a key.
+    pub take_wait: Duration,
     /// Width of a bucket of the timeline (operations per second and latency percentiles).
     pub timeline_bucket: Duration,
 }
@@ -84,6 +92,12 @@ pub struct NemesisReport {
     pub not_linearizable: usize,
     pub inconclusive: usize,
     pub longest_unavailable_ms: u64,
+    /// Waiting takes answered with a pair / answered empty (timed out) / without an answer.
+    pub takes: usize,
+    pub take_timeouts: usize,
+    pub take_unknown: usize,
+    /// Pairs returned by two takes.
+    pub taken_twice: usize,
     pub fault: String,
     pub epoch_before: u64,
     pub epoch_after: u64,
@@ -123,6 +137,8 @@ impl Shared {
 struct ClientLog {
     ops: Vec<Op>,
     fresh: Vec<(String, Outcome)>,
+    /// The same inserts as operations (for the check of the takes).
+    fresh_ops: Vec<Op>,
     successes: Vec<u64>,
     /// Every operation with its start and end, for the timeline.
     samples: Vec<Sample>,
@@ -250,6 +266,15 @@ async fn client_loop(
             },
         });
         if let Some(k) = fresh {
+            log.fresh_ops.push(Op {
+                id: 0,
+                client: cid,
+                key: k.clone(),
+                kind: kind.clone(),
+                invoke_ns: invoke,
+                complete_ns: complete,
+                outcome: outcome.clone(),
+            });
             log.fresh.push((k, outcome.clone()));
         } else {
             log.ops.push(Op {
@@ -262,6 +287,67 @@ async fn client_loop(
                 outcome,
             });
         }
+    }
+    if let Some(c) = conn {
+        c.close();
+    }
+    log
+}
+
+/// What one taker saw.
+#[derive(Default)]
+struct TakeLog {
+    /// (key, value, invoke, complete) of each take answered with a pair.
+    taken: Vec<(String, String, u64, u64)>,
+    timeouts: usize,
+    /// Invocation times of takes without an answer (each may have removed a key).
+    unknown: Vec<u64>,
+    successes: Vec<u64>,
+    samples: Vec<Sample>,
+}
+
+/// A consumer: waiting takes of the fresh keys, one at a time, until the run stops.
+async fn taker_loop(o: Arc<NemesisOptions>, cfg: Arc<Config>, sh: Arc<Shared>) -> TakeLog {
+    let mut log = TakeLog::default();
+    let mut conn: Option<Client> = None;
+    let take = Request::take(&format!("u{},.*", sh.tag), ".*").wait(o.take_wait);
+    while !sh.stop.load(Ordering::Relaxed) {
+        if conn.is_none() {
+            conn = connect(&o, &cfg).await;
+            if conn.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let invoke = sh.now();
+        let res = tokio::time::timeout(o.op_timeout + o.take_wait, c.call(&take)).await;
+        let ending = match res {
+            Ok(Ok(r)) if r.status == Status::Ok => {
+                let now = sh.now();
+                log.successes.push(now);
+                match r.pairs.as_deref() {
+                    Some([p]) => log
+                        .taken
+                        .push((p.key.clone(), p.value.clone(), invoke, now)),
+                    _ => log.timeouts += 1,
+                }
+                Ending::Ok
+            }
+            // Not applied (no primary in time): nothing was removed.
+            Ok(Ok(r)) if r.status == Status::Unavailable => Ending::Unavailable,
+            _ => {
+                conn = None;
+                log.unknown.push(invoke);
+                Ending::Unknown
+            }
+        };
+        log.samples.push(Sample {
+            op: "TAKE",
+            start_ns: invoke,
+            end_ns: sh.now(),
+            ending,
+        });
     }
     if let Some(c) = conn {
         c.close();
@@ -416,6 +502,9 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
     let clients: Vec<_> = (0..o.clients)
         .map(|c| tokio::spawn(client_loop(o.clone(), cfg.clone(), sh.clone(), c)))
         .collect();
+    let takers: Vec<_> = (0..o.takers)
+        .map(|_| tokio::spawn(taker_loop(o.clone(), cfg.clone(), sh.clone())))
+        .collect();
     let faults = tokio::spawn(nemesis(o.clone(), cfg.clone(), sh.clone()));
     tokio::time::sleep(o.duration).await;
     sh.stop.store(true, Ordering::Relaxed);
@@ -423,10 +512,21 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
     let mut fresh = vec![];
     let mut successes = vec![];
     let mut samples = vec![];
+    let mut fresh_puts = vec![];
     for c in clients {
         let l = c.await.map_err(|e| e.to_string())?;
         ops.extend(l.ops);
         fresh.extend(l.fresh);
+        fresh_puts.extend(l.fresh_ops);
+        successes.extend(l.successes);
+        samples.extend(l.samples);
+    }
+    let mut takes = TakeLog::default();
+    for t in takers {
+        let l = t.await.map_err(|e| e.to_string())?;
+        takes.taken.extend(l.taken);
+        takes.timeouts += l.timeouts;
+        takes.unknown.extend(l.unknown);
         successes.extend(l.successes);
         samples.extend(l.samples);
     }
@@ -446,6 +546,7 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
             outcome: Outcome::Read(regs.get(&key).cloned()),
         });
     }
+    let taken_twice = take_history(&takes.taken, &fresh_puts, &present, end, &mut ops);
     for (i, op) in ops.iter_mut().enumerate() {
         op.id = i as u64;
     }
@@ -459,24 +560,29 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         .iter()
         .filter(|(_, oc)| *oc == Outcome::Applied)
         .count();
-    let lost: Vec<&String> = fresh
-        .iter()
-        .filter(|(k, oc)| *oc == Outcome::Applied && !present.contains(k))
-        .map(|(k, _)| k)
-        .collect();
+    let taken: BTreeSet<&String> = takes.taken.iter().map(|t| &t.0).collect();
+    let (lost, note) = lost_inserts(&fresh, &present, &taken, takes.unknown.len());
+    details.extend(note);
     let duplicated: Vec<&String> = fresh
         .iter()
         .filter(|(_, oc)| *oc == Outcome::Rejected)
         .map(|(k, _)| k)
         .collect();
     let sent: BTreeSet<&String> = fresh.iter().map(|(k, _)| k).collect();
-    let phantom: Vec<&String> = present.iter().filter(|k| !sent.contains(k)).collect();
+    let phantom: Vec<&String> = present
+        .iter()
+        .chain(taken.iter().copied())
+        .filter(|k| !sent.contains(k))
+        .collect();
     successes.sort_unstable();
     let mut longest = 0u64;
     let mut prev = 0u64;
+    let run_end = o.duration.as_nanos() as u64;
+    // Within the run: a take still waiting when it ends is answered up to `take_wait` later.
     for s in successes
         .iter()
-        .chain(std::iter::once(&(o.duration.as_nanos() as u64)))
+        .filter(|s| **s <= run_end)
+        .chain(std::iter::once(&run_end))
     {
         longest = longest.max(s.saturating_sub(prev));
         prev = prev.max(*s);
@@ -494,6 +600,9 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         details.push(format!(
             "duplicated: insert {k} was answered rejected (applied twice)"
         ));
+    }
+    for k in taken_twice.iter().take(10) {
+        details.push(format!("taken twice: {k} was returned by two takes"));
     }
     for k in phantom.iter().take(10) {
         details.push(format!("phantom: {k} present but never written"));
@@ -514,7 +623,8 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         && report.inconclusive.is_empty()
         && lost.is_empty()
         && duplicated.is_empty()
-        && phantom.is_empty();
+        && phantom.is_empty()
+        && taken_twice.is_empty();
     let r = NemesisReport {
         ops: total,
         ok: total - unknown - failed,
@@ -526,6 +636,10 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
         not_linearizable: report.not_linearizable.len(),
         inconclusive: report.inconclusive.len(),
         longest_unavailable_ms: longest / 1_000_000,
+        takes: takes.taken.len(),
+        take_timeouts: takes.timeouts,
+        take_unknown: takes.unknown.len(),
+        taken_twice: taken_twice.len(),
         fault: format!("{:?}", o.fault),
         epoch_before,
         epoch_after,
@@ -583,6 +697,85 @@ pub async fn run(o: NemesisOptions, cfg: Config) -> Result<NemesisReport, String
     Ok(r)
 }
 
+/// Adds the takes to the history checked for linearizability: for each key taken, its insert (as
+/// its client saw it), each take of it (a DELETE that returned the pair, from its invocation to
+/// its answer) and the final read at `end` (present or not). So a take must fall after its
+/// insert took effect and return the value inserted, and once taken the key stays gone. Returns
+/// the keys returned by more than one take.
+fn take_history<'a>(
+    taken: &'a [(String, String, u64, u64)],
+    fresh_puts: &[Op],
+    present: &BTreeSet<String>,
+    end: u64,
+    ops: &mut Vec<Op>,
+) -> Vec<&'a String> {
+    let mut taken_by: BTreeMap<&String, usize> = BTreeMap::new();
+    for (k, ..) in taken {
+        *taken_by.entry(k).or_default() += 1;
+    }
+    let fresh_ops: BTreeMap<&String, &Op> = fresh_puts.iter().map(|op| (&op.key, op)).collect();
+    let mut checked: BTreeSet<&String> = BTreeSet::new();
+    for (k, v, invoke, complete) in taken {
+        if checked.insert(k)
+            && let Some(put) = fresh_ops.get(k)
+        {
+            ops.push((*put).clone());
+            ops.push(Op {
+                id: 0,
+                client: u32::MAX,
+                key: k.clone(),
+                kind: OpKind::Get,
+                invoke_ns: end,
+                complete_ns: Some(end + 1),
+                outcome: Outcome::Read(present.contains(k).then(|| v.clone())),
+            });
+        }
+        ops.push(Op {
+            id: 0,
+            client: u32::MAX - 1,
+            key: k.clone(),
+            kind: OpKind::Delete,
+            invoke_ns: *invoke,
+            complete_ns: Some(*complete),
+            outcome: Outcome::Deleted(Some(v.clone())),
+        });
+    }
+    taken_by
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Acknowledged fresh inserts that are neither present at the end nor returned by a take. A take
+/// without an answer may have removed one key: up to that many missing keys are not counted as
+/// lost (the note says so); beyond, every missing key is.
+fn lost_inserts<'a>(
+    fresh: &'a [(String, Outcome)],
+    present: &BTreeSet<String>,
+    taken: &BTreeSet<&String>,
+    unanswered_takes: usize,
+) -> (Vec<&'a String>, Option<String>) {
+    let missing: Vec<&String> = fresh
+        .iter()
+        .filter(|(k, oc)| *oc == Outcome::Applied && !present.contains(k) && !taken.contains(k))
+        .map(|(k, _)| k)
+        .collect();
+    if missing.is_empty() {
+        (missing, None)
+    } else if missing.len() <= unanswered_takes {
+        let note = format!(
+            "{} acknowledged inserts are neither present nor returned by a take; {} takes got no \
+             answer and may have taken them",
+            missing.len(),
+            unanswered_takes
+        );
+        (vec![], Some(note))
+    } else {
+        (missing, None)
+    }
+}
+
 /// A readable summary.
 pub fn summary(r: &NemesisReport) -> String {
     let mut s = format!(
@@ -602,8 +795,101 @@ pub fn summary(r: &NemesisReport) -> String {
         r.longest_unavailable_ms,
         r.fresh_acked
     );
+    if r.takes + r.take_timeouts + r.take_unknown > 0 {
+        s.push_str(&format!(
+            "  takes: {} with a pair, {} timed out, {} unanswered; taken twice {}\n",
+            r.takes, r.take_timeouts, r.take_unknown, r.taken_twice
+        ));
+    }
     for d in &r.details {
         s.push_str(&format!("  - {d}\n"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str, invoke: u64, complete: u64) -> Op {
+        Op {
+            id: 0,
+            client: 0,
+            key: key.into(),
+            kind: OpKind::Put(value.into()),
+            invoke_ns: invoke,
+            complete_ns: Some(complete),
+            outcome: Outcome::Applied,
+        }
+    }
+
+    fn checked(
+        taken: &[(String, String, u64, u64)],
+        puts: &[Op],
+        present: &[&str],
+    ) -> (checker::Report, usize) {
+        let present: BTreeSet<String> = present.iter().map(|k| k.to_string()).collect();
+        let mut ops = vec![];
+        let twice = take_history(taken, puts, &present, 1000, &mut ops).len();
+        for (i, op) in ops.iter_mut().enumerate() {
+            op.id = i as u64;
+        }
+        (checker::check(&ops), twice)
+    }
+
+    fn take(key: &str, value: &str, invoke: u64, complete: u64) -> (String, String, u64, u64) {
+        (key.into(), value.into(), invoke, complete)
+    }
+
+    #[test]
+    fn a_waiting_take_linearizes_when_it_removed_its_pair() {
+        let puts = [put("u,1", "a", 100, 200), put("u,2", "b", 300, 400)];
+        // Waiting since before the insert, answered after it: fine.
+        let (r, twice) = checked(
+            &[take("u,1", "a", 10, 250), take("u,2", "b", 350, 500)],
+            &puts,
+            &[],
+        );
+        assert!(r.linearizable, "{r:?}");
+        assert_eq!(twice, 0);
+        // Answered before the insert was even sent: not linearizable.
+        let (r, _) = checked(&[take("u,1", "a", 10, 50)], &puts, &[]);
+        assert!(!r.linearizable, "a take before its insert passed");
+        // A value that was never inserted.
+        let (r, _) = checked(&[take("u,1", "zz", 10, 250)], &puts, &[]);
+        assert!(!r.linearizable, "a take of another value passed");
+        // Taken, yet still there at the end.
+        let (r, _) = checked(&[take("u,1", "a", 10, 250)], &puts, &["u,1"]);
+        assert!(!r.linearizable, "a take that removed nothing passed");
+        // Two takes of one pair.
+        let (r, twice) = checked(
+            &[take("u,1", "a", 10, 250), take("u,1", "a", 20, 260)],
+            &puts,
+            &[],
+        );
+        assert_eq!(twice, 1);
+        assert!(!r.linearizable, "a pair taken twice passed");
+    }
+
+    #[test]
+    fn an_acknowledged_insert_neither_present_nor_taken_is_lost() {
+        let fresh = vec![
+            ("u,1".to_string(), Outcome::Applied),
+            ("u,2".to_string(), Outcome::Applied),
+            ("u,3".to_string(), Outcome::Applied),
+            ("u,4".to_string(), Outcome::Unknown),
+        ];
+        let present: BTreeSet<String> = ["u,1".to_string()].into();
+        let k2 = "u,2".to_string();
+        let taken: BTreeSet<&String> = [&k2].into();
+        let (lost, note) = lost_inserts(&fresh, &present, &taken, 0);
+        assert_eq!(lost, [&"u,3".to_string()], "u,4 was never acknowledged");
+        assert!(note.is_none());
+        // One take without an answer may have removed u,3.
+        let (lost, note) = lost_inserts(&fresh, &present, &taken, 1);
+        assert!(lost.is_empty());
+        assert!(note.is_some_and(|n| n.contains("may have taken")));
+        let (lost, _) = lost_inserts(&fresh, &present, &BTreeSet::new(), 1);
+        assert_eq!(lost.len(), 2, "two missing, one unanswered take");
+    }
 }
