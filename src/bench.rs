@@ -1,7 +1,8 @@
 //! `tuplespace bench`: closed-loop load against a running service. C connections, each with one
 //! long-lived stream and P requests in flight; an operation mix over a key space; HDR histograms
 //! per operation; a progress bar; a readable table or `--json`; with `--plot FILE.svg` the
-//! latency percentile curve of each operation (see [`crate::plot::percentile_svg`]).
+//! latency percentile curve of each operation (see [`crate::plot::percentile_svg`]). `--mix queue`
+//! runs the work-queue benchmark instead ([`run_queue`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -412,4 +413,287 @@ pub fn table(r: &BenchReport) -> String {
         ));
     }
     s
+}
+
+/// The work-queue benchmark (`bench --mix queue`): P producers PUT job tuples one at a time, C
+/// consumers take them with `limit` 1 and a wait (PROTOCOL.md §4a).
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
+    pub sap: String,
+    pub certs: PathBuf,
+    pub producers: usize,
+    pub consumers: usize,
+    pub value_size: usize,
+    /// How long producers produce (measured).
+    pub duration: Duration,
+    /// How long each take waits for a job.
+    pub take_wait: Duration,
+    /// A producer waits while this many jobs are acknowledged and not yet taken (so the latency
+    /// measures the hand-off, not a queue that grows when producers are faster); 0 = consumers.
+    pub max_backlog: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueReport {
+    pub producers: usize,
+    pub consumers: usize,
+    pub max_backlog: usize,
+    pub seconds: f64,
+    /// Jobs taken per second while the producers ran.
+    pub jobs_per_sec: f64,
+    /// Jobs whose PUT was acknowledged.
+    pub jobs_put: u64,
+    /// Jobs answered to a take (those taken after the producers stopped included).
+    pub jobs_taken: u64,
+    /// From the PUT's acknowledgement (as its producer saw it) to the take's answer (as its
+    /// consumer saw it); a take answered before the producer read the acknowledgement counts 0.
+    pub ack_to_take_p50_us: u64,
+    pub ack_to_take_p99_us: u64,
+    pub ack_to_take_max_us: u64,
+    /// Takes answered before their PUT's acknowledgement reached the producer.
+    pub taken_before_ack: u64,
+    /// From sending the PUT to the take's answer.
+    pub put_to_take_p50_us: u64,
+    pub put_to_take_p99_us: u64,
+    /// Jobs returned by two takes / acknowledged but neither taken nor left in the space / taken
+    /// but never sent (each must be 0).
+    pub taken_twice: u64,
+    pub lost: u64,
+    pub phantom: u64,
+    /// Requests answered with another status than `ok`, or not answered.
+    pub errors: u64,
+}
+
+impl QueueReport {
+    /// Every job taken exactly once, none from nowhere.
+    pub fn exactly_once(&self) -> bool {
+        self.taken_twice == 0 && self.lost == 0 && self.phantom == 0
+    }
+}
+
+/// Runs the work-queue benchmark against a running service. Job keys are `RUN,T,pP,N` with `T`
+/// the microseconds since the start when the PUT was sent, so a take (the first match in key
+/// order) gets the oldest job. After the producers stop, one stop job per consumer (above every
+/// job in key order) ends each consumer once the queue is drained.
+pub async fn run_queue(o: QueueOptions, cfg: Config) -> Result<QueueReport, String> {
+    use crate::client::{Client, Request};
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let o = Arc::new(o);
+    let backlog = if o.max_backlog == 0 {
+        o.consumers
+    } else {
+        o.max_backlog
+    };
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let prefix = format!("queue{run}");
+    let connect = |o: Arc<QueueOptions>, cfg: Config| async move {
+        Client::connect(&o.sap, &o.certs, CertRole::Client, &cfg)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", o.sap))
+    };
+    let start = Instant::now();
+    let micros = move || start.elapsed().as_micros() as u64;
+    // job -> (µs when its PUT was sent, µs of its acknowledgement)
+    let acked: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // (job, µs of the take's answer)
+    let taken: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let errors = Arc::new(AtomicU64::new(0));
+    let room = Arc::new(tokio::sync::Semaphore::new(backlog));
+    let take = Request::take(&format!("{prefix},.*"), ".*").wait(o.take_wait);
+    let mut consumers = Vec::new();
+    for c in 0..o.consumers {
+        let mut cl = connect(o.clone(), cfg.clone()).await?;
+        let (taken, errors, take, room) =
+            (taken.clone(), errors.clone(), take.clone(), room.clone());
+        consumers.push(tokio::spawn(async move {
+            loop {
+                match cl.call(&take).await {
+                    Ok(r) if r.status == Status::Ok => {
+                        let at = micros();
+                        match r.pairs.as_deref() {
+                            Some([p]) if p.key.ends_with(",stop") => break,
+                            Some([p]) => {
+                                room.add_permits(1);
+                                lock(&taken).push((p.key.clone(), at));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("consumer {c}: {e}");
+                        break;
+                    }
+                }
+            }
+            cl.close();
+        }));
+    }
+    let value = value_of(o.value_size, 7);
+    let end = start + o.duration;
+    let mut producers = Vec::new();
+    for p in 0..o.producers {
+        let mut cl = connect(o.clone(), cfg.clone()).await?;
+        let (acked, sent, errors, prefix, value, room) = (
+            acked.clone(),
+            sent.clone(),
+            errors.clone(),
+            prefix.clone(),
+            value.clone(),
+            room.clone(),
+        );
+        producers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                // The producers run until `end` (the measured time), at most `backlog` jobs ahead.
+                match tokio::time::timeout_at(end.into(), room.acquire()).await {
+                    Ok(Ok(permit)) => permit.forget(),
+                    _ => break,
+                }
+                n += 1;
+                let at = micros();
+                let key = format!("{prefix},{at:012},p{p},{n}");
+                lock(&sent).insert(key.clone());
+                match cl
+                    .call(&Request::put([(key.as_str(), value.as_str())]))
+                    .await
+                {
+                    Ok(r)
+                        if r.status == Status::Ok
+                            && r.rejected.as_ref().is_none_or(|x| x.is_empty()) =>
+                    {
+                        lock(&acked).insert(key, (at, micros()));
+                    }
+                    Ok(_) => {
+                        // Not applied: its room is free again.
+                        room.add_permits(1);
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("producer {p}: {e}");
+                        break;
+                    }
+                }
+            }
+            cl.close();
+        }));
+    }
+    for p in producers {
+        p.await.map_err(|e| e.to_string())?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let taken_by_then = lock(&taken).len();
+    let mut cl = connect(o.clone(), cfg.clone()).await?;
+    // One stop job per consumer, above every job in key order (digits sort before `z`).
+    let stops: Vec<(String, &str)> = (0..o.consumers)
+        .map(|c| (format!("{prefix},z{c},stop"), "x"))
+        .collect();
+    let r = cl
+        .call(&Request::put(stops))
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status != Status::Ok {
+        return Err(format!("the stop jobs were not put: {r:?}"));
+    }
+    for c in consumers {
+        c.await.map_err(|e| e.to_string())?;
+    }
+    let left = cl
+        .call(&Request::get(&format!("{prefix},.*"), ".*"))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Remove what is left (stop jobs of consumers that failed).
+    let _ = cl
+        .call(&Request::delete(&format!("{prefix},.*"), ".*"))
+        .await;
+    cl.close();
+    let left: HashSet<String> = left
+        .pairs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    let acked = std::mem::take(&mut *lock(&acked));
+    let sent = std::mem::take(&mut *lock(&sent));
+    let taken = std::mem::take(&mut *lock(&taken));
+    let (mut ack_hist, mut put_hist) = (new_hist(), new_hist());
+    let mut seen = HashSet::new();
+    let (mut twice, mut before_ack, mut phantom) = (0, 0, 0);
+    for (k, at) in &taken {
+        if !seen.insert(k.as_str()) {
+            twice += 1;
+        }
+        match acked.get(k) {
+            Some((put, ack)) => {
+                if at < ack {
+                    before_ack += 1;
+                }
+                let _ = ack_hist.record(at.saturating_sub(*ack).max(1));
+                let _ = put_hist.record(at.saturating_sub(*put).max(1));
+            }
+            // Sent, answered otherwise (or not at all), and applied: not a phantom.
+            None if sent.contains(k) => {}
+            None => phantom += 1,
+        }
+    }
+    let lost = acked
+        .keys()
+        .filter(|k| !seen.contains(k.as_str()) && !left.contains(*k))
+        .count() as u64;
+    Ok(QueueReport {
+        producers: o.producers,
+        consumers: o.consumers,
+        max_backlog: backlog,
+        seconds: secs,
+        jobs_per_sec: taken_by_then as f64 / secs,
+        jobs_put: acked.len() as u64,
+        jobs_taken: taken.len() as u64,
+        ack_to_take_p50_us: ack_hist.value_at_quantile(0.5),
+        ack_to_take_p99_us: ack_hist.value_at_quantile(0.99),
+        ack_to_take_max_us: ack_hist.max(),
+        taken_before_ack: before_ack,
+        put_to_take_p50_us: put_hist.value_at_quantile(0.5),
+        put_to_take_p99_us: put_hist.value_at_quantile(0.99),
+        taken_twice: twice,
+        lost,
+        phantom,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// The queue report as text.
+pub fn queue_table(r: &QueueReport) -> String {
+    format!(
+        "work queue: {} producers, {} consumers (backlog <= {}), {:.1} s\n  {:.0} jobs/s taken ({} put, {} taken)\n  PUT ack -> take answer: p50 {} us, p99 {} us, max {} us ({} taken before the ack arrived)\n  PUT sent -> take answer: p50 {} us, p99 {} us\n  exactly once: {} (taken twice {}, lost {}, phantom {}); errors {}\n",
+        r.producers,
+        r.consumers,
+        r.max_backlog,
+        r.seconds,
+        r.jobs_per_sec,
+        r.jobs_put,
+        r.jobs_taken,
+        r.ack_to_take_p50_us,
+        r.ack_to_take_p99_us,
+        r.ack_to_take_max_us,
+        r.taken_before_ack,
+        r.put_to_take_p50_us,
+        r.put_to_take_p99_us,
+        if r.exactly_once() { "yes" } else { "NO" },
+        r.taken_twice,
+        r.lost,
+        r.phantom,
+        r.errors
+    )
 }

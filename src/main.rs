@@ -149,9 +149,23 @@ struct BenchArgs {
     /// Requests in flight per connection (P).
     #[arg(short = 'p', long, default_value_t = 16)]
     pipeline: usize,
-    /// Operation mix in percent, e.g. get=50,put=50.
+    /// Operation mix in percent, e.g. get=50,put=50; or `queue`: the work-queue benchmark
+    /// (--producers PUT jobs one at a time, --consumers take them with limit 1 and a wait).
     #[arg(long, default_value = "get=50,put=50")]
     mix: String,
+    /// `--mix queue`: producers, each one connection PUTting one job at a time.
+    #[arg(long, default_value_t = 8)]
+    producers: usize,
+    /// `--mix queue`: consumers, each one connection taking one job at a time.
+    #[arg(long, default_value_t = 8)]
+    consumers: usize,
+    /// `--mix queue`: producers wait while this many jobs are acknowledged and not yet taken
+    /// (0 = the number of consumers), so the latency measures the hand-off.
+    #[arg(long, default_value_t = 0)]
+    max_backlog: usize,
+    /// `--mix queue`: seconds each take waits for a job.
+    #[arg(long, default_value_t = 5.0)]
+    take_wait: f64,
     /// Key space for GET/POST (keys k,0 .. k,N-1).
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
@@ -491,6 +505,29 @@ fn run(cli: Cli) -> Result<u8, String> {
                 }
             }
             Ok(0)
+        }
+        Cmd::Bench(b) if b.mix == "queue" => {
+            let opts = tuplespace::bench::QueueOptions {
+                sap: b.sap,
+                certs: cli.certs,
+                producers: b.producers.max(1),
+                consumers: b.consumers.max(1),
+                value_size: b.value_size.max(1),
+                duration: std::time::Duration::from_secs_f64(b.duration.max(0.1)),
+                take_wait: std::time::Duration::from_secs_f64(b.take_wait.max(0.001)),
+                max_backlog: b.max_backlog,
+            };
+            let rt = runtime()?;
+            let report = rt.block_on(tuplespace::bench::run_queue(opts, cfg))?;
+            if b.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", tuplespace::bench::queue_table(&report));
+            }
+            Ok(if report.exactly_once() { 0 } else { 1 })
         }
         Cmd::Bench(b) => {
             let mix = tuplespace::bench::parse_mix(&b.mix)?;

@@ -568,3 +568,39 @@ async fn nemesis_with_waiting_takes_through_a_primary_kill_passes() {
     assert!(r.takes > 0, "the takers took something: {summary}");
     assert_eq!((r.taken_twice, r.lost), (0, 0), "{summary}");
 }
+
+/// `tuplespace bench --mix queue` (issue 13): every job taken exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_bench_takes_every_job_exactly_once() {
+    use tuplespace::bench::{QueueOptions, queue_table, run_queue};
+    let cl = Cluster::start().await;
+    let o = QueueOptions {
+        sap: cl.client_sap.clone(),
+        certs: cl.certs.clone(),
+        producers: 2,
+        consumers: 3,
+        value_size: 16,
+        duration: Duration::from_secs(1),
+        take_wait: Duration::from_secs(5),
+        max_backlog: 0,
+    };
+    let r = run_queue(o, tuplespace::config::Config::default())
+        .await
+        .unwrap();
+    let t = queue_table(&r);
+    eprintln!("{t}");
+    assert!(r.jobs_put > 0 && r.jobs_taken == r.jobs_put, "{t}");
+    assert!(r.exactly_once(), "{t}");
+    assert_eq!(r.errors, 0, "{t}\n{}", cl.logs());
+    assert!(r.ack_to_take_p50_us <= r.put_to_take_p50_us, "{t}");
+    let left = cl
+        .client()
+        .await
+        .call(&Request::get("queue.*", ".*"))
+        .await
+        .unwrap();
+    assert!(
+        pairs_of(&left).is_empty(),
+        "the run removes its jobs: {left:?}"
+    );
+}
