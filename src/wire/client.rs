@@ -395,7 +395,7 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
                         Ok(i)
                     }
                     _ => {
-                        r.skip(cbor::MAX_DEPTH).map_err(not_cbor)?;
+                        r.skip(depth).map_err(not_cbor)?;
                         Err(WrongType)
                     }
                 };
@@ -1452,6 +1452,8 @@ mod tests {
             request_value(7, "PUT", Some(deep(cbor::MAX_DEPTH))),
             Value::Map(vec![(Value::Integer(1.into()), deep(cbor::MAX_DEPTH))]),
             Value::Map(vec![(text("zz"), deep(cbor::MAX_DEPTH - 1))]),
+            Value::Map(vec![(text("limit"), deep(cbor::MAX_DEPTH - 1))]),
+            Value::Map(vec![(text("wait_ms"), deep(cbor::MAX_DEPTH))]),
             Value::Array(vec![text("id")]),
         ] {
             let b = frame::encode(&v)[4..].to_vec();
