@@ -150,6 +150,21 @@ async fn connect(o: &NemesisOptions, cfg: &Config) -> Option<Client> {
         .ok()
 }
 
+/// Pause of a client or taker loop after a failed connection attempt, before the next one.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Connects `conn` if it holds no connection; false (after [`RECONNECT_PAUSE`]) if that failed.
+async fn ensure_connected(conn: &mut Option<Client>, o: &NemesisOptions, cfg: &Config) -> bool {
+    if conn.is_none() {
+        *conn = connect(o, cfg).await;
+        if conn.is_none() {
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+            return false;
+        }
+    }
+    true
+}
+
 fn outcome_of(kind: &OpKind, r: &Response) -> Outcome {
     match r.status {
         Status::Ok => match kind {
@@ -190,12 +205,8 @@ async fn client_loop(
     let mut seq = 0u64;
     let mut fresh_n = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
-        if conn.is_none() {
-            conn = connect(&o, &cfg).await;
-            if conn.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        if !ensure_connected(&mut conn, &o, &cfg).await {
+            continue;
         }
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -312,12 +323,8 @@ async fn taker_loop(o: Arc<NemesisOptions>, cfg: Arc<Config>, sh: Arc<Shared>) -
     let mut conn: Option<Client> = None;
     let take = Request::take(&format!("u{},.*", sh.tag), ".*").wait(o.take_wait);
     while !sh.stop.load(Ordering::Relaxed) {
-        if conn.is_none() {
-            conn = connect(&o, &cfg).await;
-            if conn.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        if !ensure_connected(&mut conn, &o, &cfg).await {
+            continue;
         }
         let Some(c) = conn.as_mut() else { continue };
         let invoke = sh.now();

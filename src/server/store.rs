@@ -1300,14 +1300,9 @@ mod tests {
     use super::*;
     use ciborium::Value;
 
-    fn start(
-        cfg: Config,
-    ) -> (
-        std::sync::mpsc::Sender<StoreMsg>,
-        mpsc::UnboundedReceiver<StoreOut>,
-    ) {
-        let (out, rx) = mpsc::unbounded_channel();
-        let init = StoreInit {
+    /// An empty space at epoch 1, update 0, without a log.
+    fn empty_init() -> StoreInit {
+        StoreInit {
             space: Space::new(),
             seq: 0,
             epoch: 1,
@@ -1315,7 +1310,17 @@ mod tests {
             wal: None,
             log_base: false,
             direct: None,
-        };
+        }
+    }
+
+    fn start(
+        cfg: Config,
+    ) -> (
+        std::sync::mpsc::Sender<StoreMsg>,
+        mpsc::UnboundedReceiver<StoreOut>,
+    ) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let init = empty_init();
         let (tx, _h) = spawn(init, Arc::new(cfg), None, out, StoreStats::default()).unwrap();
         (tx, rx)
     }
@@ -1435,13 +1440,9 @@ mod tests {
         let wanted = wal.snapshot_wanted.clone();
         let direct = DirectLog::new(wal.clone(), 1);
         let init = StoreInit {
-            space: Space::new(),
-            seq: 0,
-            epoch: 1,
-            dedupe: vec![],
             wal: Some(wal),
-            log_base: false,
             direct: Some(direct.clone()),
+            ..empty_init()
         };
         let cfg = Arc::new(Config::default());
         let (tx, _h) = spawn(init, cfg, None, out, StoreStats::default()).unwrap();
@@ -1605,15 +1606,7 @@ mod tests {
     #[test]
     fn an_exact_read_is_answered_beside_the_thread_only_when_nothing_before_it_waits() {
         let (out, mut rx) = mpsc::unbounded_channel();
-        let init = StoreInit {
-            space: Space::new(),
-            seq: 0,
-            epoch: 1,
-            dedupe: vec![],
-            wal: None,
-            log_base: false,
-            direct: None,
-        };
+        let init = empty_init();
         let stats = StoreStats::default();
         let cfg = Config::default();
         let (tx, _h) = spawn(init, Arc::new(cfg.clone()), None, out, stats.clone()).unwrap();
