@@ -50,12 +50,20 @@ impl FramedRecv {
     pub async fn next_batch<T: serde::de::DeserializeOwned>(
         &mut self,
     ) -> Result<Option<Vec<Result<T, CborError>>>, RecvError> {
+        self.next_batch_by(|b| frame::decode(b)).await
+    }
+
+    /// [`Self::next_batch`] with the frame bodies read by `read`.
+    pub async fn next_batch_by<T>(
+        &mut self,
+        read: impl Fn(&[u8]) -> Result<T, CborError>,
+    ) -> Result<Option<Vec<Result<T, CborError>>>, RecvError> {
         let Some(first) = self.next().await? else {
             return Ok(None);
         };
-        let mut batch = vec![frame::decode(&first)];
+        let mut batch = vec![read(&first)];
         while let Ok(Some(b)) = self.try_next() {
-            batch.push(frame::decode(&b));
+            batch.push(read(&b));
         }
         Ok(Some(batch))
     }

@@ -677,7 +677,7 @@ pub async fn serve_replication(
                 let _ = store.send(m);
             }
         };
-        'stream: while let Ok(Some(batch)) = input.next_batch::<Repl>().await {
+        'stream: while let Ok(Some(batch)) = input.next_batch_by(Repl::read).await {
             let mut last = None;
             for m in batch {
                 match m {

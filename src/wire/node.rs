@@ -383,6 +383,119 @@ pub enum Repl {
     Watermark(u64),
 }
 
+impl Repl {
+    /// Reads a replication frame body: an `Update` of the usual shapes (a change of pairs or
+    /// keys, answered `Rejected` with nothing rejected or with `Pairs`) read in place, without
+    /// serde; anything else, or anything this reader does not expect, through serde (which also
+    /// words the error). The same value either way (unit tests compare both).
+    pub fn read(body: &[u8]) -> Result<Repl, CborError> {
+        let mut r = Reader::new(body);
+        match read_update(&mut r) {
+            Some(u) if r.remaining() == 0 => Ok(u),
+            _ => crate::wire::frame::decode(body),
+        }
+    }
+}
+
+/// Consumes a map head of exactly `n` entries.
+fn map_of(r: &mut Reader<'_>, n: u64) -> Option<()> {
+    (r.head().ok()? == Head::Map(Some(n))).then_some(())
+}
+
+/// Consumes a text item equal to `want`.
+fn key_is(r: &mut Reader<'_>, want: &str) -> Option<()> {
+    (r.text().ok()?? == want).then_some(())
+}
+
+fn uint(r: &mut Reader<'_>) -> Option<u64> {
+    match r.head().ok()? {
+        Head::Uint(n) => Some(n),
+        _ => None,
+    }
+}
+
+fn owned_text(r: &mut Reader<'_>) -> Option<String> {
+    Some(r.text().ok()??.into_owned())
+}
+
+/// A definite array's length (bounded by the bytes left: every element takes at least one).
+fn array_len(r: &mut Reader<'_>) -> Option<usize> {
+    let n = r.array().ok()??? as usize;
+    (n <= r.remaining()).then_some(n)
+}
+
+fn pairs(r: &mut Reader<'_>) -> Option<Vec<Pair>> {
+    let n = array_len(r)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        map_of(r, 2)?;
+        key_is(r, "key")?;
+        let key = owned_text(r)?;
+        key_is(r, "value")?;
+        out.push(Pair {
+            key,
+            value: owned_text(r)?,
+        });
+    }
+    Some(out)
+}
+
+/// `Repl::Update` as serde writes it: `{"Update": {"seq", "rid", "change": {VARIANT: ..},
+/// "reply": {"Rejected": []} | {"Pairs": {"pairs": [..], "message": null | text}}}}`.
+fn read_update(r: &mut Reader<'_>) -> Option<Repl> {
+    map_of(r, 1)?;
+    key_is(r, "Update")?;
+    map_of(r, 4)?;
+    key_is(r, "seq")?;
+    let seq = uint(r)?;
+    key_is(r, "rid")?;
+    let rid = uint(r)?;
+    key_is(r, "change")?;
+    map_of(r, 1)?;
+    let change = match r.text().ok()??.as_ref() {
+        "Insert" => Change::Insert(pairs(r)?),
+        "Replace" => Change::Replace(pairs(r)?),
+        "Remove" => {
+            let n = array_len(r)?;
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                keys.push(owned_text(r)?);
+            }
+            Change::Remove(keys)
+        }
+        _ => return None,
+    };
+    key_is(r, "reply")?;
+    map_of(r, 1)?;
+    let reply = match r.text().ok()??.as_ref() {
+        "Rejected" => {
+            (array_len(r)? == 0).then_some(())?;
+            Reply::Rejected(Vec::new())
+        }
+        "Pairs" => {
+            map_of(r, 2)?;
+            key_is(r, "pairs")?;
+            let pairs = pairs(r)?;
+            key_is(r, "message")?;
+            let message = match r.peek().ok()? {
+                Head::Simple(22) => {
+                    r.head().ok()?;
+                    None
+                }
+                _ => Some(owned_text(r)?),
+            };
+            Reply::Pairs { pairs, message }
+        }
+        _ => return None,
+    };
+    Some(Repl::Update {
+        seq,
+        rid,
+        change,
+        reply,
+    })
+}
+
 /// Backup -> primary on the replication stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ReplAck {
@@ -416,6 +529,76 @@ pub enum Beat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shape of update (and other messages) reads the same through the in-place reader
+    /// as through serde, and a frame the reader does not expect falls back to serde.
+    #[test]
+    fn replication_frames_read_in_place_equal_serde() {
+        let p = |k: &str, v: &str| Pair::new(k, v);
+        let msgs = vec![
+            Repl::Update {
+                seq: 1,
+                rid: u64::MAX,
+                change: Change::Insert(vec![p("a,b", "1"), p("c", "")]),
+                reply: Reply::Rejected(vec![]),
+            },
+            Repl::Update {
+                seq: 1 << 40,
+                rid: 7,
+                change: Change::Replace(vec![p("k", "v")]),
+                reply: Reply::Rejected(vec![]),
+            },
+            Repl::Update {
+                seq: 3,
+                rid: 300,
+                change: Change::Remove(vec!["x".into(), "y".into()]),
+                reply: Reply::Pairs {
+                    pairs: vec![p("x", "1"), p("y", "2")],
+                    message: None,
+                },
+            },
+            Repl::Update {
+                seq: 4,
+                rid: 24,
+                change: Change::Remove(vec![]),
+                reply: Reply::Pairs {
+                    pairs: vec![],
+                    message: Some("timed out".into()),
+                },
+            },
+            Repl::Update {
+                seq: 5,
+                rid: 25,
+                change: Change::Insert(vec![]),
+                reply: Reply::Rejected(vec![RawItem::from_value(&ciborium::Value::Integer(
+                    3.into(),
+                ))]),
+            },
+            Repl::Update {
+                seq: 6,
+                rid: 26,
+                change: Change::Insert(vec![]),
+                reply: Reply::Count(9),
+            },
+            Repl::Watermark(12),
+            Repl::Stop,
+        ];
+        for (i, m) in msgs.into_iter().enumerate() {
+            let mut body = Vec::new();
+            ciborium::into_writer(&m, &mut body).unwrap();
+            // The first four are the shapes read in place; the rest go through serde.
+            let fast = read_update(&mut Reader::new(&body));
+            assert_eq!(fast.is_some(), i < 4, "message {i}");
+            if let Some(f) = fast {
+                assert_eq!(f, m);
+            }
+            assert_eq!(Repl::read(&body).unwrap(), m);
+            // A body cut short or with bytes after it is refused, as serde refuses it.
+            assert!(Repl::read(&body[..body.len() - 1]).is_err());
+            body.push(0);
+            assert!(Repl::read(&body).is_err());
+        }
+    }
     use crate::space::Pair;
 
     fn replies() -> Vec<Reply> {
