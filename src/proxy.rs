@@ -25,7 +25,7 @@ use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
 use crate::metrics::{self, OpLabel, ProxyMetrics};
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
-use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
+use crate::net::stream::{FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::cbor::RawItem;
@@ -391,73 +391,153 @@ async fn slow_reader(mut over: watch::Receiver<bool>, timeout: Duration) {
     }
 }
 
+/// Size of the buffers [`Chunks`] packs small writes into (a write at least this large gets a
+/// buffer of its own size).
+const OUTBOX_CHUNK: usize = 64 * 1024;
+
+/// Bytes queued for a stream, as a queue of buffers each allocated at its final size and freed
+/// once taken, so the memory held stays close to the bytes held. (One growing `Vec` doubles its
+/// allocation and copies everything it holds each time it fills: holding 123 MiB, it briefly
+/// took 123 + 247 MiB; docs/BENCHMARKS.md, slow reader.)
+#[derive(Default)]
+struct Chunks {
+    bufs: VecDeque<Vec<u8>>,
+    /// Bytes of the first buffer already taken.
+    pos: usize,
+    /// Bytes not taken yet.
+    held: usize,
+}
+
+impl Chunks {
+    /// Appends what `write` writes, expected to be about `size` bytes: into the last buffer if it
+    /// has room, else into a new one of `size` (at least [`OUTBOX_CHUNK`]). Returns the bytes
+    /// written.
+    fn push_with(&mut self, size: usize, write: impl FnOnce(&mut Vec<u8>)) -> usize {
+        if self
+            .bufs
+            .back()
+            .is_none_or(|c| c.capacity() - c.len() < size)
+        {
+            // An empty buffer is only ever the sole one, kept for reuse: replace it.
+            if self.bufs.back().is_some_and(Vec::is_empty) {
+                self.bufs.pop_back();
+            }
+            self.bufs
+                .push_back(Vec::with_capacity(size.max(OUTBOX_CHUNK)));
+        }
+        let sole = self.bufs.len() == 1;
+        let Some(last) = self.bufs.back_mut() else {
+            return 0;
+        };
+        let before = last.len();
+        write(last);
+        let n = last.len() - before;
+        // Nothing written: no empty buffer behind others, nor a large one kept.
+        if last.is_empty() && (!sole || last.capacity() > OUTBOX_CHUNK) {
+            self.bufs.pop_back();
+        }
+        self.held += n;
+        n
+    }
+
+    /// The bytes to take next (the rest of the first buffer).
+    fn pending(&self) -> &[u8] {
+        self.bufs
+            .front()
+            .and_then(|c| c.get(self.pos..))
+            .unwrap_or_default()
+    }
+
+    /// `n` more bytes of [`Chunks::pending`] were taken.
+    fn taken(&mut self, n: usize) {
+        self.pos += n;
+        self.held -= n;
+        let only = self.bufs.len() == 1;
+        let Some(first) = self.bufs.front_mut() else {
+            return;
+        };
+        if self.pos < first.len() {
+            return;
+        }
+        self.pos = 0;
+        if only && first.capacity() <= OUTBOX_CHUNK {
+            // Kept for the next writes; a large answer's buffer is not kept.
+            first.clear();
+        } else {
+            self.bufs.pop_front();
+        }
+    }
+
+    /// Bytes allocated.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.bufs.iter().map(Vec::capacity).sum()
+    }
+}
+
 /// Answers of one client stream waiting for QUIC to take them (already encoded: the decoded
 /// answer is freed at once), counted in the connection's reply budget until taken.
 struct Outbox {
-    buf: Vec<u8>,
-    pos: usize,
+    bytes: Chunks,
     replies: Arc<ConnReplies>,
 }
 
 impl Outbox {
     fn new(replies: Arc<ConnReplies>) -> Outbox {
         Outbox {
-            buf: Vec::new(),
-            pos: 0,
+            bytes: Chunks::default(),
             replies,
         }
     }
 
     fn push(&mut self, r: &Response) {
-        self.compact();
-        let before = self.buf.len();
-        r.encode_into(&mut self.buf);
-        self.replies.charge(self.buf.len() - before);
+        let n = self
+            .bytes
+            .push_with(client::response_len(r), |buf| r.encode_into(buf));
+        self.replies.charge(n);
     }
 
     fn push_answer(&mut self, a: &Answer) {
         match a {
             Answer::Made(r) => self.push(r),
             Answer::Relayed { id, response } => {
-                self.compact();
-                let before = self.buf.len();
-                if !put_id(*id, response.as_bytes(), &mut self.buf) {
+                let body = response.as_bytes();
+                let mut ok = true;
+                // The length, its bytes, the id put in (at most 9 bytes for the null's 1).
+                let n = self.bytes.push_with(body.len() + 12, |buf| {
+                    let before = buf.len();
+                    if !put_id(*id, body, buf) {
+                        buf.truncate(before);
+                        ok = false;
+                    }
+                });
+                self.replies.charge(n);
+                if !ok {
                     // Not the form our servers write (a null id first): the slow way.
-                    self.buf.truncate(before);
-                    return self.push(&relayed_fallback(*id, response));
+                    self.push(&relayed_fallback(*id, response));
                 }
-                self.replies.charge(self.buf.len() - before);
             }
-        }
-    }
-
-    fn compact(&mut self) {
-        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
         }
     }
 
     fn pending(&self) -> &[u8] {
-        &self.buf[self.pos..]
+        self.bytes.pending()
     }
 
     fn is_empty(&self) -> bool {
-        self.pos == self.buf.len()
+        self.bytes.held == 0
     }
 
     /// QUIC took `n` more bytes.
     fn taken(&mut self, n: usize) {
-        self.pos += n;
+        self.bytes.taken(n);
         self.replies.release(n);
-        if self.is_empty() {
-            self.buf.clear();
-            self.pos = 0;
-            // A large answer's buffer is not kept for the stream's lifetime.
-            if self.buf.capacity() > BATCH_BYTES {
-                self.buf = Vec::new();
-            }
-        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.replies.release(self.bytes.held);
     }
 }
 
@@ -504,12 +584,6 @@ fn relayed_fallback(id: u64, response: &RawItem) -> Response {
             Status::Unknown,
             "the primary's answer could not be read; the request may or may not have been applied: re-read to find out",
         ),
-    }
-}
-
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        self.replies.release(self.buf.len() - self.pos);
     }
 }
 
@@ -1897,6 +1971,74 @@ mod tests {
     use super::*;
     use crate::space::Pair;
     use crate::wire::node::Reply;
+
+    /// Takes everything queued, `step` bytes at most per call (as QUIC takes part of a write).
+    fn drain(c: &mut Chunks, step: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while c.held > 0 {
+            let p = c.pending();
+            assert!(!p.is_empty(), "bytes held but none to take");
+            let n = p.len().min(step);
+            got.extend_from_slice(&p[..n]);
+            c.taken(n);
+        }
+        got
+    }
+
+    #[test]
+    fn queued_answers_hold_about_their_size_and_come_out_in_order() {
+        // 200 answers of ~1 MB (a client that does not read): allocated = held, where one
+        // growing Vec held up to twice (and copied it all at each doubling).
+        let mut c = Chunks::default();
+        let mut want = Vec::new();
+        for i in 0..200u32 {
+            let answer = vec![i as u8; 1_000_000 + i as usize];
+            assert_eq!(
+                c.push_with(answer.len(), |b| b.extend_from_slice(&answer)),
+                answer.len()
+            );
+            want.extend_from_slice(&answer);
+            assert_eq!(c.held, want.len());
+            assert!(
+                c.capacity() <= c.held + OUTBOX_CHUNK,
+                "{} for {}",
+                c.capacity(),
+                c.held
+            );
+        }
+        assert_eq!(drain(&mut c, 1 << 20), want);
+        assert_eq!(c.capacity(), 0, "large buffers are freed once taken");
+        c.push_with(1 << 20, |_| {});
+        assert_eq!(
+            (c.capacity(), c.held),
+            (0, 0),
+            "nothing written, nothing kept"
+        );
+
+        // Small answers share buffers; an estimate too small, or nothing written (the fallback
+        // path), still leaves every byte in order and no empty buffer in front.
+        let mut want = Vec::new();
+        for i in 0..5000u32 {
+            let answer = i.to_be_bytes().repeat(1 + (i % 50) as usize);
+            let estimate = if i % 7 == 0 { 1 } else { answer.len() };
+            c.push_with(estimate, |b| b.extend_from_slice(&answer));
+            c.push_with(if i % 11 == 0 { 1 << 20 } else { 8 }, |_| {});
+            want.extend_from_slice(&answer);
+            if i % 997 == 0 {
+                // Partly taken meanwhile, in odd steps.
+                let got = drain(&mut c, 4093);
+                assert_eq!(got, want);
+                want.clear();
+            }
+        }
+        assert!(c.capacity() <= want.len() + 2 * OUTBOX_CHUNK);
+        assert_eq!(drain(&mut c, 1000), want);
+        assert!(c.pending().is_empty());
+        assert!(
+            c.capacity() <= OUTBOX_CHUNK,
+            "one small buffer kept for reuse"
+        );
+    }
 
     #[test]
     fn a_relayed_answer_gets_the_clients_id_and_is_otherwise_forwarded_as_sent() {
