@@ -551,14 +551,16 @@ async fn a_client_that_stops_reading_is_throttled_then_cut_and_others_are_served
     drop(streams);
 
     // Memory comes back once the connections are gone; the other client was served throughout.
+    let t_cut = std::time::Instant::now();
     let settled = wait_until(Duration::from_secs(15), || async {
         rss_mib(proxy) < base[0] + 64 && rss_mib(primary) < base[1] + 64
     })
     .await;
+    let back_after = t_cut.elapsed();
     let (rounds, slowest, bad) = probe.finish().await;
     let peaks = peak.get();
     println!(
-        "RSS MiB: proxy {} -> peak {} -> {}; primary {} -> peak {} -> {}; other client: {rounds} rounds, slowest {slowest:?}",
+        "RSS MiB: proxy {} -> peak {} -> {}; primary {} -> peak {} -> {} (both back within 64 MiB after {back_after:.1?}); other client: {rounds} rounds, slowest {slowest:?}",
         base[0],
         peaks[0],
         rss_mib(proxy),
