@@ -546,7 +546,21 @@ async fn a_client_that_stops_reading_is_throttled_then_cut_and_others_are_served
         streams.push(s);
     }
     let how = flood.ended(Duration::from_secs(20)).await;
-    slow_reader(&how, "slow reader");
+    match &how {
+        // QUIC sends the close once, best effort: here the flood of answers can fill the
+        // client's receive buffer so that it is lost, and the client's next packet, once the
+        // proxy has forgotten the connection, gets a stateless reset (seen in ~1 of 16 runs, at
+        // 6b5b82e7 too). Then the proxy's log must show that it cut this connection (after the
+        // one of step 2) for the same reason.
+        Ended::Other(r) if r.contains("reset by peer") => {
+            let logs = cl.logs();
+            let cuts = logs
+                .matches("closing the client connection holding the most unread answers")
+                .count();
+            assert!(cuts >= 2, "reset without a SLOW_READER cut\n{logs}");
+        }
+        how => slow_reader(how, "slow reader"),
+    }
     println!("4 x 1024 GETs: {how:?}");
     drop(streams);
 
