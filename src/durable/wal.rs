@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::{
-    DurableError, FsyncPolicy, Position, Record, SPARE_FILE, SPARE_TMP, encode_frame,
+    DurableError, FsyncPolicy, Position, Record, SPARE_FILE, SPARE_TMP, encode_record,
     segment_index, segment_name, write_snapshot,
 };
 use crate::space::Space;
@@ -345,7 +345,7 @@ impl Writer {
         match m {
             WalMsg::Record(r) => {
                 let before = self.buf.len();
-                encode_frame(&r, &mut self.buf);
+                encode_record(&r, &mut self.buf);
                 self.bytes_since += (self.buf.len() - before) as u64;
                 match &r {
                     Record::Reset => self.pos.base = false,

@@ -579,7 +579,7 @@ async fn pump_updates(
         Repl::Update { seq, .. } if *seq <= snap_seq => {}
         Repl::Update { seq, .. } => {
             let before = out.queued();
-            out.queue(&m);
+            out.queue_with(|buf| Repl::encode_into(&m, buf));
             lag.sent(*seq, out.queued() - before);
         }
         _ => out.queue(&m),
