@@ -138,10 +138,23 @@ impl<'a> Reader<'a> {
     /// valid UTF-8, indefinite strings made of definite chunks of their own type.
     pub fn skip(&mut self, depth: usize) -> Result<(), CborError> {
         let h = self.head()?;
-        self.skip_body(h, depth)
+        self.skip_body(h, depth, true)
     }
 
-    fn skip_body(&mut self, h: Head, depth: usize) -> Result<(), CborError> {
+    /// Skips one item of bytes already checked by [`Reader::skip`] (or [`validate`]): the same
+    /// walk without checking text again (lengths are still checked: it never reads past the
+    /// end, never panics).
+    pub fn skip_checked(&mut self) -> Result<(), CborError> {
+        let h = self.head()?;
+        self.skip_body(h, MAX_DEPTH, false)
+    }
+
+    fn skip_with(&mut self, depth: usize, utf8: bool) -> Result<(), CborError> {
+        let h = self.head()?;
+        self.skip_body(h, depth, utf8)
+    }
+
+    fn skip_body(&mut self, h: Head, depth: usize, utf8: bool) -> Result<(), CborError> {
         let nested = |depth: usize| {
             depth
                 .checked_sub(1)
@@ -155,7 +168,10 @@ impl<'a> Reader<'a> {
             }
             Head::Text(Some(n)) => {
                 let s = self.take(n)?;
-                std::str::from_utf8(s).map_err(|e| invalid(format!("text is not UTF-8: {e}")))?;
+                if utf8 {
+                    std::str::from_utf8(s)
+                        .map_err(|e| invalid(format!("text is not UTF-8: {e}")))?;
+                }
             }
             Head::Bytes(None) | Head::Text(None) => {
                 let text = matches!(h, Head::Text(None));
@@ -163,7 +179,7 @@ impl<'a> Reader<'a> {
                     match (self.head()?, text) {
                         (Head::Break, _) => break,
                         (c @ Head::Text(Some(_)), true) | (c @ Head::Bytes(Some(_)), false) => {
-                            self.skip_body(c, depth)?
+                            self.skip_body(c, depth, utf8)?
                         }
                         _ => return Err(invalid("bad chunk in an indefinite-length string")),
                     }
@@ -184,7 +200,7 @@ impl<'a> Reader<'a> {
                             )));
                         }
                         for _ in 0..items {
-                            self.skip(d)?;
+                            self.skip_with(d, utf8)?;
                         }
                     }
                     None => loop {
@@ -193,14 +209,14 @@ impl<'a> Reader<'a> {
                             break;
                         }
                         for _ in 0..per {
-                            self.skip(d)?;
+                            self.skip_with(d, utf8)?;
                         }
                     },
                 }
             }
             Head::Tag(_) => {
                 let d = nested(depth)?;
-                self.skip(d)?;
+                self.skip_with(d, utf8)?;
             }
         }
         Ok(())
@@ -395,6 +411,32 @@ impl<'de> Deserialize<'de> for RawItem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On checked bytes, `skip_checked` ends where `skip` ends; it reads no further than the
+    /// bytes there are.
+    #[test]
+    fn skip_checked_ends_where_skip_ends() {
+        let items = [
+            Value::Array(vec![
+                Value::Array(vec!["user".into(), "c0s0".into()]),
+                Value::Array(vec!["x".repeat(300).into()]),
+            ]),
+            Value::Map(vec![(Value::Text("k".into()), Value::Bytes(vec![1; 70]))]),
+            Value::Tag(24, Box::new(Value::Integer(7.into()))),
+            Value::Text("é".repeat(40)),
+        ];
+        for v in &items {
+            let mut b = Vec::new();
+            ciborium::into_writer(v, &mut b).unwrap();
+            b.extend_from_slice(&[0x01, 0x02]);
+            let (mut a, mut c) = (Reader::new(&b), Reader::new(&b));
+            a.skip(MAX_DEPTH).unwrap();
+            c.skip_checked().unwrap();
+            assert_eq!(a.pos(), c.pos(), "{v:?}");
+            // Cut short: an error, not a panic.
+            assert!(Reader::new(&b[..a.pos() - 1]).skip_checked().is_err());
+        }
+    }
 
     fn enc(v: &Value) -> Vec<u8> {
         let mut out = Vec::new();

@@ -626,7 +626,9 @@ fn elements_of(args: &RawItem, max_pairs: usize) -> Result<Vec<RawItem>, ElemsEr
             return Err(ElemsError::TooMany(None));
         }
         let start = r.pos();
-        r.skip(cbor::MAX_DEPTH).map_err(|_| ElemsError::NotArray)?;
+        // A `RawItem` is well-formed (its constructors check it): only the element's end is
+        // needed here.
+        r.skip_checked().map_err(|_| ElemsError::NotArray)?;
         out.push(RawItem::from_checked(whole.slice(start..r.pos())));
     }
     Ok(out)
