@@ -120,6 +120,16 @@ impl Wal {
         self.tx.try_send(m).is_ok()
     }
 
+    /// Queues a message if the queue has room, without waiting; gives it back if the queue is
+    /// full (`Some`), drops it if the writer has stopped (`None`).
+    pub fn try_send_back(&self, m: WalMsg) -> Result<(), Option<WalMsg>> {
+        match self.tx.try_send(m) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(m)) => Err(Some(m)),
+            Err(TrySendError::Disconnected(_)) => Err(None),
+        }
+    }
+
     /// Writes and syncs everything queued so far (bounded wait).
     pub fn flush(&self, wait: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();

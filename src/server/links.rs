@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::store::{DirectWriter, SpaceCopy, StoreMsg, StoreView};
+use super::store::{DirectWriter, SpaceCopy, StoreMsg, StoreTx, StoreView};
 use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
@@ -263,7 +263,7 @@ pub async fn connect_proxy(
     generation: u64,
     info: &ReplicaInfo,
     primary_handle: Option<&str>,
-    store: &std::sync::mpsc::Sender<StoreMsg>,
+    store: &StoreTx,
     reads: Option<StoreView>,
     serving: &tokio::sync::watch::Receiver<bool>,
     events: &Events,
@@ -416,7 +416,18 @@ pub async fn connect_proxy(
                     Err(e) => warn!("bad relay frame from the proxy: {e}"),
                 }
             }
-            if !reqs.is_empty() && !to_store(reqs) {
+            if reqs.is_empty() {
+                continue;
+            }
+            // On this thread if the store keeps up, else through its queue.
+            let reqs = match &reads {
+                Some(v) => match v.try_handle(&gate, reqs) {
+                    Ok(()) => continue,
+                    Err(reqs) => reqs,
+                },
+                None => reqs,
+            };
+            if !to_store(reqs) {
                 break;
             }
         }
@@ -611,7 +622,7 @@ async fn pump_updates(
 pub async fn serve_replication(
     ep: quinn::Endpoint,
     cfg: Arc<Config>,
-    store: std::sync::mpsc::Sender<StoreMsg>,
+    store: StoreTx,
     min_epoch: Arc<AtomicU64>,
     handle: String,
     durable: Option<watch::Receiver<Durable>>,

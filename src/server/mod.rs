@@ -38,7 +38,7 @@ use crate::wire::node::{RelayReply, Repl, ReplicaInfo, Role, ToProxy, ToServer};
 
 pub use args::ServerArgs;
 use links::{BackupLink, ConnectOutcome, Event, ProxyLink};
-use store::{DirectLog, DirectWriter, StoreInit, StoreMsg, StoreOut, StoreStats};
+use store::{DirectLog, DirectWriter, StoreInit, StoreMsg, StoreOut, StoreStats, StoreTx};
 
 /// Errors that stop a server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ struct Replica {
     id: Identity,
     client_cfg: quinn::ClientConfig,
     dial_ep: quinn::Endpoint,
-    store: std::sync::mpsc::Sender<StoreMsg>,
+    store: StoreTx,
     stats: StoreStats,
     events: mpsc::UnboundedSender<Event>,
     machine: replica::Replica<RelayReply>,

@@ -9,6 +9,7 @@
 //! one client connection still take effect in the order they were sent: while one of its requests
 //! is with the scan threads, the connection's later requests wait here.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,7 +91,28 @@ pub enum StoreMsg {
     Cancel(Vec<u64>),
     /// The client connection has ended: its waiting requests are cancelled.
     ClientGone(u64),
+    /// Nothing to do but wake: the thread sends what a relay reader's batch left for the log
+    /// writer ([`StoreView::try_handle`]) and looks at the waiters' next deadline again.
+    Nudge,
     Stop,
+}
+
+/// The sending end of the store thread's queue. It counts the messages sent and not yet
+/// handled: a relay reader may handle a batch on its own thread only when none is queued (then
+/// the batch takes effect exactly where the thread would have handled it).
+#[derive(Clone)]
+pub struct StoreTx {
+    tx: std::sync::mpsc::Sender<StoreMsg>,
+    queued: Arc<AtomicU64>,
+}
+
+impl StoreTx {
+    pub fn send(&self, m: StoreMsg) -> Result<(), std::sync::mpsc::SendError<StoreMsg>> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(m).inspect_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        })
+    }
 }
 
 /// What the store starts from.
@@ -176,7 +198,7 @@ impl DirectWriter {
     }
 
     /// Sends the store a message that it logs itself (`Load`, `LoadDedupe`, `Synced`).
-    pub fn via_store(&mut self, store: &std::sync::mpsc::Sender<StoreMsg>, m: StoreMsg) {
+    pub fn via_store(&mut self, store: &StoreTx, m: StoreMsg) {
         self.issued += 1;
         let _ = store.send(m);
     }
@@ -186,7 +208,7 @@ impl DirectWriter {
     /// past `seq`); else to the store, which logs it. True if appended directly.
     pub fn update(
         &mut self,
-        store: &std::sync::mpsc::Sender<StoreMsg>,
+        store: &StoreTx,
         fresh: bool,
         (seq, rid, change, reply): (u64, u64, Change, Reply),
     ) -> bool {
@@ -284,6 +306,15 @@ struct Store {
     direct_applied: u64,
     /// The log writer asked for a snapshot that is not sent yet.
     snapshot_due: bool,
+    /// Messages in the thread's queue not handled yet ([`StoreTx`]).
+    queued: Arc<AtomicU64>,
+    /// A relay reader is handling a batch on its own (async) thread: nothing may wait for the
+    /// log writer's queue, so what does not fit waits in `overflow` for the store thread.
+    inline: Cell<bool>,
+    /// Messages for the log writer that did not fit its queue during an inline batch, sent by the
+    /// store thread (in order, before anything else) when it next wakes. Holds at most one
+    /// batch's records: no batch is handled inline while it is not empty.
+    overflow: RefCell<VecDeque<WalMsg>>,
 }
 
 /// Shared counters the async side reads without asking the thread.
@@ -303,7 +334,14 @@ pub struct StoreStats {
 /// channel as the thread's own, held by the replica machine like every read (`after_seq`).
 /// It does not keep the store alive: the thread owns it, and it ends with the thread.
 #[derive(Clone)]
-pub struct StoreView(std::sync::Weak<Mutex<Store>>);
+pub struct StoreView {
+    store: std::sync::Weak<Mutex<Store>>,
+    /// To wake the thread when a batch handled here leaves it work (see `try_handle`).
+    tx: StoreTx,
+}
+
+/// Requests relayed by the proxy: rid, connection indicator, command.
+pub type Relayed = Vec<(u64, Option<u64>, Command)>;
 
 impl StoreView {
     /// Answers `cmd` now and returns true if it is an exact-key GET (`is_exact_read`) and the
@@ -322,7 +360,7 @@ impl StoreView {
             return false;
         };
         let started = std::time::Instant::now();
-        let Some(shared) = self.0.upgrade() else {
+        let Some(shared) = self.store.upgrade() else {
             return false;
         };
         let Ok(s) = shared.try_lock() else {
@@ -358,6 +396,57 @@ impl StoreView {
         });
         true
     }
+
+    /// Handles a relay reader's batch on the reader's own thread, exactly as the store thread
+    /// would, when that changes nothing: the thread is between two messages (never waited for)
+    /// and none is queued for it, every earlier batch of this link is handled, and the proxy has
+    /// room for the answers (so nothing here waits for it). This saves the hand-off to the store
+    /// thread and back on every batch while the store keeps up. Nothing here waits: messages for
+    /// the log writer that do not fit its queue stay for the store thread, which is woken for
+    /// them, as it is when a new waiter's deadline is earlier than the one it sleeps towards or
+    /// the log writer wants a snapshot (a copy of the dedupe table is the thread's work).
+    /// Gives the batch back if it must go to the thread.
+    pub fn try_handle(
+        &self,
+        gate: &Arc<crate::server::links::RelayGate>,
+        reqs: Relayed,
+    ) -> Result<(), Relayed> {
+        let Some(shared) = self.store.upgrade() else {
+            return Err(reqs);
+        };
+        let Ok(mut s) = shared.try_lock() else {
+            return Err(reqs);
+        };
+        if s.queued.load(Ordering::SeqCst) != 0
+            || !s.overflow.borrow().is_empty()
+            || s.snapshot_due
+            || !gate.caught_up()
+            || !gate.has_room()
+        {
+            return Err(reqs);
+        }
+        let deadline = s.waiters.next_deadline();
+        gate.sent();
+        s.inline.set(true);
+        s.handle(StoreMsg::Requests(reqs, gate.clone()));
+        s.expire();
+        s.inline.set(false);
+        s.len.store(s.space.len() as u64, Ordering::Relaxed);
+        s.seq_pub.store(s.seq, Ordering::Relaxed);
+        let sooner = match (deadline, s.waiters.next_deadline()) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => b < a,
+        };
+        let snapshot = s
+            .wal
+            .as_ref()
+            .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire));
+        if sooner || snapshot || !s.overflow.borrow().is_empty() {
+            let _ = self.tx.send(StoreMsg::Nudge);
+        }
+        Ok(())
+    }
 }
 
 fn lock(m: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -371,11 +460,13 @@ pub fn spawn(
     save_file: Option<PathBuf>,
     out: mpsc::UnboundedSender<StoreOut>,
     stats: StoreStats,
-) -> std::io::Result<(
-    std::sync::mpsc::Sender<StoreMsg>,
-    std::thread::JoinHandle<()>,
-)> {
+) -> std::io::Result<(StoreTx, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let queued = Arc::new(AtomicU64::new(0));
+    let tx = StoreTx {
+        tx,
+        queued: queued.clone(),
+    };
     let scans = {
         let (copy_tx, done_tx) = (tx.clone(), tx.clone());
         Pool::start(
@@ -418,10 +509,16 @@ pub fn spawn(
         direct: init.direct,
         direct_applied: 0,
         snapshot_due: false,
+        queued: queued.clone(),
+        inline: Cell::new(false),
+        overflow: RefCell::new(VecDeque::new()),
     };
     // Held by the thread while it handles a message; relay readers only ever try it.
     let shared = Arc::new(Mutex::new(store));
-    let _ = stats.view.set(StoreView(Arc::downgrade(&shared)));
+    let _ = stats.view.set(StoreView {
+        store: Arc::downgrade(&shared),
+        tx: tx.clone(),
+    });
     let h = std::thread::Builder::new()
         .name("store".into())
         .spawn(move || {
@@ -449,15 +546,16 @@ pub fn spawn(
                     }
                 };
                 let mut store = lock(&shared);
-                if !store.handle(msg) {
+                store.drain_overflow();
+                let go_on = store.handle(msg);
+                store.queued.fetch_sub(1, Ordering::SeqCst);
+                if !go_on {
                     break;
                 }
-                store.expire();
-                store.len.store(store.space.len() as u64, Ordering::Relaxed);
-                store.seq_pub.store(store.seq, Ordering::Relaxed);
-                store.maybe_snapshot();
+                store.after_message();
             }
             let store = lock(&shared);
+            store.drain_overflow();
             if let Some(d) = &store.direct {
                 // The writer ends once every sender is gone (the reader's too).
                 d.retire();
@@ -473,10 +571,48 @@ pub fn spawn(
 
 impl Store {
     fn log(&self, r: Record) {
-        if let Some(w) = &self.wal {
-            // False only if the writer failed, which the server hears about and acts on.
-            let _ = w.send(WalMsg::Record(r));
+        if self.wal.is_some() {
+            self.to_wal(WalMsg::Record(r));
         }
+    }
+
+    /// Queues a message for the log writer: waits for room on the store thread; never on a relay
+    /// reader's thread (`inline`), where what does not fit goes to `overflow`.
+    fn to_wal(&self, m: WalMsg) {
+        let Some(w) = &self.wal else { return };
+        if self.inline.get() {
+            let mut o = self.overflow.borrow_mut();
+            if o.is_empty() {
+                match w.try_send_back(m) {
+                    Ok(()) | Err(None) => {}
+                    Err(Some(m)) => o.push_back(m),
+                }
+            } else {
+                o.push_back(m);
+            }
+        } else {
+            self.drain_overflow();
+            // False only if the writer failed, which the server hears about and acts on.
+            let _ = w.send(m);
+        }
+    }
+
+    /// Store thread: sends what an inline batch left for the log writer.
+    fn drain_overflow(&self) {
+        let Some(w) = &self.wal else { return };
+        let mut o = self.overflow.borrow_mut();
+        while let Some(m) = o.pop_front() {
+            let _ = w.send(m);
+        }
+    }
+
+    /// What follows every message: waiters past their deadline, the published counters, and a
+    /// snapshot if the log writer asked for one.
+    fn after_message(&mut self) {
+        self.expire();
+        self.len.store(self.space.len() as u64, Ordering::Relaxed);
+        self.seq_pub.store(self.seq, Ordering::Relaxed);
+        self.maybe_snapshot();
     }
 
     /// Logs dedupe entries in chunks that each fit a log record.
@@ -528,7 +664,7 @@ impl Store {
                 return;
             }
         }
-        let _ = w.send(WalMsg::Snapshot {
+        self.to_wal(WalMsg::Snapshot {
             space: self.space.clone(),
             pos: Position {
                 epoch: self.epoch,
@@ -727,6 +863,7 @@ impl Store {
                 self.waiters.cancel_client(client, &mut acts);
                 self.carry_out(acts);
             }
+            StoreMsg::Nudge => {}
             StoreMsg::Stop => return false,
         }
         true
@@ -811,8 +948,12 @@ impl Store {
     fn run(&mut self, rid: u64, client: u64, cmd: Command) {
         self.current.0 = OpLabel::of_command(&cmd);
         if let Some(gate) = &self.gate {
-            // Back-pressure: no new answer while the proxy has too many unread ones.
-            gate.wait_for_room();
+            // Back-pressure: no new answer while the proxy has too many unread ones. A batch
+            // handled on a relay reader's thread started with room and never waits (it may pass
+            // the budget by that one batch's answers).
+            if !self.inline.get() {
+                gate.wait_for_room();
+            }
             if matches!(cmd, Command::Get { .. }) && gate.is_gone(client) {
                 return self.answer(
                     rid,
@@ -1313,12 +1454,7 @@ mod tests {
         }
     }
 
-    fn start(
-        cfg: Config,
-    ) -> (
-        std::sync::mpsc::Sender<StoreMsg>,
-        mpsc::UnboundedReceiver<StoreOut>,
-    ) {
+    fn start(cfg: Config) -> (StoreTx, mpsc::UnboundedReceiver<StoreOut>) {
         let (out, rx) = mpsc::unbounded_channel();
         let init = empty_init();
         let (tx, _h) = spawn(init, Arc::new(cfg), None, out, StoreStats::default()).unwrap();
@@ -1330,7 +1466,7 @@ mod tests {
         RawItem::from_value(&Value::Array(vec![t(k), t(v)]))
     }
 
-    fn table(tx: &std::sync::mpsc::Sender<StoreMsg>) -> Vec<(u64, Reply)> {
+    fn table(tx: &StoreTx) -> Vec<(u64, Reply)> {
         let (t, r) = tokio::sync::oneshot::channel();
         tx.send(StoreMsg::Snapshot(t)).unwrap();
         r.blocking_recv().unwrap().2
@@ -1428,7 +1564,7 @@ mod tests {
 
     /// A store with a log writer stub (the test reads what it is sent) and a direct log.
     fn start_direct() -> (
-        std::sync::mpsc::Sender<StoreMsg>,
+        StoreTx,
         DirectWriter,
         Arc<DirectLog>,
         std::sync::mpsc::Receiver<WalMsg>,
@@ -1456,7 +1592,7 @@ mod tests {
     }
 
     /// Holds the store thread until the returned receiver is read.
-    fn hold(tx: &std::sync::mpsc::Sender<StoreMsg>) -> std::sync::mpsc::Receiver<(Space, u64)> {
+    fn hold(tx: &StoreTx) -> std::sync::mpsc::Receiver<(Space, u64)> {
         let (t, r) = std::sync::mpsc::sync_channel(0);
         tx.send(StoreMsg::ScanCopy(t)).unwrap();
         r
@@ -1500,7 +1636,7 @@ mod tests {
         }
     }
 
-    fn initial_copy(tx: &std::sync::mpsc::Sender<StoreMsg>, w: &mut DirectWriter, seq: u64) {
+    fn initial_copy(tx: &StoreTx, w: &mut DirectWriter, seq: u64) {
         let load = StoreMsg::Load {
             pairs: vec![("a".into(), "1".into())],
             reset: true,
@@ -1601,6 +1737,79 @@ mod tests {
             "a sender of the log writer is left"
         );
         drop((w, log));
+    }
+
+    /// A relay reader's batch is handled on its own thread only when nothing is queued for the
+    /// store thread; what does not fit the log writer's queue waits for the thread (woken for it),
+    /// in order, and no batch is handled beside the thread until it has been sent.
+    #[test]
+    fn a_batch_is_handled_beside_the_thread_only_when_nothing_waits_and_its_log_stays_in_order() {
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let (wal, log_rx) = Wal::stub(1);
+        let init = StoreInit {
+            wal: Some(wal),
+            ..empty_init()
+        };
+        let stats = StoreStats::default();
+        let cfg = Config::default();
+        let (tx, _h) = spawn(init, Arc::new(cfg.clone()), None, out, stats.clone()).unwrap();
+        let view = stats.view.get().unwrap().clone();
+        let gate = crate::server::links::RelayGate::new(&cfg);
+        let put = |rid: u64, k: &str| (rid, Some(7), Command::Put(vec![pair(k, "v")]));
+        // A batch of this link still with the thread: the next one must wait behind it.
+        gate.sent();
+        assert!(view.try_handle(&gate, vec![put(1, "a")]).is_err());
+        gate.handled();
+        // Three writes, one log slot: one record queued, two left for the thread, which is
+        // woken for them (it then waits for room in the log writer's queue).
+        let batch = vec![put(2, "b"), put(3, "c"), put(4, "d")];
+        let mut batch = Some(batch);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while let Some(b) = batch.take() {
+            if let Err(b) = view.try_handle(&gate, b) {
+                assert!(std::time::Instant::now() < deadline, "never handled");
+                std::thread::yield_now();
+                batch = Some(b);
+            }
+        }
+        for seq in 1..=3 {
+            assert!(
+                matches!(rx.blocking_recv().unwrap(), StoreOut::Write { seq: s, .. } if s == seq)
+            );
+        }
+        // While records wait for the thread, no batch is handled beside it.
+        assert!(view.try_handle(&gate, vec![put(5, "e")]).is_err());
+        let mut seqs = vec![];
+        while seqs.len() < 3 {
+            if let WalMsg::Record(Record::Change { seq, rid, .. }) = log_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap()
+            {
+                seqs.push((seq, rid));
+            }
+        }
+        assert_eq!(seqs, vec![(1, 2), (2, 3), (3, 4)], "logged in order");
+        // Once the thread has sent them, batches are handled beside it again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut batch = Some(vec![put(6, "f")]);
+        while let Some(b) = batch.take() {
+            if let Err(b) = view.try_handle(&gate, b) {
+                assert!(std::time::Instant::now() < deadline, "never handled again");
+                std::thread::yield_now();
+                batch = Some(b);
+            }
+        }
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            StoreOut::Write { seq: 4, rid: 6, .. }
+        ));
+        assert!(matches!(
+            log_rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap(),
+            WalMsg::Record(Record::Change { seq: 4, .. })
+        ));
+        let _ = tx.send(StoreMsg::Stop);
     }
 
     #[test]
