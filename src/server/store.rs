@@ -399,8 +399,9 @@ impl StoreView {
 
     /// Handles a relay reader's batch on the reader's own thread, exactly as the store thread
     /// would, when that changes nothing: the thread is between two messages (never waited for)
-    /// and none is queued for it, every earlier batch of this link is handled, and the proxy has
-    /// room for the answers (so nothing here waits for it). This saves the hand-off to the store
+    /// and none is queued for it, and every earlier batch of this link is handled. Where the
+    /// thread would wait for the proxy to read answers (`RelayGate::wait_for_room`), the rest
+    /// of the batch goes to the thread instead. This saves the hand-off to the store
     /// thread and back on every batch while the store keeps up. Nothing here waits: messages for
     /// the log writer that do not fit its queue stay for the store thread, which is woken for
     /// them, as it is when a new waiter's deadline is earlier than the one it sleeps towards or
@@ -428,7 +429,19 @@ impl StoreView {
         let deadline = s.waiters.next_deadline();
         gate.sent();
         s.inline.set(true);
-        s.handle(StoreMsg::Requests(reqs, gate.clone()));
+        s.gate = Some(gate.clone());
+        let mut reqs = reqs.into_iter();
+        while let Some((rid, client, cmd)) = reqs.next() {
+            if !gate.has_room() {
+                // The thread would wait for the proxy here: the rest of the batch waits there.
+                gate.sent();
+                let rest = std::iter::once((rid, client, cmd)).chain(reqs).collect();
+                let _ = self.tx.send(StoreMsg::Requests(rest, gate.clone()));
+                break;
+            }
+            s.request(rid, client, cmd);
+        }
+        gate.handled();
         s.expire();
         s.inline.set(false);
         s.len.store(s.space.len() as u64, Ordering::Relaxed);
@@ -948,9 +961,9 @@ impl Store {
     fn run(&mut self, rid: u64, client: u64, cmd: Command) {
         self.current.0 = OpLabel::of_command(&cmd);
         if let Some(gate) = &self.gate {
-            // Back-pressure: no new answer while the proxy has too many unread ones. A batch
-            // handled on a relay reader's thread started with room and never waits (it may pass
-            // the budget by that one batch's answers).
+            // Back-pressure: no new answer while the proxy has too many unread ones (a relay
+            // reader handling a batch checks before each request and leaves the rest to this
+            // thread instead of waiting).
             if !self.inline.get() {
                 gate.wait_for_room();
             }
