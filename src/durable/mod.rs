@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::space::Change;
-use crate::wire::cbor::write_head;
+use crate::wire::cbor::{write_head, write_text};
 use crate::wire::node::Reply;
 
 /// When the log writer calls `fdatasync`.
@@ -174,6 +174,12 @@ pub fn encode_frame<T: Serialize>(item: &T, out: &mut Vec<u8>) {
         out.truncate(start);
         return;
     }
+    seal_frame(out, start);
+}
+
+/// Writes the header (length, checksum) of the log frame that starts at `start`: everything
+/// after the header is its payload.
+fn seal_frame(out: &mut [u8], start: usize) {
     let payload = &out[start + FRAME_HEADER..];
     let len = payload.len() as u32;
     let crc = crc32fast::hash(payload);
@@ -199,28 +205,20 @@ pub fn encode_record(rec: &Record, out: &mut Vec<u8>) {
     if !reply_is_plain(reply) {
         return encode_frame(rec, out);
     }
-    let text = |out: &mut Vec<u8>, s: &str| {
-        write_head(out, 3, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
-    };
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER]);
     write_head(out, 5, 1);
-    text(out, "Change");
+    write_text(out, "Change");
     write_head(out, 5, 5);
     for (k, v) in [("epoch", *epoch), ("seq", *seq), ("rid", *rid)] {
-        text(out, k);
+        write_text(out, k);
         write_head(out, 0, v);
     }
-    text(out, "change");
+    write_text(out, "change");
     write_change(out, change);
-    text(out, "reply");
+    write_text(out, "reply");
     write_reply(out, reply);
-    let payload = &out[start + FRAME_HEADER..];
-    let len = payload.len() as u32;
-    let crc = crc32fast::hash(payload);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    seal_frame(out, start);
 }
 
 /// What ended a frame sequence.

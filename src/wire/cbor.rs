@@ -312,6 +312,12 @@ pub fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+/// Appends a definite-length text item.
+pub fn write_text(out: &mut Vec<u8>, s: &str) {
+    write_head(out, 3, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
 /// One well-formed CBOR item kept as the bytes it was sent in: a PUT/POST element, echoed in
 /// `rejected` exactly as sent. Costs its encoding plus one handle, however many items it nests.
 #[derive(Clone, PartialEq, Eq, Hash)]

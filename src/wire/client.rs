@@ -765,14 +765,12 @@ impl Response {
         // `rejected` comes last, its elements copied as sent (serde cannot write raw CBOR): the
         // map head above already counts it.
         if let Some(r) = &self.rejected {
-            cbor::write_head(out, 3, "rejected".len() as u64);
-            out.extend_from_slice(b"rejected");
+            cbor::write_text(out, "rejected");
             cbor::write_head(out, 4, r.len() as u64);
             for x in r {
                 out.extend_from_slice(x.as_bytes());
             }
-            let len = (out.len() - start - 4) as u32;
-            out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            crate::wire::frame::seal(out, start);
         }
     }
 

@@ -77,18 +77,30 @@ impl FrameDecoder {
     }
 }
 
-/// Appends one frame holding `item` to `out`.
-pub fn encode_into<T: Serialize + ?Sized>(item: &T, out: &mut Vec<u8>) {
+/// Starts a frame at the end of `out`: room for its length prefix, written by [`seal`] once
+/// the body follows. Returns where the frame starts.
+pub fn open(out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
+    start
+}
+
+/// Writes the length prefix of the frame [`open`]ed at `start`: everything after it is its body.
+pub fn seal(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends one frame holding `item` to `out`.
+pub fn encode_into<T: Serialize + ?Sized>(item: &T, out: &mut Vec<u8>) {
+    let start = open(out);
     // Writing CBOR into a Vec cannot fail for our own (serde-derived, string-keyed) types.
     if let Err(e) = ciborium::into_writer(item, &mut *out) {
         tracing::error!("internal error: cannot encode a CBOR frame: {e}");
         out.truncate(start);
         return;
     }
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    seal(out, start);
 }
 
 /// One frame holding `item`.

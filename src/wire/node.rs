@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::space::{Change, Pair};
 use crate::wire::cbor::{self, Head, RawItem, Reader, TAG_ENCODED_CBOR};
 use crate::wire::client::{Command, Response, Status};
-use crate::wire::frame::CborError;
+use crate::wire::frame::{self, CborError};
 
 /// What a server believes it is when it says hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -130,38 +130,27 @@ impl Relay {
     /// "value": text}} | {"Put" | "Post": [tag 24 bytes, ...]}}}`, exactly; None otherwise.
     fn read_request(body: &bytes::Bytes) -> Option<Relay> {
         let mut r = Reader::new(body);
-        let key = |r: &mut Reader, k: &str| r.text().ok()?.filter(|t| t == k).map(|_| ());
-        if r.head().ok()? != Head::Map(Some(1)) {
-            return None;
-        }
-        key(&mut r, "Request")?;
-        if r.head().ok()? != Head::Map(Some(3)) {
-            return None;
-        }
-        key(&mut r, "rid")?;
-        let Head::Uint(rid) = r.head().ok()? else {
-            return None;
-        };
-        key(&mut r, "client")?;
+        map_of(&mut r, 1)?;
+        key_is(&mut r, "Request")?;
+        map_of(&mut r, 3)?;
+        key_is(&mut r, "rid")?;
+        let rid = uint(&mut r)?;
+        key_is(&mut r, "client")?;
         let client = match r.head().ok()? {
             Head::Uint(c) => Some(c),
             Head::Simple(22) => None,
             _ => return None,
         };
-        key(&mut r, "cmd")?;
-        if r.head().ok()? != Head::Map(Some(1)) {
-            return None;
-        }
+        key_is(&mut r, "cmd")?;
+        map_of(&mut r, 1)?;
         let name = r.text().ok()??;
         let cmd = match &*name {
             "Get" | "Delete" => {
-                if r.head().ok()? != Head::Map(Some(2)) {
-                    return None;
-                }
-                key(&mut r, "key")?;
-                let k = r.text().ok()??.into_owned();
-                key(&mut r, "value")?;
-                let value = r.text().ok()??.into_owned();
+                map_of(&mut r, 2)?;
+                key_is(&mut r, "key")?;
+                let k = owned_text(&mut r)?;
+                key_is(&mut r, "value")?;
+                let value = owned_text(&mut r)?;
                 // Exactly two keys: no `limit` or `wait_ms` (PROTOCOL.md §4a; those go by serde).
                 if name == "Get" {
                     Command::get(k, value)
@@ -292,19 +281,15 @@ impl RelayAnswer {
             r => r.into_response(None).encode_into(scratch),
         }
         let body = scratch.get(4..).unwrap_or_default();
-        let start = out.len();
-        out.extend_from_slice(&[0; 4]);
+        let start = frame::open(out);
         cbor::write_head(out, 5, 2);
-        cbor::write_head(out, 3, 3);
-        out.extend_from_slice(b"rid");
+        cbor::write_text(out, "rid");
         cbor::write_head(out, 0, rid);
-        cbor::write_head(out, 3, 8);
-        out.extend_from_slice(b"response");
+        cbor::write_text(out, "response");
         cbor::write_head(out, 6, TAG_ENCODED_CBOR);
         cbor::write_head(out, 2, body.len() as u64);
         out.extend_from_slice(body);
-        let len = (out.len() - start - 4) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        frame::seal(out, start);
     }
 
     /// The count an answer to [`Command::Count`] carries; None for any other answer.
@@ -325,15 +310,11 @@ impl RelayAnswer {
     pub fn read(body: &bytes::Bytes) -> Result<RelayAnswer, CborError> {
         let fast = || -> Option<(u64, usize)> {
             let mut r = Reader::new(body);
-            if r.head().ok()? != Head::Map(Some(2)) || r.text().ok()?.as_deref() != Some("rid") {
-                return None;
-            }
-            let Head::Uint(rid) = r.head().ok()? else {
-                return None;
-            };
-            if r.text().ok()?.as_deref() != Some("response")
-                || r.head().ok()? != Head::Tag(TAG_ENCODED_CBOR)
-            {
+            map_of(&mut r, 2)?;
+            key_is(&mut r, "rid")?;
+            let rid = uint(&mut r)?;
+            key_is(&mut r, "response")?;
+            if r.head().ok()? != Head::Tag(TAG_ENCODED_CBOR) {
                 return None;
             }
             let Head::Bytes(Some(n)) = r.head().ok()? else {
@@ -410,40 +391,33 @@ impl Repl {
         } = m
             && reply_is_plain(reply)
         {
-            let start = out.len();
-            out.extend_from_slice(&[0; 4]);
+            let start = frame::open(out);
             cbor::write_head(out, 5, 1);
-            text(out, "Update");
+            cbor::write_text(out, "Update");
             cbor::write_head(out, 5, 4);
-            text(out, "seq");
+            cbor::write_text(out, "seq");
             cbor::write_head(out, 0, *seq);
-            text(out, "rid");
+            cbor::write_text(out, "rid");
             cbor::write_head(out, 0, *rid);
-            text(out, "change");
+            cbor::write_text(out, "change");
             write_change(out, change);
-            text(out, "reply");
+            cbor::write_text(out, "reply");
             write_reply(out, reply);
-            let len = (out.len() - start - 4) as u32;
-            out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            frame::seal(out, start);
         } else {
-            crate::wire::frame::encode_into(m, out);
+            frame::encode_into(m, out);
         }
     }
-}
-
-fn text(out: &mut Vec<u8>, s: &str) {
-    cbor::write_head(out, 3, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
 }
 
 fn write_pairs(out: &mut Vec<u8>, pairs: &[Pair]) {
     cbor::write_head(out, 4, pairs.len() as u64);
     for p in pairs {
         cbor::write_head(out, 5, 2);
-        text(out, "key");
-        text(out, &p.key);
-        text(out, "value");
-        text(out, &p.value);
+        cbor::write_text(out, "key");
+        cbor::write_text(out, &p.key);
+        cbor::write_text(out, "value");
+        cbor::write_text(out, &p.value);
     }
 }
 
@@ -452,18 +426,18 @@ pub fn write_change(out: &mut Vec<u8>, c: &Change) {
     cbor::write_head(out, 5, 1);
     match c {
         Change::Insert(p) => {
-            text(out, "Insert");
+            cbor::write_text(out, "Insert");
             write_pairs(out, p);
         }
         Change::Replace(p) => {
-            text(out, "Replace");
+            cbor::write_text(out, "Replace");
             write_pairs(out, p);
         }
         Change::Remove(keys) => {
-            text(out, "Remove");
+            cbor::write_text(out, "Remove");
             cbor::write_head(out, 4, keys.len() as u64);
             for k in keys {
-                text(out, k);
+                cbor::write_text(out, k);
             }
         }
     }
@@ -483,22 +457,26 @@ pub fn write_reply(out: &mut Vec<u8>, r: &Reply) {
     cbor::write_head(out, 5, 1);
     match r {
         Reply::Pairs { pairs, message } => {
-            text(out, "Pairs");
+            cbor::write_text(out, "Pairs");
             cbor::write_head(out, 5, 2);
-            text(out, "pairs");
+            cbor::write_text(out, "pairs");
             write_pairs(out, pairs);
-            text(out, "message");
+            cbor::write_text(out, "message");
             match message {
                 None => out.push(0xf6),
-                Some(m) => text(out, m),
+                Some(m) => cbor::write_text(out, m),
             }
         }
         _ => {
-            text(out, "Rejected");
+            cbor::write_text(out, "Rejected");
             cbor::write_head(out, 4, 0);
         }
     }
 }
+
+// Small readers shared by the in-place readers of this module (`Relay::read`,
+// `RelayAnswer::read`, `Repl::read`): each consumes what it expects or answers None, and the
+// caller then reads the frame through serde.
 
 /// Consumes a map head of exactly `n` entries.
 fn map_of(r: &mut Reader<'_>, n: u64) -> Option<()> {
