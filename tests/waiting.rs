@@ -26,6 +26,15 @@ async fn wait_pending(cl: &Cluster, n: u64, within: Duration) -> bool {
     wait_until(within, || async { pending(cl).await == Some(n) }).await
 }
 
+/// PUTs one pair (text forms) and checks it was stored.
+async fn put_one(c: &mut tuplespace::client::Client, key: &str, value: &str) {
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair(key, value)])))
+        .await
+        .unwrap();
+    assert!(rejected_of(&r).is_empty(), "{key} not stored: {r:?}");
+}
+
 fn keys(r: &tuplespace::wire::client::Response) -> Vec<String> {
     pairs_of(r).into_iter().map(|p| p.0).collect()
 }
@@ -162,11 +171,7 @@ async fn a_waiting_read_sees_a_post_and_wait_zero_answers_at_once() {
     let cl = Cluster::start().await;
     let mut c = cl.client().await;
     let mut w = cl.client().await;
-    let r = c
-        .request("PUT", Some(Value::Array(vec![tpair("cfg,a", "old")])))
-        .await
-        .unwrap();
-    assert!(rejected_of(&r).is_empty());
+    put_one(&mut c, "cfg,a", "old").await;
     // wait_ms 0: answered at once, like a plain GET.
     let r = w
         .call(&Request::get("cfg,a", "new").wait(Duration::ZERO))
@@ -288,11 +293,7 @@ async fn closing_a_waiting_stream_or_connection_cancels_its_take() {
         "the take of a reset stream still waits: {}",
         cl.logs()
     );
-    let r = c
-        .request("PUT", Some(Value::Array(vec![tpair("job,a", "x")])))
-        .await
-        .unwrap();
-    assert!(rejected_of(&r).is_empty());
+    put_one(&mut c, "job,a", "x").await;
     let r = c.request("GET", pats("job,a", ".*")).await.unwrap();
     assert_eq!(pairs_of(&r), owned(&[("job,a", "x")]), "nothing was taken");
     // The connection still works.
@@ -309,11 +310,7 @@ async fn closing_a_waiting_stream_or_connection_cancels_its_take() {
         "the take of a closed connection still waits: {}",
         cl.logs()
     );
-    let r = c
-        .request("PUT", Some(Value::Array(vec![tpair("job,b", "y")])))
-        .await
-        .unwrap();
-    assert!(rejected_of(&r).is_empty());
+    put_one(&mut c, "job,b", "y").await;
     let r = c.request("GET", pats("job,.*", ".*")).await.unwrap();
     assert_eq!(pairs_of(&r), owned(&[("job,a", "x"), ("job,b", "y")]));
 
@@ -321,11 +318,7 @@ async fn closing_a_waiting_stream_or_connection_cancels_its_take() {
     let raw3 = cl.raw_client().await;
     let mut s3 = waiting_take(&cl, &raw3, "job,c").await;
     s3.finish();
-    let r = c
-        .request("PUT", Some(Value::Array(vec![tpair("job,c", "z")])))
-        .await
-        .unwrap();
-    assert!(rejected_of(&r).is_empty());
+    put_one(&mut c, "job,c", "z").await;
     let r = s3.answer().await;
     assert_eq!(pairs_of(&r), owned(&[("job,c", "z")]));
     assert!(matches!(s3.read().await, Read::End), "the stream finishes");

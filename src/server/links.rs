@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::store::{DirectWriter, SpaceCopy, StoreMsg, StoreTx, StoreView};
+use super::store::{DirectWriter, Relayed, SpaceCopy, StoreMsg, StoreTx, StoreView};
 use crate::config::Config;
 use crate::durable::dedupe;
 use crate::durable::wal::Durable;
@@ -20,7 +20,7 @@ use crate::metrics::{ReplicationLag, ServerMetrics};
 use crate::net::endpoint::{self, ListenLimits};
 use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend};
 use crate::net::tls::{self, SapKind};
-use crate::wire::client::{Command, pairs_node_len};
+use crate::wire::client::pairs_node_len;
 use crate::wire::frame;
 use crate::wire::node::{
     Beat, Relay, RelayAnswer, RelayReply, Repl, ReplAck, ReplicaInfo, Reply, Role, StreamKind,
@@ -364,7 +364,7 @@ pub async fn connect_proxy(
         }
         let mut input = FramedRecv::new(rrecv, max);
         let gate = relay_gate;
-        let to_store = |reqs: Vec<(u64, Option<u64>, Command)>| {
+        let to_store = |reqs: Relayed| {
             gate.sent();
             store.send(StoreMsg::Requests(reqs, gate.clone())).is_ok()
         };

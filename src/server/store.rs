@@ -47,10 +47,7 @@ pub type SpaceCopy = (Space, u64, Vec<(u64, Reply)>);
 /// Work for the store thread.
 pub enum StoreMsg {
     /// Relayed requests, in order, with the gate of the proxy link they came on.
-    Requests(
-        Vec<(u64, Option<u64>, Command)>,
-        Arc<crate::server::links::RelayGate>,
-    ),
+    Requests(Relayed, Arc<crate::server::links::RelayGate>),
     /// The proxy has answered every rid below this.
     Watermark(u64),
     /// A backup applies a primary's update (with the reply, for dedupe). `logged`: the
@@ -429,23 +426,14 @@ impl StoreView {
         let deadline = s.waiters.next_deadline();
         gate.sent();
         s.inline.set(true);
-        s.gate = Some(gate.clone());
-        let mut reqs = reqs.into_iter();
-        while let Some((rid, client, cmd)) = reqs.next() {
-            if !gate.has_room() {
-                // The thread would wait for the proxy here: the rest of the batch waits there.
-                gate.sent();
-                let rest = std::iter::once((rid, client, cmd)).chain(reqs).collect();
-                let _ = self.tx.send(StoreMsg::Requests(rest, gate.clone()));
-                break;
-            }
-            s.request(rid, client, cmd);
+        if let Some(rest) = s.requests(reqs, gate) {
+            // The thread would wait for the proxy here: the rest of the batch waits there.
+            gate.sent();
+            let _ = self.tx.send(StoreMsg::Requests(rest, gate.clone()));
         }
         gate.handled();
-        s.expire();
+        s.settle();
         s.inline.set(false);
-        s.len.store(s.space.len() as u64, Ordering::Relaxed);
-        s.seq_pub.store(s.seq, Ordering::Relaxed);
         let sooner = match (deadline, s.waiters.next_deadline()) {
             (_, None) => false,
             (None, Some(_)) => true,
@@ -619,13 +607,36 @@ impl Store {
         }
     }
 
-    /// What follows every message: waiters past their deadline, the published counters, and a
-    /// snapshot if the log writer asked for one.
+    /// What follows every message: [`Store::settle`], and a snapshot if the log writer asked for
+    /// one.
     fn after_message(&mut self) {
+        self.settle();
+        self.maybe_snapshot();
+    }
+
+    /// What follows every message or batch: waiters past their deadline, the published counters.
+    fn settle(&mut self) {
         self.expire();
         self.len.store(self.space.len() as u64, Ordering::Relaxed);
         self.seq_pub.store(self.seq, Ordering::Relaxed);
-        self.maybe_snapshot();
+    }
+
+    /// Handles relayed requests in order. On a relay reader's thread (`inline`) it stops where
+    /// the store thread would wait for the proxy to read answers, and gives back the rest.
+    fn requests(
+        &mut self,
+        reqs: Relayed,
+        gate: &Arc<crate::server::links::RelayGate>,
+    ) -> Option<Relayed> {
+        self.gate = Some(gate.clone());
+        let mut reqs = reqs.into_iter();
+        while let Some((rid, client, cmd)) = reqs.next() {
+            if self.inline.get() && !gate.has_room() {
+                return Some(std::iter::once((rid, client, cmd)).chain(reqs).collect());
+            }
+            self.request(rid, client, cmd);
+        }
+        None
     }
 
     /// Logs dedupe entries in chunks that each fit a log record.
@@ -748,10 +759,8 @@ impl Store {
     fn handle(&mut self, msg: StoreMsg) -> bool {
         match msg {
             StoreMsg::Requests(reqs, gate) => {
-                self.gate = Some(gate.clone());
-                for (rid, client, cmd) in reqs {
-                    self.request(rid, client, cmd);
-                }
+                // Never inline here: every request is handled.
+                self.requests(reqs, &gate);
                 gate.handled();
             }
             StoreMsg::Watermark(w) => {
