@@ -153,11 +153,11 @@ impl RelayGate {
         }
     }
 
-    fn charge(&self, n: usize) {
+    pub(crate) fn charge(&self, n: usize) {
         *self.queued.lock().unwrap_or_else(|e| e.into_inner()) += n;
     }
 
-    fn release(&self, n: usize) {
+    pub(crate) fn release(&self, n: usize) {
         let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
         *q = q.saturating_sub(n);
         if *q <= self.max {

@@ -419,7 +419,6 @@ impl StoreView {
             || !s.overflow.borrow().is_empty()
             || s.snapshot_due
             || !gate.caught_up()
-            || !gate.has_room()
         {
             return Err(reqs);
         }
@@ -1739,6 +1738,46 @@ mod tests {
         until("direct appends resume", || !log.gate().pause);
         assert!(w.update(&tx, true, upd(3)));
         assert_eq!(logged(&rx, 1), ["change 3 e1"]);
+    }
+
+    /// Where the store thread would wait for the proxy to read answers, a batch handled beside
+    /// it stops and leaves the rest to the thread, which waits, then answers once there is room.
+    #[test]
+    fn a_batch_without_room_for_its_answers_is_left_to_the_thread() {
+        let (out, mut rx) = mpsc::unbounded_channel();
+        let stats = StoreStats::default();
+        let cfg = Config::default();
+        let (tx, _h) = spawn(
+            empty_init(),
+            Arc::new(cfg.clone()),
+            None,
+            out,
+            stats.clone(),
+        )
+        .unwrap();
+        let view = stats.view.get().unwrap().clone();
+        let gate = crate::server::links::RelayGate::new(&cfg);
+        let over = cfg.max_relay_reply_bytes + 1;
+        gate.charge(over);
+        let put = (1, Some(7), Command::Put(vec![pair("a", "v")]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut batch = Some(vec![put]);
+        while let Some(b) = batch.take() {
+            if let Err(b) = view.try_handle(&gate, b) {
+                assert!(std::time::Instant::now() < deadline, "never taken");
+                std::thread::yield_now();
+                batch = Some(b);
+            }
+        }
+        // The batch went to the thread, which waits for room: not handled yet.
+        assert!(!gate.caught_up());
+        assert!(rx.try_recv().is_err());
+        gate.release(over);
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            StoreOut::Write { seq: 1, rid: 1, .. }
+        ));
+        let _ = tx.send(StoreMsg::Stop);
     }
 
     #[test]
