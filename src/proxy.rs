@@ -33,7 +33,9 @@ use crate::wire::client::{
     self, BackupState, CloseCode, ClusterStatus, Command, Op, Response, Status,
 };
 use crate::wire::frame::{self, FrameError};
-use crate::wire::node::{Relay, RelayAnswer, ReplicaInfo, Role, StreamKind, ToProxy, ToServer};
+use crate::wire::node::{
+    Relay, RelayAnswer, RelayRequestRef, ReplicaInfo, Role, StreamKind, ToProxy, ToServer,
+};
 use crate::wire::{CLIENT_ALPN, NODE_ALPN};
 
 /// Errors that stop the proxy from starting.
@@ -152,7 +154,7 @@ enum RouterMsg {
     },
     RelayReady {
         link: LinkId,
-        relay: mpsc::UnboundedSender<Relay>,
+        relay: mpsc::UnboundedSender<Vec<u8>>,
     },
     Replies {
         link: LinkId,
@@ -629,9 +631,36 @@ impl Drop for IdentitySlot {
 type Machine = router::Router<Req, RawItem>;
 type MAction = router::Action<Req, RawItem>;
 
+/// A link's relay stream, seen from the router: frames are encoded here as the router decides
+/// them, and the frames of one router batch go to the stream's writer as one message.
+struct RelayOut {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl RelayOut {
+    fn new(tx: mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        RelayOut {
+            tx,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send<T: serde::Serialize>(&mut self, m: &T) {
+        frame::encode_into(m, &mut self.buf);
+    }
+
+    /// Hands what was encoded to the writer (after each router batch).
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 struct Link {
     control: mpsc::UnboundedSender<ToServer>,
-    relay: Option<mpsc::UnboundedSender<Relay>>,
+    relay: Option<RelayOut>,
     conn: quinn::Connection,
     /// Pairs the server last reported in a heartbeat (the metrics gauge; STATUS counts exactly).
     pairs: u64,
@@ -652,6 +681,8 @@ struct Router {
     cfg: Arc<Config>,
     machine: Machine,
     origin: Instant,
+    /// The time of the message being handled (read once per message, see `router_loop`).
+    clock: Instant,
     links: HashMap<LinkId, Link>,
     /// Where the witness's durable state lives (None: kept in memory only).
     state: Option<ProxyStateFile>,
@@ -681,7 +712,7 @@ struct Router {
 
 impl Router {
     fn now(&self) -> Millis {
-        self.origin.elapsed().as_millis() as Millis
+        self.clock.duration_since(self.origin).as_millis() as Millis
     }
 
     fn step(&mut self, input: router::Input<Req, RawItem>) {
@@ -719,18 +750,18 @@ impl Router {
         match a {
             MAction::Forward { link, rid } => {
                 if let (Some(relay), Some(p)) = (
-                    self.links.get(&link).and_then(|l| l.relay.as_ref()),
+                    self.links.get_mut(&link).and_then(|l| l.relay.as_mut()),
                     self.machine.payload(rid),
                 ) {
-                    let _ = relay.send(Relay::Request {
+                    relay.send(&RelayRequestRef::Request {
                         rid,
                         client: Some(p.client),
-                        cmd: p.cmd.clone(),
+                        cmd: &p.cmd,
                     });
                     if p.wait_no != 0 {
                         self.wait_rids.insert(p.wait_no, rid);
                         if self.wait_cancelled.contains(&p.wait_no) {
-                            let _ = relay.send(Relay::Cancel { rids: vec![rid] });
+                            relay.send(&Relay::Cancel { rids: vec![rid] });
                         }
                     }
                 }
@@ -754,7 +785,8 @@ impl Router {
                     return self.answer_status(token, pairs);
                 }
                 let op = OpLabel::of_command(&payload.cmd);
-                self.metrics.latency.observe(op, payload.start.elapsed());
+                let took = self.clock.saturating_duration_since(payload.start);
+                self.metrics.latency.observe(op, took);
                 self.metrics.in_flight.dec();
                 let resp = match outcome {
                     Outcome::Reply(r) => {
@@ -780,8 +812,8 @@ impl Router {
                 let _ = payload.reply.send(resp);
             }
             MAction::Watermark { link, rid } => {
-                if let Some(relay) = self.links.get(&link).and_then(|l| l.relay.as_ref()) {
-                    let _ = relay.send(Relay::Watermark(rid));
+                if let Some(relay) = self.links.get_mut(&link).and_then(|l| l.relay.as_mut()) {
+                    relay.send(&Relay::Watermark(rid));
                 }
             }
             MAction::Witness(w) => self.witness_action(w),
@@ -893,10 +925,10 @@ impl Router {
                     rids.is_empty(),
                     self.machine
                         .route()
-                        .and_then(|p| self.links.get(&p))
-                        .and_then(|l| l.relay.as_ref()),
+                        .and_then(|p| self.links.get_mut(&p))
+                        .and_then(|l| l.relay.as_mut()),
                 ) {
-                    let _ = relay.send(Relay::Cancel { rids });
+                    relay.send(&Relay::Cancel { rids });
                 }
             }
             RouterMsg::Admin {
@@ -947,7 +979,7 @@ impl Router {
             }
             RouterMsg::RelayReady { link, relay } => {
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.relay = Some(relay);
+                    l.relay = Some(RelayOut::new(relay));
                     self.step(router::Input::RelayReady { link });
                 }
             }
@@ -1007,10 +1039,10 @@ impl Router {
                     .machine
                     .witness()
                     .primary()
-                    .and_then(|p| self.links.get(&p))
-                    .and_then(|l| l.relay.as_ref())
+                    .and_then(|p| self.links.get_mut(&p))
+                    .and_then(|l| l.relay.as_mut())
                 {
-                    let _ = relay.send(Relay::ClientGone { client });
+                    relay.send(&Relay::ClientGone { client });
                 }
             }
             RouterMsg::Persisted(r) => self.persisted(r),
@@ -1300,10 +1332,22 @@ async fn router_loop(mut r: Router, mut rx: mpsc::UnboundedReceiver<RouterMsg>) 
             biased;
             n = rx.recv_many(&mut batch, 256) => {
                 if n == 0 { break; }
-                for m in batch.drain(..) { r.handle(m); }
+                for m in batch.drain(..) {
+                    r.clock = Instant::now();
+                    r.handle(m);
+                }
             }
-            _ = tick.tick() => r.tick(),
+            _ = tick.tick() => {
+                r.clock = Instant::now();
+                r.tick();
+            }
             _ = r.stop.cancelled() => break,
+        }
+        // What the batch (or the tick) sent on each relay stream leaves in one message.
+        for l in r.links.values_mut() {
+            if let Some(relay) = l.relay.as_mut() {
+                relay.flush();
+            }
         }
     }
     // Close every server link with SHUTTING_DOWN so servers do not wait for a lost proxy.
@@ -1396,6 +1440,7 @@ pub async fn run(
         cfg: cfg.clone(),
         machine: router::Router::new(witness, incarnation, cfg.request_timeout_ms),
         origin: Instant::now(),
+        clock: Instant::now(),
         links: HashMap::new(),
         state,
         held: VecDeque::new(),
@@ -1602,6 +1647,12 @@ fn classify(
     cfg: &Config,
     tx: &RespTx,
 ) -> Result<Classified, (OpLabel, Box<Response>)> {
+    // The usual GET and DELETE in one pass; anything else by the general reader.
+    if sap == SapKind::Client
+        && let Some((id, cmd)) = client::fast_pattern_command(body)
+    {
+        return Ok(Classified::Data { cmd, id });
+    }
     // Read in place: no value tree, so a frame of a million tiny items costs its bytes only.
     let req = client::parse_request(body).map_err(|m| (OpLabel::Other, Box::new(m.response())))?;
     let op = OpLabel::of_op(&req.op);
@@ -1895,10 +1946,10 @@ async fn serve_server_conn(
                 });
             }
             Ok(StreamKind::Relay { .. }) => {
-                let (rtx, mut rrx) = mpsc::unbounded_channel::<Relay>();
+                let (rtx, mut rrx) = mpsc::unbounded_channel::<Vec<u8>>();
                 let _ = router.send(RouterMsg::RelayReady { link, relay: rtx });
                 let mut out = FramedSend::new(send);
-                tasks.spawn(async move { out.pump(&mut rrx, |_| true).await });
+                tasks.spawn(async move { out.pump_encoded(&mut rrx).await });
                 let router = router.clone();
                 let relay_conn = conn.clone();
                 // Answers decoded here and not yet handed on by the router: bounded, so that a

@@ -89,7 +89,9 @@ pub struct Router<P, R> {
     witness: Witness,
     incarnation: u64,
     next: u64,
-    pending: BTreeMap<u64, Pending<P>>,
+    /// Boxed: the map moves its entries about as it grows and shrinks; a request's payload is
+    /// large, its box is not.
+    pending: BTreeMap<u64, Box<Pending<P>>>,
     /// Deadlines of pending requests (not in rid order: some may wait for a match).
     deadlines: BTreeSet<(Millis, u64)>,
     route: Option<LinkId>,
@@ -158,7 +160,7 @@ impl<P: Clone, R> Router<P, R> {
                     p.sent = true;
                     out.push(Action::Forward { link, rid });
                 }
-                self.pending.insert(rid, p);
+                self.pending.insert(rid, Box::new(p));
             }
             Input::Replies { link, replies } => {
                 if self.route != Some(link) {
@@ -273,7 +275,7 @@ impl<P: Clone, R> Router<P, R> {
             }
             self.deadlines.pop_first();
             if let Some(p) = self.pending.remove(&rid) {
-                Self::expired(p, out);
+                Self::expired(*p, out);
             }
         }
     }

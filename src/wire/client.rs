@@ -174,15 +174,18 @@ pub enum Op {
 
 impl Op {
     pub fn parse(s: &str) -> Op {
-        match s.to_ascii_uppercase().as_str() {
-            "GET" => Op::Get,
-            "PUT" => Op::Put,
-            "POST" => Op::Post,
-            "DELETE" => Op::Delete,
-            "SHUTDOWN" => Op::Shutdown,
-            "STATUS" => Op::Status,
-            _ => Op::Other(s.to_owned()),
-        }
+        const NAMED: [(&str, Op); 6] = [
+            ("GET", Op::Get),
+            ("PUT", Op::Put),
+            ("POST", Op::Post),
+            ("DELETE", Op::Delete),
+            ("SHUTDOWN", Op::Shutdown),
+            ("STATUS", Op::Status),
+        ];
+        NAMED
+            .into_iter()
+            .find(|(name, _)| s.eq_ignore_ascii_case(name))
+            .map_or_else(|| Op::Other(s.to_owned()), |(_, op)| op)
     }
     pub fn is_data(&self) -> bool {
         matches!(self, Op::Get | Op::Put | Op::Post | Op::Delete)
@@ -474,6 +477,73 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
         limit,
         wait_ms,
     })
+}
+
+/// The usual GET or DELETE, read in one pass without the general walk: a definite map of
+/// exactly `id` (unsigned), `op` (`GET`/`DELETE`, any case) and `args` (a definite array of two
+/// definite text strings), in this order, short heads, nothing after. `None` for anything else:
+/// [`parse_request`] and [`command_of`] then decide, and for this shape they give the same id
+/// and command (a unit test compares them on every byte-level variation of such requests).
+pub fn fast_pattern_command(body: &[u8]) -> Option<(u64, Command)> {
+    /// The argument of a head of major type `major` (definite, at most 8 bytes), and the rest.
+    fn head(b: &[u8], major: u8) -> Option<(u64, &[u8])> {
+        let (&ib, rest) = b.split_first()?;
+        if ib >> 5 != major {
+            return None;
+        }
+        let n = match ib & 0x1f {
+            ai @ 0..=23 => return Some((u64::from(ai), rest)),
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return None,
+        };
+        let (arg, rest) = rest.split_at_checked(n)?;
+        Some((arg.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)), rest))
+    }
+    fn text(b: &[u8]) -> Option<(&str, &[u8])> {
+        let (n, rest) = head(b, 3)?;
+        let (t, rest) = rest.split_at_checked(usize::try_from(n).ok()?)?;
+        Some((std::str::from_utf8(t).ok()?, rest))
+    }
+    let b = body.strip_prefix(&[0xa3, 0x62, b'i', b'd'])?;
+    let (id, b) = head(b, 0)?;
+    let b = b.strip_prefix(&[0x62, b'o', b'p'])?;
+    let (op, b) = text(b)?;
+    let get = if op.eq_ignore_ascii_case("GET") {
+        true
+    } else if op.eq_ignore_ascii_case("DELETE") {
+        false
+    } else {
+        return None;
+    };
+    let b = b.strip_prefix(&[0x64, b'a', b'r', b'g', b's', 0x82])?;
+    let (key, b) = text(b)?;
+    let (value, b) = text(b)?;
+    if !b.is_empty() {
+        return None;
+    }
+    let (key, value) = (key.to_owned(), value.to_owned());
+    let (limit, wait_ms) = (None, None);
+    Some((
+        id,
+        if get {
+            Command::Get {
+                key,
+                value,
+                limit,
+                wait_ms,
+            }
+        } else {
+            Command::Delete {
+                key,
+                value,
+                limit,
+                wait_ms,
+            }
+        },
+    ))
 }
 
 /// Checks the argument shape of a data operation (reading `args` in place).
@@ -1036,6 +1106,82 @@ pub fn request_value_with(id: u64, op: &str, args: Option<Value>, opts: MatchOpt
 mod tests {
     use super::*;
     use crate::wire::frame;
+
+    /// `fast_pattern_command` accepts the usual shapes, and whatever it accepts (the usual
+    /// shapes, and every one-byte change, cut or extra byte of them) the general reader reads
+    /// as the same id and command.
+    #[test]
+    fn the_fast_pattern_reader_agrees_with_the_general_one() {
+        let mut usual = Vec::new();
+        for (id, op) in [
+            (0u64, "GET"),
+            (23, "get"),
+            (24, "DELETE"),
+            (70_000, "Delete"),
+            (u64::MAX, "gEt"),
+        ] {
+            for (k, v) in [
+                ("user,c1s2", ".*"),
+                ("", ""),
+                ("ü,κ", "x{2}"),
+                (&"k".repeat(23)[..], &"v".repeat(24)[..]),
+                (&"k".repeat(255)[..], &"v".repeat(256)[..]),
+            ] {
+                let req = Value::Map(vec![
+                    ("id".into(), id.into()),
+                    ("op".into(), op.into()),
+                    ("args".into(), Value::Array(vec![k.into(), v.into()])),
+                ]);
+                let body = frame::encode(&req)[4..].to_vec();
+                let (got_id, cmd) = fast_pattern_command(&body).expect("the usual shape");
+                assert_eq!(got_id, id);
+                let want = match Op::parse(op) {
+                    Op::Get => Command::get(k, v),
+                    _ => Command::Delete {
+                        key: k.into(),
+                        value: v.into(),
+                        limit: None,
+                        wait_ms: None,
+                    },
+                };
+                assert_eq!(cmd, want);
+                usual.push(body);
+            }
+        }
+        let mut variants = Vec::new();
+        for body in &usual {
+            variants.push(body.clone());
+            for i in 0..body.len() {
+                for x in [0x01u8, 0x02, 0x20, 0x40, 0x80, 0xff] {
+                    let mut b = body.clone();
+                    b[i] ^= x;
+                    variants.push(b);
+                }
+                for v in [0x00u8, 0x18, 0x1b, 0x1f, 0x7f, 0x9f, 0xbf, 0xff] {
+                    let mut b = body.clone();
+                    b[i] = v;
+                    variants.push(b);
+                }
+                variants.push(body[..i].to_vec());
+            }
+            for extra in [0x00u8, 0xff] {
+                let mut b = body.clone();
+                b.push(extra);
+                variants.push(b);
+            }
+        }
+        let mut accepted = 0;
+        for b in &variants {
+            if let Some((id, cmd)) = fast_pattern_command(b) {
+                accepted += 1;
+                let req = parse_request(b).unwrap_or_else(|e| panic!("{b:02x?}: {e:?}"));
+                assert_eq!(req.id, id, "{b:02x?}");
+                let general = command_of(req, 100).unwrap_or_else(|e| panic!("{b:02x?}: {e:?}"));
+                assert_eq!(general, cmd, "{b:02x?}");
+            }
+        }
+        assert!(accepted > usual.len(), "only {accepted} variants were read");
+    }
 
     #[test]
     fn node_length_bounds_the_node_encoding_of_pairs() {

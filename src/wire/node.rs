@@ -115,6 +115,17 @@ pub enum Relay {
     Cancel { rids: Vec<u64> },
 }
 
+/// A [`Relay::Request`] by reference: the same bytes, without a copy of the command.
+#[derive(Serialize)]
+#[serde(rename = "Relay")]
+pub enum RelayRequestRef<'a> {
+    Request {
+        rid: u64,
+        client: Option<u64>,
+        cmd: &'a Command,
+    },
+}
+
 impl Relay {
     /// Reads a relay frame body. A request as the proxy writes it is read in place (its
     /// PUT/POST elements stay slices of `body`, each checked to be one well-formed item);
@@ -611,6 +622,55 @@ pub enum Beat {
 mod tests {
     use super::*;
 
+    /// The request the proxy writes by reference is byte for byte the owned one, and reads back
+    /// as it.
+    #[test]
+    fn a_request_by_reference_is_the_same_frame() {
+        let elems = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    let v = ciborium::Value::Array(vec![
+                        ciborium::Value::Array(vec!["k".into(), format!("{i}").into()]),
+                        ciborium::Value::Array(vec!["v".into()]),
+                    ]);
+                    RawItem::from_value(&v)
+                })
+                .collect::<Vec<_>>()
+        };
+        let cmds = [
+            Command::get("user,c1s2", ".*"),
+            Command::Get {
+                key: "a".into(),
+                value: "b".into(),
+                limit: Some(1),
+                wait_ms: Some(5000),
+            },
+            Command::Delete {
+                key: "k".into(),
+                value: "ü".into(),
+                limit: None,
+                wait_ms: None,
+            },
+            Command::Put(elems(3)),
+            Command::Post(elems(1)),
+            Command::Count,
+        ];
+        for (i, cmd) in cmds.iter().enumerate() {
+            for client in [None, Some(7)] {
+                let rid = u64::MAX - i as u64;
+                let by_ref = frame::encode(&RelayRequestRef::Request { rid, client, cmd });
+                let owned = Relay::Request {
+                    rid,
+                    client,
+                    cmd: cmd.clone(),
+                };
+                assert_eq!(by_ref, frame::encode(&owned));
+                let body = bytes::Bytes::copy_from_slice(&by_ref[4..]);
+                assert_eq!(Relay::read(&body).unwrap(), owned);
+            }
+        }
+    }
+
     /// Every shape of update (and other messages) reads the same through the in-place reader
     /// as through serde, and a frame the reader does not expect falls back to serde.
     #[test]
@@ -741,7 +801,7 @@ mod tests {
             ]),
             Command::Post(vec![]),
         ];
-        for (i, cmd) in cmds.into_iter().enumerate() {
+        for (i, cmd) in cmds.iter().enumerate() {
             for client in [None, Some(7), Some(1 << 40)] {
                 let m = Relay::Request {
                     rid: 1 << (i * 9),
