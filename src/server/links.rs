@@ -84,7 +84,9 @@ pub struct ProxyLink {
 /// the proxy to read them (the store starts no new request above `max_relay_reply_bytes`), and
 /// which client connections have ended at the proxy (their reads need not be computed).
 pub struct RelayGate {
-    queued: Mutex<usize>,
+    /// Bytes of answers queued, and how many threads wait for room (told only if any do:
+    /// a notify is a system call).
+    queued: Mutex<(usize, usize)>,
     room: Condvar,
     max: usize,
     /// Longest the store waits for room: past it, it goes on (and says so) rather than stall on
@@ -101,7 +103,7 @@ pub struct RelayGate {
 impl RelayGate {
     pub fn new(cfg: &Config) -> Arc<RelayGate> {
         Arc::new(RelayGate {
-            queued: Mutex::new(0),
+            queued: Mutex::new((0, 0)),
             room: Condvar::new(),
             max: cfg.max_relay_reply_bytes,
             wait_at_most: cfg.request_timeout(),
@@ -129,23 +131,25 @@ impl RelayGate {
 
     /// True if the answers queued for the proxy are within the budget.
     pub fn has_room(&self) -> bool {
-        *self.queued.lock().unwrap_or_else(|e| e.into_inner()) <= self.max
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).0 <= self.max
     }
 
     /// Store thread: waits while the answers queued for the proxy pass the budget (back-pressure
     /// from a proxy that reads slower than the store answers).
     pub fn wait_for_room(&self) {
-        let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        if *q <= self.max {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if q.0 <= self.max {
             return;
         }
-        let (q, t) = self
+        q.1 += 1;
+        let (mut q, t) = self
             .room
-            .wait_timeout_while(q, self.wait_at_most, |q| *q > self.max)
+            .wait_timeout_while(q, self.wait_at_most, |q| q.0 > self.max)
             .unwrap_or_else(|e| e.into_inner());
+        q.1 -= 1;
         if t.timed_out() {
             warn!(
-                queued = *q,
+                queued = q.0,
                 max = self.max,
                 "answers for the proxy did not drain within {:?}; going on",
                 self.wait_at_most
@@ -154,13 +158,13 @@ impl RelayGate {
     }
 
     pub(crate) fn charge(&self, n: usize) {
-        *self.queued.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).0 += n;
     }
 
     pub(crate) fn release(&self, n: usize) {
         let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        *q = q.saturating_sub(n);
-        if *q <= self.max {
+        q.0 = q.0.saturating_sub(n);
+        if q.0 <= self.max && q.1 > 0 {
             self.room.notify_all();
         }
     }

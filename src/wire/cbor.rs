@@ -225,18 +225,15 @@ impl<'a> Reader<'a> {
     /// Reads a text item (definite, or indefinite in chunks). `Ok(None)` if the next item is not
     /// text; then nothing is consumed.
     pub fn text(&mut self) -> Result<Option<Cow<'a, str>>, CborError> {
-        match self.peek()? {
-            Head::Text(Some(_)) => {
-                let Head::Text(Some(n)) = self.head()? else {
-                    return Err(invalid("internal: head changed"));
-                };
+        let at = self.pos;
+        match self.head()? {
+            Head::Text(Some(n)) => {
                 let s = self.take(n)?;
                 let s = std::str::from_utf8(s)
                     .map_err(|e| invalid(format!("text is not UTF-8: {e}")))?;
                 Ok(Some(Cow::Borrowed(s)))
             }
             Head::Text(None) => {
-                self.head()?;
                 let mut out = String::new();
                 loop {
                     match self.head()? {
@@ -253,28 +250,33 @@ impl<'a> Reader<'a> {
                 }
                 Ok(Some(Cow::Owned(out)))
             }
-            _ => Ok(None),
+            _ => {
+                self.pos = at;
+                Ok(None)
+            }
         }
     }
 
     /// Reads the head of an array: `Ok(Some(n))` (`None` inside = indefinite), or `Ok(None)` if
     /// the next item is not an array (nothing consumed).
     pub fn array(&mut self) -> Result<Option<Option<u64>>, CborError> {
-        match self.peek()? {
-            Head::Array(n) => {
-                self.head()?;
-                Ok(Some(n))
+        let at = self.pos;
+        match self.head()? {
+            Head::Array(n) => Ok(Some(n)),
+            _ => {
+                self.pos = at;
+                Ok(None)
             }
-            _ => Ok(None),
         }
     }
 
     /// Inside an indefinite-length container: consumes the break and returns true if it is next.
     pub fn at_break(&mut self) -> Result<bool, CborError> {
-        if self.peek()? == Head::Break {
-            self.head()?;
+        let at = self.pos;
+        if self.head()? == Head::Break {
             Ok(true)
         } else {
+            self.pos = at;
             Ok(false)
         }
     }

@@ -495,8 +495,15 @@ fn map_of(r: &mut Reader<'_>, n: u64) -> Option<()> {
 }
 
 /// Consumes a text item equal to `want`.
+/// (Definite text only, compared as bytes: equal bytes are valid UTF-8. Anything else is
+/// `None`, and the caller falls back to serde.)
 fn key_is(r: &mut Reader<'_>, want: &str) -> Option<()> {
-    (r.text().ok()?? == want).then_some(())
+    match r.head().ok()? {
+        Head::Text(Some(n)) if n == want.len() as u64 => {
+            (r.take(n).ok()? == want.as_bytes()).then_some(())
+        }
+        _ => None,
+    }
 }
 
 fn uint(r: &mut Reader<'_>) -> Option<u64> {
