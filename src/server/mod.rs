@@ -629,7 +629,9 @@ impl Replica {
                 self.epoch.clone(),
                 self.info.handle.clone(),
                 self.durable.clone(),
-                self.direct.clone().map(DirectWriter::new),
+                self.direct
+                    .clone()
+                    .map(|d| DirectWriter::new(d).applying(self.stats.view.clone())),
                 self.events.clone(),
                 self.metrics.clone(),
             ));

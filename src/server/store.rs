@@ -187,11 +187,25 @@ pub struct DirectWriter {
     log: Arc<DirectLog>,
     /// Messages sent to the store that it logs itself.
     issued: u64,
+    /// Where an update appended directly may also be applied without the store thread
+    /// ([`StoreView::try_apply`]); empty: always through the thread.
+    view: Arc<OnceLock<StoreView>>,
 }
 
 impl DirectWriter {
     pub fn new(log: Arc<DirectLog>) -> Self {
-        DirectWriter { log, issued: 0 }
+        DirectWriter {
+            log,
+            issued: 0,
+            view: Arc::default(),
+        }
+    }
+
+    /// Applies updates on the reader's thread when the store thread is idle (see
+    /// [`StoreView::try_apply`]).
+    pub fn applying(mut self, view: Arc<OnceLock<StoreView>>) -> Self {
+        self.view = view;
+        self
     }
 
     /// Sends the store a message that it logs itself (`Load`, `LoadDedupe`, `Synced`).
@@ -225,7 +239,14 @@ impl DirectWriter {
                 if wal.try_send(WalMsg::Record(rec)) {
                     g.sent += 1;
                     // Under the lock: a snapshot check or `retire` that follows it finds this
-                    // update in the store's queue.
+                    // update applied, or in the store's queue.
+                    let (change, reply) = match self.view.get() {
+                        Some(v) => match v.try_apply(seq, rid, change, reply) {
+                            Ok(()) => return true,
+                            Err(back) => back,
+                        },
+                        None => (change, reply),
+                    };
                     let _ = store.send(StoreMsg::Apply {
                         seq,
                         rid,
@@ -392,6 +413,42 @@ impl StoreView {
             reply: RelayReply { rid, reply },
         });
         true
+    }
+
+    /// A backup's replication reader applies an update it has just appended to the log
+    /// ([`DirectWriter::update`], under the [`DirectLog`]'s gate) on its own thread, exactly as
+    /// the store thread would, when that changes nothing: the thread is between two messages
+    /// (never waited for: the gate is held, and the thread takes the gate while holding the
+    /// store), none is queued for it (so every earlier message of the reader is applied), and
+    /// no snapshot waits. It is counted as applied at once, so a snapshot check finds it. A
+    /// snapshot the log writer asks for is left to the thread, which is woken for it. Gives the
+    /// update back if it must go to the thread.
+    pub fn try_apply(
+        &self,
+        seq: u64,
+        rid: u64,
+        change: Change,
+        reply: Reply,
+    ) -> Result<(), (Change, Reply)> {
+        let Some(shared) = self.store.upgrade() else {
+            return Err((change, reply));
+        };
+        let Ok(mut s) = shared.try_lock() else {
+            return Err((change, reply));
+        };
+        if s.queued.load(Ordering::SeqCst) != 0 || !s.overflow.borrow().is_empty() || s.snapshot_due
+        {
+            return Err((change, reply));
+        }
+        s.apply_update(seq, rid, change, reply, true);
+        s.settle();
+        if s.wal
+            .as_ref()
+            .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire))
+        {
+            let _ = self.tx.send(StoreMsg::Nudge);
+        }
+        Ok(())
     }
 
     /// Handles a relay reader's batch on the reader's own thread, exactly as the store thread
@@ -754,6 +811,38 @@ impl Store {
         });
     }
 
+    /// A backup applies a primary's update (`StoreMsg::Apply`; `logged`: the replication reader
+    /// already appended it to the log, see [`DirectLog`]).
+    fn apply_update(&mut self, seq: u64, rid: u64, change: Change, reply: Reply, logged: bool) {
+        if seq > self.seq {
+            // Logged before it is applied: the append starts as early as it can.
+            if !logged && self.wal.is_some() {
+                self.log(Record::Change {
+                    epoch: self.epoch,
+                    seq,
+                    rid,
+                    change: change.clone(),
+                    reply: reply.clone(),
+                });
+            }
+            self.space.apply(&change);
+            self.seq = seq;
+            self.remember(rid, reply);
+        } else if logged {
+            // The reader appends only updates past what the store holds.
+            tracing::warn!(
+                seq,
+                held = self.seq,
+                "an update appended to the log directly was already held"
+            );
+        }
+        if logged {
+            self.direct_applied += 1;
+        } else {
+            self.relayed();
+        }
+    }
+
     /// Returns false to stop the thread.
     fn handle(&mut self, msg: StoreMsg) -> bool {
         match msg {
@@ -772,35 +861,7 @@ impl Store {
                 change,
                 reply,
                 logged,
-            } => {
-                if seq > self.seq {
-                    // Logged before it is applied: the append starts as early as it can.
-                    if !logged && self.wal.is_some() {
-                        self.log(Record::Change {
-                            epoch: self.epoch,
-                            seq,
-                            rid,
-                            change: change.clone(),
-                            reply: reply.clone(),
-                        });
-                    }
-                    self.space.apply(&change);
-                    self.seq = seq;
-                    self.remember(rid, reply);
-                } else if logged {
-                    // The reader appends only updates past what the store holds.
-                    tracing::warn!(
-                        seq,
-                        held = self.seq,
-                        "an update appended to the log directly was already held"
-                    );
-                }
-                if logged {
-                    self.direct_applied += 1;
-                } else {
-                    self.relayed();
-                }
-            }
+            } => self.apply_update(seq, rid, change, reply, logged),
             StoreMsg::Load { pairs, reset } => {
                 if reset {
                     self.space = Space::new();
@@ -1591,6 +1652,21 @@ mod tests {
         std::sync::mpsc::Receiver<WalMsg>,
         Arc<std::sync::atomic::AtomicBool>,
     ) {
+        let (tx, w, log, rx, wanted, _) = start_direct_with(false);
+        (tx, w, log, rx, wanted)
+    }
+
+    /// `inline`: the writer also applies updates on its own thread when the store is idle.
+    fn start_direct_with(
+        inline: bool,
+    ) -> (
+        StoreTx,
+        DirectWriter,
+        Arc<DirectLog>,
+        std::sync::mpsc::Receiver<WalMsg>,
+        Arc<std::sync::atomic::AtomicBool>,
+        StoreStats,
+    ) {
         // Nothing here answers requests: what the store emits is not read.
         let (out, _) = mpsc::unbounded_channel();
         let (wal, log_rx) = Wal::stub(64);
@@ -1602,14 +1678,13 @@ mod tests {
             ..empty_init()
         };
         let cfg = Arc::new(Config::default());
-        let (tx, _h) = spawn(init, cfg, None, out, StoreStats::default()).unwrap();
-        (
-            tx,
-            DirectWriter::new(direct.clone()),
-            direct,
-            log_rx,
-            wanted,
-        )
+        let stats = StoreStats::default();
+        let (tx, _h) = spawn(init, cfg, None, out, stats.clone()).unwrap();
+        let mut w = DirectWriter::new(direct.clone());
+        if inline {
+            w = w.applying(stats.view.clone());
+        }
+        (tx, w, direct, log_rx, wanted, stats)
     }
 
     /// Holds the store thread until the returned receiver is read.
@@ -1711,7 +1786,66 @@ mod tests {
 
     #[test]
     fn a_snapshot_waits_until_the_store_applied_every_update_appended_directly() {
-        let (tx, mut w, log, rx, wanted) = start_direct();
+        snapshot_after_direct_appends(false);
+        snapshot_after_direct_appends(true);
+    }
+
+    /// The backup's reader applies an update it appended on its own thread only while the store
+    /// thread is idle with nothing queued: never ahead of a message queued before it, and what
+    /// it applies is in the store (published seq, later snapshots).
+    #[test]
+    fn a_backup_update_is_applied_beside_the_store_thread_only_when_it_is_idle() {
+        let (tx, mut w, log, rx, _, stats) = start_direct_with(true);
+        initial_copy(&tx, &mut w, 5);
+        until("the store logged the copy", || {
+            log.relayed.load(Ordering::Acquire) == 2
+        });
+        until("the store is idle", || {
+            tx.queued.load(Ordering::SeqCst) == 0
+        });
+        assert!(w.update(&tx, true, upd(6)));
+        assert_eq!(
+            tx.queued.load(Ordering::SeqCst),
+            0,
+            "update 6 went through the store's queue"
+        );
+        assert_eq!(stats.seq.load(Ordering::Relaxed), 6, "update 6 not applied");
+        // The store is busy: 7 goes through its queue, and 8 must not overtake it.
+        let held = hold(&tx);
+        assert!(w.update(&tx, true, upd(7)));
+        assert!(w.update(&tx, true, upd(8)));
+        assert_eq!(tx.queued.load(Ordering::SeqCst), 3, "7 and 8 not queued");
+        held.recv().unwrap();
+        until("7 and 8 applied", || stats.seq.load(Ordering::Relaxed) == 8);
+        assert!(w.update(&tx, true, upd(9)));
+        let (t, r) = oneshot::channel();
+        tx.send(StoreMsg::Snapshot(t)).unwrap();
+        let (space, seq, dedupe) = r.blocking_recv().unwrap();
+        assert_eq!(seq, 9);
+        for n in 6..=9 {
+            assert!(space.value_of(&format!("k,{n}")).is_some(), "k,{n} missing");
+            assert!(
+                dedupe.iter().any(|(rid, _)| *rid == 100 + n),
+                "rid of {n} missing"
+            );
+        }
+        assert_eq!(log.gate().sent, 4);
+        assert_eq!(
+            logged(&rx, 7),
+            [
+                "reset",
+                "pairs 1",
+                "base 5",
+                "change 6 e1",
+                "change 7 e1",
+                "change 8 e1",
+                "change 9 e1"
+            ]
+        );
+    }
+
+    fn snapshot_after_direct_appends(inline: bool) {
+        let (tx, mut w, log, rx, wanted, _) = start_direct_with(inline);
         initial_copy(&tx, &mut w, 0);
         until("the store logged the copy", || {
             log.relayed.load(Ordering::Acquire) == 2
