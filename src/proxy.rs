@@ -25,7 +25,7 @@ use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
 use crate::metrics::{self, OpLabel, ProxyMetrics};
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
-use crate::net::stream::{FramedRecv, FramedSend, RecvError};
+use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::cbor::RawItem;
@@ -154,7 +154,7 @@ enum RouterMsg {
     },
     RelayReady {
         link: LinkId,
-        relay: mpsc::UnboundedSender<Vec<u8>>,
+        relay: mpsc::UnboundedSender<RelayItem>,
     },
     Replies {
         link: LinkId,
@@ -631,15 +631,25 @@ impl Drop for IdentitySlot {
 type Machine = router::Router<Req, RawItem>;
 type MAction = router::Action<Req, RawItem>;
 
-/// A link's relay stream, seen from the router: frames are encoded here as the router decides
-/// them, and the frames of one router batch go to the stream's writer as one message.
+/// What the router hands a relay stream's writer, in order.
+enum RelayItem {
+    /// Frames the router encoded (a batch's small messages: GET/DELETE, watermarks, cancels).
+    Frames(Vec<u8>),
+    /// A PUT/POST, whose elements are handles on the bytes the client sent: encoded by the
+    /// writer as it sends, so a link that does not drain holds no second copy of them beside
+    /// the pending request (`max_pending_bytes` counts one).
+    Request(Relay),
+}
+
+/// A link's relay stream, seen from the router: small frames are encoded here as the router
+/// decides them, and the frames of one router batch go to the stream's writer as one message.
 struct RelayOut {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<RelayItem>,
     buf: Vec<u8>,
 }
 
 impl RelayOut {
-    fn new(tx: mpsc::UnboundedSender<Vec<u8>>) -> Self {
+    fn new(tx: mpsc::UnboundedSender<RelayItem>) -> Self {
         RelayOut {
             tx,
             buf: Vec::new(),
@@ -650,10 +660,56 @@ impl RelayOut {
         frame::encode_into(m, &mut self.buf);
     }
 
+    /// A request, after what was encoded before it.
+    fn send_request(&mut self, rid: u64, client: u64, cmd: &Command) {
+        if matches!(cmd, Command::Put(_) | Command::Post(_)) {
+            self.flush();
+            let _ = self.tx.send(RelayItem::Request(Relay::Request {
+                rid,
+                client: Some(client),
+                cmd: cmd.clone(),
+            }));
+        } else {
+            self.send(&RelayRequestRef::Request {
+                rid,
+                client: Some(client),
+                cmd,
+            });
+        }
+    }
+
     /// Hands what was encoded to the writer (after each router batch).
     fn flush(&mut self) {
         if !self.buf.is_empty() {
-            let _ = self.tx.send(std::mem::take(&mut self.buf));
+            let _ = self
+                .tx
+                .send(RelayItem::Frames(std::mem::take(&mut self.buf)));
+        }
+    }
+}
+
+/// A relay stream's writer: what the router sent, many frames per write.
+async fn relay_writer(mut out: FramedSend, mut rx: mpsc::UnboundedReceiver<RelayItem>) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                RelayItem::Frames(b) => out.queue_with(|buf| {
+                    if buf.is_empty() {
+                        *buf = b;
+                    } else {
+                        buf.extend_from_slice(&b);
+                    }
+                }),
+                RelayItem::Request(r) => out.queue(&r),
+            }
+            if out.queued() >= BATCH_BYTES {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if out.flush().await.is_err() {
+            break;
         }
     }
 }
@@ -753,11 +809,7 @@ impl Router {
                     self.links.get_mut(&link).and_then(|l| l.relay.as_mut()),
                     self.machine.payload(rid),
                 ) {
-                    relay.send(&RelayRequestRef::Request {
-                        rid,
-                        client: Some(p.client),
-                        cmd: &p.cmd,
-                    });
+                    relay.send_request(rid, p.client, &p.cmd);
                     if p.wait_no != 0 {
                         self.wait_rids.insert(p.wait_no, rid);
                         if self.wait_cancelled.contains(&p.wait_no) {
@@ -979,7 +1031,10 @@ impl Router {
             }
             RouterMsg::RelayReady { link, relay } => {
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.relay = Some(RelayOut::new(relay));
+                    // What the router encoded for a stream this one replaces still goes out.
+                    if let Some(mut old) = l.relay.replace(RelayOut::new(relay)) {
+                        old.flush();
+                    }
                     self.step(router::Input::RelayReady { link });
                 }
             }
@@ -1946,10 +2001,9 @@ async fn serve_server_conn(
                 });
             }
             Ok(StreamKind::Relay { .. }) => {
-                let (rtx, mut rrx) = mpsc::unbounded_channel::<Vec<u8>>();
+                let (rtx, rrx) = mpsc::unbounded_channel::<RelayItem>();
                 let _ = router.send(RouterMsg::RelayReady { link, relay: rtx });
-                let mut out = FramedSend::new(send);
-                tasks.spawn(async move { out.pump_encoded(&mut rrx).await });
+                tasks.spawn(relay_writer(FramedSend::new(send), rrx));
                 let router = router.clone();
                 let relay_conn = conn.clone();
                 // Answers decoded here and not yet handed on by the router: bounded, so that a

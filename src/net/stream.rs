@@ -147,27 +147,6 @@ impl FramedSend {
         }
     }
 
-    /// Like [`FramedSend::pump`] for frames already encoded (length prefixes included): each
-    /// message is one or more whole frames, written as they come, many in one write.
-    pub async fn pump_encoded(&mut self, rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
-        while let Some(m) = rx.recv().await {
-            if self.buf.is_empty() {
-                self.buf = m;
-            } else {
-                self.buf.extend_from_slice(&m);
-            }
-            while self.queued() < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => self.buf.extend_from_slice(&m),
-                    Err(_) => break,
-                }
-            }
-            if self.flush().await.is_err() {
-                break;
-            }
-        }
-    }
-
     pub fn finish(&mut self) {
         let _ = self.send.finish();
     }
