@@ -524,24 +524,12 @@ pub fn fast_pattern_command(body: &[u8]) -> Option<(u64, Command)> {
     if !b.is_empty() {
         return None;
     }
-    let (key, value) = (key.to_owned(), value.to_owned());
-    let (limit, wait_ms) = (None, None);
     Some((
         id,
         if get {
-            Command::Get {
-                key,
-                value,
-                limit,
-                wait_ms,
-            }
+            Command::get(key, value)
         } else {
-            Command::Delete {
-                key,
-                value,
-                limit,
-                wait_ms,
-            }
+            Command::delete(key, value)
         },
     ))
 }
@@ -1137,12 +1125,7 @@ mod tests {
                 assert_eq!(got_id, id);
                 let want = match Op::parse(op) {
                     Op::Get => Command::get(k, v),
-                    _ => Command::Delete {
-                        key: k.into(),
-                        value: v.into(),
-                        limit: None,
-                        wait_ms: None,
-                    },
+                    _ => Command::delete(k, v),
                 };
                 assert_eq!(cmd, want);
                 usual.push(body);

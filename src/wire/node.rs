@@ -652,12 +652,7 @@ mod tests {
                 limit: Some(1),
                 wait_ms: Some(5000),
             },
-            Command::Delete {
-                key: "k".into(),
-                value: "ü".into(),
-                limit: None,
-                wait_ms: None,
-            },
+            Command::delete("k", "ü"),
             Command::Put(elems(3)),
             Command::Post(elems(1)),
             Command::Count,
