@@ -25,7 +25,7 @@ use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
 use crate::metrics::{self, OpLabel, ProxyMetrics};
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
-use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
+use crate::net::stream::{FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::cbor::RawItem;
@@ -690,28 +690,17 @@ impl RelayOut {
 
 /// A relay stream's writer: what the router sent, many frames per write.
 async fn relay_writer(mut out: FramedSend, mut rx: mpsc::UnboundedReceiver<RelayItem>) {
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(item) = next {
-            match item {
-                RelayItem::Frames(b) => out.queue_with(|buf| {
-                    if buf.is_empty() {
-                        *buf = b;
-                    } else {
-                        buf.extend_from_slice(&b);
-                    }
-                }),
-                RelayItem::Request(r) => out.queue(&r),
+    out.pump_with(&mut rx, |out, item| match item {
+        RelayItem::Frames(b) => out.queue_with(|buf| {
+            if buf.is_empty() {
+                *buf = b;
+            } else {
+                buf.extend_from_slice(&b);
             }
-            if out.queued() >= BATCH_BYTES {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if out.flush().await.is_err() {
-            break;
-        }
-    }
+        }),
+        RelayItem::Request(r) => out.queue(&r),
+    })
+    .await
 }
 
 struct Link {

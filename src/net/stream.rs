@@ -130,14 +130,25 @@ impl FramedSend {
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
         keep: impl Fn(&T) -> bool,
     ) {
-        while let Some(m) = rx.recv().await {
+        self.pump_with(rx, |out, m| {
             if keep(&m) {
-                self.queue(&m);
+                out.queue(&m);
             }
+        })
+        .await
+    }
+
+    /// [`FramedSend::pump`] with the caller's way of queueing each message.
+    pub async fn pump_with<T>(
+        &mut self,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+        mut queue: impl FnMut(&mut FramedSend, T),
+    ) {
+        while let Some(m) = rx.recv().await {
+            queue(self, m);
             while self.queued() < BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(m) if keep(&m) => self.queue(&m),
-                    Ok(_) => {}
+                    Ok(m) => queue(self, m),
                     Err(_) => break,
                 }
             }

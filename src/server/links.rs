@@ -599,18 +599,7 @@ async fn pump_updates(
         }
         _ => out.queue(&m),
     };
-    while let Some(m) = rx.recv().await {
-        queue(out, m);
-        while out.queued() < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(m) => queue(out, m),
-                Err(_) => break,
-            }
-        }
-        if out.flush().await.is_err() {
-            break;
-        }
-    }
+    out.pump_with(rx, queue).await
 }
 
 /// Backup side: accepts the primary's replication connections on BACKUP_SAP and applies what
