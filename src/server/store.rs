@@ -430,25 +430,34 @@ impl StoreView {
         change: Change,
         reply: Reply,
     ) -> Result<(), (Change, Reply)> {
+        self.when_idle((change, reply), |s, (change, reply)| {
+            s.apply_update(seq, rid, change, reply, true);
+            s.settle();
+            if s.wal
+                .as_ref()
+                .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire))
+            {
+                let _ = self.tx.send(StoreMsg::Nudge);
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on the store beside its thread if the thread is between two messages (never
+    /// waits for it), none is queued for it, no log record of an inline batch waits for it, and
+    /// no snapshot is due; else gives `v` back. `f` may decline too, giving `v` back.
+    fn when_idle<V, R>(&self, v: V, f: impl FnOnce(&mut Store, V) -> Result<R, V>) -> Result<R, V> {
         let Some(shared) = self.store.upgrade() else {
-            return Err((change, reply));
+            return Err(v);
         };
         let Ok(mut s) = shared.try_lock() else {
-            return Err((change, reply));
+            return Err(v);
         };
         if s.queued.load(Ordering::SeqCst) != 0 || !s.overflow.borrow().is_empty() || s.snapshot_due
         {
-            return Err((change, reply));
+            return Err(v);
         }
-        s.apply_update(seq, rid, change, reply, true);
-        s.settle();
-        if s.wal
-            .as_ref()
-            .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire))
-        {
-            let _ = self.tx.send(StoreMsg::Nudge);
-        }
-        Ok(())
+        f(&mut s, v)
     }
 
     /// Handles a relay reader's batch on the reader's own thread, exactly as the store thread
@@ -466,43 +475,35 @@ impl StoreView {
         gate: &Arc<crate::server::links::RelayGate>,
         reqs: Relayed,
     ) -> Result<(), Relayed> {
-        let Some(shared) = self.store.upgrade() else {
-            return Err(reqs);
-        };
-        let Ok(mut s) = shared.try_lock() else {
-            return Err(reqs);
-        };
-        if s.queued.load(Ordering::SeqCst) != 0
-            || !s.overflow.borrow().is_empty()
-            || s.snapshot_due
-            || !gate.caught_up()
-        {
-            return Err(reqs);
-        }
-        let deadline = s.waiters.next_deadline();
-        gate.sent();
-        s.inline.set(true);
-        if let Some(rest) = s.requests(reqs, gate) {
-            // The thread would wait for the proxy here: the rest of the batch waits there.
+        self.when_idle(reqs, |s, reqs| {
+            if !gate.caught_up() {
+                return Err(reqs);
+            }
+            let deadline = s.waiters.next_deadline();
             gate.sent();
-            let _ = self.tx.send(StoreMsg::Requests(rest, gate.clone()));
-        }
-        gate.handled();
-        s.settle();
-        s.inline.set(false);
-        let sooner = match (deadline, s.waiters.next_deadline()) {
-            (_, None) => false,
-            (None, Some(_)) => true,
-            (Some(a), Some(b)) => b < a,
-        };
-        let snapshot = s
-            .wal
-            .as_ref()
-            .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire));
-        if sooner || snapshot || !s.overflow.borrow().is_empty() {
-            let _ = self.tx.send(StoreMsg::Nudge);
-        }
-        Ok(())
+            s.inline.set(true);
+            if let Some(rest) = s.requests(reqs, gate) {
+                // The thread would wait for the proxy here: the rest of the batch waits there.
+                gate.sent();
+                let _ = self.tx.send(StoreMsg::Requests(rest, gate.clone()));
+            }
+            gate.handled();
+            s.settle();
+            s.inline.set(false);
+            let sooner = match (deadline, s.waiters.next_deadline()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => b < a,
+            };
+            let snapshot = s
+                .wal
+                .as_ref()
+                .is_some_and(|w| w.snapshot_wanted.load(Ordering::Acquire));
+            if sooner || snapshot || !s.overflow.borrow().is_empty() {
+                let _ = self.tx.send(StoreMsg::Nudge);
+            }
+            Ok(())
+        })
     }
 }
 
