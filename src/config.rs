@@ -11,6 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::space::{PatternLimits, TupleLimits};
 
+/// The scheduling policy of service processes ([`Config::cpu_policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuPolicy {
+    /// `SCHED_BATCH`: no wake-up preemption.
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`, the OS default.
+    Normal,
+}
+
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -152,6 +163,11 @@ pub struct Config {
     /// Async worker threads of a proxy or server process; 0 = one thread (current-thread
     /// runtime), which is fastest on small machines where several processes share the cores.
     pub runtime_threads: usize,
+    /// Linux scheduling policy of proxy and server processes (all their threads): "batch"
+    /// (`SCHED_BATCH`: a thread woken by a packet or a hand-off does not preempt the one running,
+    /// so each runs its batch to the end; fewer context switches per request) or "normal"
+    /// (`SCHED_OTHER`). Same priority either way.
+    pub cpu_policy: CpuPolicy,
     /// UDP socket receive/send buffer size asked of the kernel (bytes); 0 = OS default.
     pub udp_buffer_bytes: usize,
     /// Command run (via `sh -c`) on every operator-visible event; details in TS_EVENT_* vars.
@@ -253,6 +269,7 @@ impl Default for Config {
             backup_start_retries: 5,
             backup_sync_timeout_ms: 60_000,
             runtime_threads: 0,
+            cpu_policy: CpuPolicy::Batch,
             udp_buffer_bytes: 4 << 20,
             notify_command: None,
             backup_launch_command: None,
