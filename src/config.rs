@@ -22,6 +22,30 @@ pub enum CpuPolicy {
     Normal,
 }
 
+impl CpuPolicy {
+    /// Puts the calling thread, and the threads it starts afterwards (they inherit it), under
+    /// this policy. Elsewhere than on Linux it does nothing.
+    pub fn apply(self) -> Result<(), std::io::Error> {
+        #[cfg(target_os = "linux")]
+        {
+            let p = match self {
+                CpuPolicy::Batch => libc::SCHED_BATCH,
+                CpuPolicy::Normal => libc::SCHED_OTHER,
+            };
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler only reads `param`; pid 0 is the calling thread.
+            if unsafe { libc::sched_setscheduler(0, p, &param) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set the scheduling policy `cpu_policy = {self:?}`: {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Errors loading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -621,6 +645,30 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cpu_policy_applies_to_the_calling_thread_and_the_threads_it_starts() {
+        // On a thread of its own, so the test harness's threads keep their policy.
+        let seen = std::thread::spawn(|| {
+            let mut seen = Vec::new();
+            for p in [CpuPolicy::Batch, CpuPolicy::Normal, CpuPolicy::Batch] {
+                p.apply()
+                    .expect("an unprivileged thread may choose batch or normal");
+                // SAFETY: sched_getscheduler has no memory arguments.
+                let here = unsafe { libc::sched_getscheduler(0) };
+                let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
+                    .join()
+                    .unwrap();
+                seen.push((here, child));
+            }
+            seen
+        })
+        .join()
+        .unwrap();
+        let (b, n) = (libc::SCHED_BATCH, libc::SCHED_OTHER);
+        assert_eq!(seen, vec![(b, b), (n, n), (b, b)]);
     }
 
     #[test]

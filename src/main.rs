@@ -297,7 +297,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// 0 (fewer cross-thread wake-ups; the store and blocking work run on threads of their own).
 fn service_runtime(cfg: &Config) -> Result<tokio::runtime::Runtime, String> {
     // Before any thread starts: threads inherit the policy of the thread that creates them.
-    set_cpu_policy(cfg.cpu_policy);
+    if let Err(e) = cfg.cpu_policy.apply() {
+        // It changes speed, not behaviour: go on under the OS default.
+        tracing::warn!(
+            "{e}; running under the OS default (set cpu_policy = \"normal\" to silence this)"
+        );
+    }
     let mut b = if cfg.runtime_threads == 0 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -308,28 +313,6 @@ fn service_runtime(cfg: &Config) -> Result<tokio::runtime::Runtime, String> {
     b.enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
-}
-
-/// Puts the calling thread (and the threads it starts later) under `policy`. A refusal is
-/// logged and the process goes on under the OS default: it changes speed, not behaviour.
-fn set_cpu_policy(policy: tuplespace::config::CpuPolicy) {
-    #[cfg(target_os = "linux")]
-    {
-        let (name, p) = match policy {
-            tuplespace::config::CpuPolicy::Batch => ("batch", libc::SCHED_BATCH),
-            tuplespace::config::CpuPolicy::Normal => ("normal", libc::SCHED_OTHER),
-        };
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param` only; pid 0 is the calling thread.
-        if unsafe { libc::sched_setscheduler(0, p, &param) } != 0 {
-            tracing::warn!(
-                "cannot set the scheduling policy `cpu_policy = \"{name}\"`: {}; running under the OS default (set cpu_policy = \"normal\" to silence this)",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = policy;
 }
 
 /// Where a proxy keeps its durable state unless told otherwise.

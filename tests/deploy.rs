@@ -123,3 +123,49 @@ async fn a_refused_server_exits_3() {
         cl.logs()
     );
 }
+
+/// The policy of every thread of process `pid` (`sched_getscheduler` on each task).
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process runs") {
+        let t = t.expect("a task entry");
+        let tid: i32 = t
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("a thread id");
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // SAFETY: sched_getscheduler has no memory arguments.
+        out.push((name.trim().to_owned(), unsafe {
+            libc::sched_getscheduler(tid)
+        }));
+    }
+    out
+}
+
+/// `cpu_policy` (default "batch") puts every thread of the proxy and the server under
+/// `SCHED_BATCH`, the store and log threads included; "normal" leaves them under `SCHED_OTHER`.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_threads_run_under_the_configured_cpu_policy() {
+    for (set, want) in [
+        (None, libc::SCHED_BATCH),
+        (Some("cpu_policy=normal"), libc::SCHED_OTHER),
+    ] {
+        let mut b = Cluster::builder();
+        if let Some(kv) = set {
+            b = b.set(kv);
+        }
+        let cl = b.start().await;
+        for pid in [cl.proxy_pid(), cl.server_pid()] {
+            let seen = thread_policies(pid);
+            assert!(seen.len() > 1, "{set:?}: pid {pid} has threads: {seen:?}");
+            assert!(
+                seen.iter().all(|(_, p)| *p == want),
+                "{set:?}: every thread of {pid} under policy {want}: {seen:?}\n{}",
+                cl.logs()
+            );
+        }
+    }
+}
