@@ -23,6 +23,14 @@ pub enum CpuPolicy {
 }
 
 impl CpuPolicy {
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPolicy::Batch => "batch",
+            CpuPolicy::Normal => "normal",
+        }
+    }
+
     /// Puts the calling thread, and the threads it starts afterwards (they inherit it), under
     /// this policy. Elsewhere than on Linux it does nothing.
     pub fn apply(self) -> Result<(), std::io::Error> {
@@ -38,7 +46,10 @@ impl CpuPolicy {
                 let e = std::io::Error::last_os_error();
                 return Err(std::io::Error::new(
                     e.kind(),
-                    format!("cannot set the scheduling policy `cpu_policy = {self:?}`: {e}"),
+                    format!(
+                        "cannot set the scheduling policy `cpu_policy = \"{}\"`: {e}",
+                        self.name()
+                    ),
                 ));
             }
         }
@@ -669,6 +680,13 @@ mod tests {
         .unwrap();
         let (b, n) = (libc::SCHED_BATCH, libc::SCHED_OTHER);
         assert_eq!(seen, vec![(b, b), (n, n), (b, b)]);
+    }
+
+    #[test]
+    fn cpu_policy_names_are_the_config_values() {
+        for p in [CpuPolicy::Batch, CpuPolicy::Normal] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+        }
     }
 
     #[test]

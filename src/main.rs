@@ -298,9 +298,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn service_runtime(cfg: &Config) -> Result<tokio::runtime::Runtime, String> {
     // Before any thread starts: threads inherit the policy of the thread that creates them.
     if let Err(e) = cfg.cpu_policy.apply() {
-        // It changes speed, not behaviour: go on under the OS default.
+        // It changes speed, not behaviour: go on under the policy the process started with.
         tracing::warn!(
-            "{e}; running under the OS default (set cpu_policy = \"normal\" to silence this)"
+            "{e}; running under the policy the process started with (leaving SCHED_IDLE or a real-time policy needs CAP_SYS_NICE or RLIMIT_NICE; a seccomp filter may forbid the call)"
         );
     }
     let mut b = if cfg.runtime_threads == 0 {

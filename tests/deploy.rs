@@ -169,3 +169,61 @@ async fn service_threads_run_under_the_configured_cpu_policy() {
         }
     }
 }
+
+/// Where the policy is refused, the proxy and the server say so and serve as usual under the
+/// policy they started with. Made to happen: both start under `SCHED_IDLE` without
+/// `CAP_SYS_NICE` (dropped with `setpriv` when the tests run as root), and such a process may
+/// not leave `SCHED_IDLE`. Skipped, with a line saying so, where `chrt` or `setpriv` is missing.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_cpu_policy_is_logged_and_the_service_runs_on() {
+    use ciborium::Value;
+    use common::{owned, pairs_of, pats, tpair};
+    let have = |c: &str| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("chrt") || !have("setpriv") {
+        println!("SKIPPED: chrt and setpriv (util-linux) are needed");
+        return;
+    }
+    let mut wrap = vec!["chrt", "-i", "0"];
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        wrap.extend([
+            "setpriv",
+            "--bounding-set",
+            "-sys_nice",
+            "--inh-caps",
+            "-sys_nice",
+        ]);
+    }
+    let cl = Cluster::builder().under(&wrap).start().await;
+    let mut c = cl.client().await;
+    let r = c
+        .request("PUT", Some(Value::Array(vec![tpair("k,1", "v")])))
+        .await
+        .unwrap();
+    assert_eq!(r.status, tuplespace::wire::client::Status::Ok, "{r:?}");
+    let r = c.request("GET", pats("k,.*", ".*")).await.unwrap();
+    assert_eq!(pairs_of(&r), owned(&[("k,1", "v")]));
+    for (pid, log) in [
+        (cl.proxy_pid(), &cl.proxy_log),
+        (cl.server_pid(), &cl.server_log),
+    ] {
+        let seen = thread_policies(pid);
+        assert!(
+            seen.iter().all(|(_, p)| *p == libc::SCHED_IDLE),
+            "pid {pid} left SCHED_IDLE: {seen:?}"
+        );
+        let said = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            said.contains("cannot set the scheduling policy `cpu_policy = \"batch\"`")
+                && said.contains("running under the policy the process started with"),
+            "pid {pid} did not say its policy was refused:\n{}",
+            cl.logs()
+        );
+    }
+}

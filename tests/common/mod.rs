@@ -160,10 +160,23 @@ pub fn alive(pid: u32) -> bool {
 /// Starts `tuplespace ARGS` with stderr (and stdout) to `log`, in its own process group, in
 /// directory `cwd` (so no stray config file applies).
 pub fn spawn_logged(args: &[String], cwd: &Path, log: &Path) -> Child {
+    spawn_logged_under(&[], args, cwd, log)
+}
+
+/// Like [`spawn_logged`], run through the command `wrap` (e.g. `chrt -i 0`, which execs the
+/// binary: the child's pid is still the binary's).
+pub fn spawn_logged_under(wrap: &[String], args: &[String], cwd: &Path, log: &Path) -> Child {
     let err = std::fs::File::create(log).expect("create log file");
     let out = err.try_clone().expect("clone log file");
-    Command::new(BIN)
-        .args(args)
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -635,6 +648,8 @@ pub struct ClusterBuilder {
     no_server: bool,
     /// `(KEY, NAME)`: `--set KEY=<the cluster's temporary directory>/NAME` for the proxy only.
     proxy_path_sets: Vec<(String, String)>,
+    /// A command the proxy and the server are started through (see [`spawn_logged_under`]).
+    wrap: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -665,6 +680,11 @@ impl ClusterBuilder {
     /// exists only once the cluster starts; the file is not created here).
     pub fn proxy_set_path(mut self, key: &str, name: &str) -> Self {
         self.proxy_path_sets.push((key.to_owned(), name.to_owned()));
+        self
+    }
+    /// Starts the proxy and the server through `wrap` (a command that execs its arguments).
+    pub fn under(mut self, wrap: &[&str]) -> Self {
+        self.wrap = wrap.iter().map(|s| s.to_string()).collect();
         self
     }
     /// A proxy alone: no server is started.
@@ -719,7 +739,12 @@ impl ClusterBuilder {
             proxy_args.push("--max-clients".into());
             proxy_args.push(n.to_string());
         }
-        c.proxy = Some(spawn_logged(&proxy_args, c.dir.path(), &c.proxy_log));
+        c.proxy = Some(spawn_logged_under(
+            &self.wrap,
+            &proxy_args,
+            c.dir.path(),
+            &c.proxy_log,
+        ));
         c.proxy_args = proxy_args;
         if !self.no_server {
             let init = self
@@ -740,7 +765,12 @@ impl ClusterBuilder {
                 ],
                 &self.server_sets,
             );
-            c.server = Some(spawn_logged(&server_args, c.dir.path(), &c.server_log));
+            c.server = Some(spawn_logged_under(
+                &self.wrap,
+                &server_args,
+                c.dir.path(),
+                &c.server_log,
+            ));
         }
         c.wait_ready(!self.no_server).await;
         c
