@@ -484,6 +484,9 @@ pub fn parse_request(body: &[u8]) -> Result<Request, Malformed> {
 /// definite text strings), in this order, short heads, nothing after. `None` for anything else:
 /// [`parse_request`] and [`command_of`] then decide, and for this shape they give the same id
 /// and command (a unit test compares them on every byte-level variation of such requests).
+/// It reads heads itself rather than through [`Reader`]: the same walk with `Reader::head` and
+/// `Reader::text` cost the proxy 2.17–2.27 µs of CPU per GET at (16,16) against 2.08–2.11 µs
+/// (3 alternating rounds).
 pub fn fast_pattern_command(body: &[u8]) -> Option<(u64, Command)> {
     /// The argument of a head of major type `major` (definite, at most 8 bytes), and the rest.
     fn head(b: &[u8], major: u8) -> Option<(u64, &[u8])> {
