@@ -25,7 +25,7 @@ use crate::ha::router::{self, INCARNATION_MASK, Outcome};
 use crate::ha::witness::{Action, Durable, Input, LinkId, Witness};
 use crate::metrics::{self, OpLabel, ProxyMetrics};
 use crate::net::endpoint::{self, LinkParams, ListenLimits, NetError};
-use crate::net::stream::{FramedRecv, FramedSend, RecvError};
+use crate::net::stream::{BATCH_BYTES, FramedRecv, FramedSend, RecvError};
 use crate::net::tls::{self, Identity, SapKind};
 use crate::notify::notify;
 use crate::wire::cbor::RawItem;
@@ -154,7 +154,7 @@ enum RouterMsg {
     },
     RelayReady {
         link: LinkId,
-        relay: mpsc::UnboundedSender<RelayItem>,
+        relay: mpsc::UnboundedSender<Vec<RelayItem>>,
     },
     Replies {
         link: LinkId,
@@ -569,12 +569,23 @@ fn put_id(id: u64, response: &[u8], out: &mut Vec<u8>) -> bool {
 
 /// The status of a relayed answer (its entry after the null id), for the metrics; `unknown` if it
 /// is not in the form our servers write (the client then gets `relayed_fallback`'s answer).
+/// Our servers write both texts with short heads (every status name is under 24 bytes), and
+/// the bytes are compared as they are: no general CBOR read per answer.
 fn relayed_status(response: &[u8]) -> Status {
-    let mut r = crate::wire::cbor::Reader::new(response.get(5..).unwrap_or_default());
-    match (r.text(), r.text()) {
-        (Ok(Some(k)), Ok(Some(v))) if k == "status" => Status::parse(&v).unwrap_or(Status::Unknown),
-        _ => Status::Unknown,
-    }
+    const KEY: &[u8] = b"\x66status";
+    let value = response
+        .get(5..)
+        .and_then(|r| r.strip_prefix(KEY))
+        .and_then(|r| {
+            let (&h, rest) = r.split_first()?;
+            let n = usize::from(h & 0x1f);
+            (h >> 5 == 3 && n < 24).then_some(())?;
+            rest.get(..n)
+        });
+    value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(Status::parse)
+        .unwrap_or(Status::Unknown)
 }
 
 /// A relayed answer not in the expected form: decoded, its id replaced.
@@ -631,7 +642,7 @@ impl Drop for IdentitySlot {
 type Machine = router::Router<Req, RawItem>;
 type MAction = router::Action<Req, RawItem>;
 
-/// What the router hands a relay stream's writer, in order.
+/// Part of what the router hands a relay stream's writer, in order.
 enum RelayItem {
     /// Frames the router encoded (a batch's small messages: GET/DELETE, watermarks, cancels).
     Frames(Vec<u8>),
@@ -642,17 +653,19 @@ enum RelayItem {
 }
 
 /// A link's relay stream, seen from the router: small frames are encoded here as the router
-/// decides them, and the frames of one router batch go to the stream's writer as one message.
+/// decides them, and what one router batch sends goes to the stream's writer as one message.
 struct RelayOut {
-    tx: mpsc::UnboundedSender<RelayItem>,
+    tx: mpsc::UnboundedSender<Vec<RelayItem>>,
     buf: Vec<u8>,
+    items: Vec<RelayItem>,
 }
 
 impl RelayOut {
-    fn new(tx: mpsc::UnboundedSender<RelayItem>) -> Self {
+    fn new(tx: mpsc::UnboundedSender<Vec<RelayItem>>) -> Self {
         RelayOut {
             tx,
             buf: Vec::new(),
+            items: Vec::new(),
         }
     }
 
@@ -663,8 +676,11 @@ impl RelayOut {
     /// A request, after what was encoded before it.
     fn send_request(&mut self, rid: u64, client: u64, cmd: &Command) {
         if matches!(cmd, Command::Put(_) | Command::Post(_)) {
-            self.flush();
-            let _ = self.tx.send(RelayItem::Request(Relay::Request {
+            if !self.buf.is_empty() {
+                self.items
+                    .push(RelayItem::Frames(std::mem::take(&mut self.buf)));
+            }
+            self.items.push(RelayItem::Request(Relay::Request {
                 rid,
                 client: Some(client),
                 cmd: cmd.clone(),
@@ -678,29 +694,45 @@ impl RelayOut {
         }
     }
 
-    /// Hands what was encoded to the writer (after each router batch).
+    /// Hands what was sent to the writer (after each router batch).
     fn flush(&mut self) {
         if !self.buf.is_empty() {
-            let _ = self
-                .tx
-                .send(RelayItem::Frames(std::mem::take(&mut self.buf)));
+            self.items
+                .push(RelayItem::Frames(std::mem::take(&mut self.buf)));
+        }
+        if !self.items.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.items));
         }
     }
 }
 
-/// A relay stream's writer: what the router sent, many frames per write.
-async fn relay_writer(mut out: FramedSend, mut rx: mpsc::UnboundedReceiver<RelayItem>) {
-    out.pump_with(&mut rx, |out, item| match item {
-        RelayItem::Frames(b) => out.queue_with(|buf| {
-            if buf.is_empty() {
-                *buf = b;
-            } else {
-                buf.extend_from_slice(&b);
+/// A relay stream's writer: what the router sent, many frames per write, and never more than
+/// [`BATCH_BYTES`] (plus one item) encoded and not yet taken by QUIC.
+async fn relay_writer(mut out: FramedSend, mut rx: mpsc::UnboundedReceiver<Vec<RelayItem>>) {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(items) = next.take() {
+            for item in items {
+                match item {
+                    RelayItem::Frames(b) => out.queue_with(|buf| {
+                        if buf.is_empty() {
+                            *buf = b;
+                        } else {
+                            buf.extend_from_slice(&b);
+                        }
+                    }),
+                    RelayItem::Request(r) => out.queue_with(|buf| Relay::encode_into(&r, buf)),
+                }
+                if out.queued() >= BATCH_BYTES && out.flush().await.is_err() {
+                    return;
+                }
             }
-        }),
-        RelayItem::Request(r) => out.queue(&r),
-    })
-    .await
+            next = rx.try_recv().ok();
+        }
+        if out.flush().await.is_err() {
+            return;
+        }
+    }
 }
 
 struct Link {
@@ -1991,7 +2023,7 @@ async fn serve_server_conn(
                 });
             }
             Ok(StreamKind::Relay { .. }) => {
-                let (rtx, rrx) = mpsc::unbounded_channel::<RelayItem>();
+                let (rtx, rrx) = mpsc::unbounded_channel::<Vec<RelayItem>>();
                 let _ = router.send(RouterMsg::RelayReady { link, relay: rtx });
                 tasks.spawn(relay_writer(FramedSend::new(send), rrx));
                 let router = router.clone();
@@ -2146,11 +2178,17 @@ mod tests {
                 "junk".into(),
             ))]),
             Reply::Malformed("bad".into()),
+            Reply::TooLarge("big".into()),
         ];
         for reply in replies {
             for id in [0, 23, 24, 1 << 40, u64::MAX] {
                 let mut primary = Vec::new();
                 reply.clone().into_response(None).encode_into(&mut primary);
+                assert_eq!(
+                    relayed_status(&primary[4..]),
+                    reply.clone().into_response(None).status,
+                    "{reply:?}"
+                );
                 let mut out = Vec::new();
                 assert!(put_id(id, &primary[4..], &mut out));
                 let mut want = Vec::new();

@@ -127,6 +127,45 @@ pub enum RelayRequestRef<'a> {
 }
 
 impl Relay {
+    /// Appends one frame holding `m` (as [`crate::wire::frame::encode_into`] would): a PUT/POST
+    /// request from a client written directly, the same bytes serde writes (a unit test compares
+    /// them), anything else through serde.
+    pub fn encode_into(m: &Relay, out: &mut Vec<u8>) {
+        let Relay::Request {
+            rid,
+            client: Some(client),
+            cmd: cmd @ (Command::Put(elems) | Command::Post(elems)),
+        } = m
+        else {
+            return frame::encode_into(m, out);
+        };
+        let start = frame::open(out);
+        cbor::write_head(out, 5, 1);
+        cbor::write_text(out, "Request");
+        cbor::write_head(out, 5, 3);
+        cbor::write_text(out, "rid");
+        cbor::write_head(out, 0, *rid);
+        cbor::write_text(out, "client");
+        cbor::write_head(out, 0, *client);
+        cbor::write_text(out, "cmd");
+        cbor::write_head(out, 5, 1);
+        cbor::write_text(
+            out,
+            if matches!(cmd, Command::Put(_)) {
+                "Put"
+            } else {
+                "Post"
+            },
+        );
+        cbor::write_head(out, 4, elems.len() as u64);
+        for e in elems {
+            cbor::write_head(out, 6, TAG_ENCODED_CBOR);
+            cbor::write_head(out, 2, e.as_bytes().len() as u64);
+            out.extend_from_slice(e.as_bytes());
+        }
+        frame::seal(out, start);
+    }
+
     /// Reads a relay frame body. A request as the proxy writes it is read in place (its
     /// PUT/POST elements stay slices of `body`, each checked to be one well-formed item);
     /// anything else is read by serde, so the result is the same either way.
@@ -629,8 +668,8 @@ pub enum Beat {
 mod tests {
     use super::*;
 
-    /// The request the proxy writes by reference is byte for byte the owned one, and reads back
-    /// as it.
+    /// The request the proxy writes by reference, or directly (`Relay::encode_into`), is byte for
+    /// byte the owned one, and reads back as it.
     #[test]
     fn a_request_by_reference_is_the_same_frame() {
         let elems = |n: usize| {
@@ -655,10 +694,15 @@ mod tests {
             Command::delete("k", "ü"),
             Command::Put(elems(3)),
             Command::Post(elems(1)),
+            Command::Post(elems(30)),
+            Command::Put(vec![]),
+            Command::Post(vec![RawItem::from_value(&ciborium::Value::Text(
+                "x".repeat(300),
+            ))]),
             Command::Count,
         ];
         for (i, cmd) in cmds.iter().enumerate() {
-            for client in [None, Some(7)] {
+            for client in [None, Some(7), Some(u64::MAX)] {
                 let rid = u64::MAX - i as u64;
                 let by_ref = frame::encode(&RelayRequestRef::Request { rid, client, cmd });
                 let owned = Relay::Request {
@@ -667,6 +711,10 @@ mod tests {
                     cmd: cmd.clone(),
                 };
                 assert_eq!(by_ref, frame::encode(&owned));
+                // Written by hand (PUT/POST) or by serde, the frame is the same bytes.
+                let mut direct = vec![0xee];
+                Relay::encode_into(&owned, &mut direct);
+                assert_eq!(direct[1..], by_ref[..], "{owned:?}");
                 let body = bytes::Bytes::copy_from_slice(&by_ref[4..]);
                 assert_eq!(Relay::read(&body).unwrap(), owned);
             }
