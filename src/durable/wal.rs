@@ -10,6 +10,13 @@
 //! only writes data into blocks the file already owns: no size change or allocation for the
 //! filesystem to commit. Without a spare ready (just started, or the disk slower than the log)
 //! the writer appends to a new, empty segment instead and moves to the spare once it is ready.
+//!
+//! With `fsync = "always"`, a preallocated segment is written with `O_DIRECT` where the
+//! filesystem allows it: whole aligned blocks from an aligned buffer (the last, partial block
+//! is kept and written again with the next group, as the page cache would write its page), then
+//! `fdatasync` for the device's cache. The page cache has nothing to copy or write back: on
+//! this project's test VM an append + sync costs ~37 µs of CPU and ~88 µs against ~50 µs and
+//! ~105 µs buffered (docs/BENCHMARKS.md).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -35,6 +42,10 @@ const SNAPSHOT_NICE: libc::c_int = 10;
 /// Largest group written and synced at once (bytes of encoded records); more waits for the next.
 const GROUP_MAX_BYTES: usize = 8 << 20;
 
+/// Alignment and size unit of `O_DIRECT` appends: a page, a multiple of every device's logical
+/// block size up to 4 KiB.
+const DIRECT_BLOCK: usize = 4096;
+
 /// Zeros written per call when preparing a spare segment.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -55,6 +66,9 @@ pub enum WalMsg {
     },
     /// Write and sync everything queued, then answer (graceful stop, tests).
     Flush(std::sync::mpsc::Sender<()>),
+    /// Answers whether the current segment is written with `O_DIRECT` (tests).
+    #[cfg(test)]
+    Direct(std::sync::mpsc::Sender<bool>),
 }
 
 /// What is durable now (per the fsync policy): the position, and whether the directory holds a
@@ -139,6 +153,12 @@ impl Wal {
 
 #[cfg(test)]
 impl Wal {
+    /// Whether the writer's current segment is written with `O_DIRECT`.
+    pub(crate) fn direct_for_tests(&self, wait: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(WalMsg::Direct(tx)) && rx.recv_timeout(wait).unwrap_or(false)
+    }
+
     /// A sender whose messages the caller reads itself (no writer thread).
     pub(crate) fn stub(queue: usize) -> (Wal, Receiver<WalMsg>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(queue);
@@ -170,11 +190,15 @@ pub fn spawn(
     let spare = Arc::new(AtomicU8::new(leftover_spare(&dir, opts.segment_bytes)));
     let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue);
     let wanted = Arc::new(AtomicBool::new(false));
-    let (file, offset, cap) = open_segment(&dir, index, &spare, opts.segment_bytes)?;
+    let direct = opts.policy == FsyncPolicy::Always;
+    let (file, offset, cap, direct) =
+        open_segment(&dir, index, &spare, opts.segment_bytes, direct)?;
     let mut w = Writer {
         dir,
         index,
         file,
+        direct,
+        aligned: Aligned::new(),
         offset,
         cap,
         spare,
@@ -222,12 +246,16 @@ fn leftover_spare(dir: &Path, segment_bytes: u64) -> u8 {
 
 /// Opens segment `index` (a new name): the spare renamed into place if one is ready, else a new
 /// empty file. Returns the file, the offset to write at, and its preallocated size (0: none).
+/// Opens segment `index` (the spare renamed, if ready): the file, where appends go, its
+/// preallocated size, and whether it was opened with `O_DIRECT` (asked by `direct`; only a
+/// preallocated segment, and only where the filesystem accepts it).
 fn open_segment(
     dir: &Path,
     index: u64,
     spare: &AtomicU8,
     segment_bytes: u64,
-) -> Result<(File, u64, u64), DurableError> {
+    direct: bool,
+) -> Result<(File, u64, u64, bool), DurableError> {
     let path = dir.join(segment_name(index));
     let mut cap = 0;
     if spare
@@ -242,12 +270,29 @@ fn open_segment(
             ),
         }
     }
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| DurableError::io("cannot open log segment", &path, e))?;
+    let opened_direct = (direct && cap > 0)
+        .then(|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .inspect_err(|e| {
+                    debug!(path = %path.display(), "log segment without O_DIRECT: {e}");
+                })
+                .ok()
+        })
+        .flatten();
+    let direct = opened_direct.is_some();
+    let f = match opened_direct {
+        Some(f) => f,
+        None => OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| DurableError::io("cannot open log segment", &path, e))?,
+    };
     // A new file is empty; a spare holds only zeros, written from its start.
     let offset = if cap > 0 {
         0
@@ -258,7 +303,46 @@ fn open_segment(
     };
     // The new name (created or renamed) must survive a power cut before records go in.
     super::sync_dir(dir)?;
-    Ok((f, offset, cap))
+    Ok((f, offset, cap, direct))
+}
+
+/// A page-aligned buffer for `O_DIRECT` appends. Its first block holds the segment's last,
+/// partial block as written (the bytes before `offset % DIRECT_BLOCK`).
+struct Aligned {
+    blocks: Vec<AlignedBlock>,
+}
+
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct AlignedBlock([u8; DIRECT_BLOCK]);
+
+impl Aligned {
+    fn new() -> Aligned {
+        Aligned {
+            blocks: vec![AlignedBlock([0; DIRECT_BLOCK])],
+        }
+    }
+
+    /// The first `n` blocks as bytes (grown with zeros as needed).
+    fn bytes(&mut self, n: usize) -> &mut [u8] {
+        if self.blocks.len() < n {
+            self.blocks.resize(n, AlignedBlock([0; DIRECT_BLOCK]));
+        }
+        // SAFETY: `AlignedBlock` is `repr(C)` over `[u8; DIRECT_BLOCK]` (no padding: its size
+        // equals its alignment), so `n <= len` blocks are `n * DIRECT_BLOCK` initialised bytes,
+        // borrowed mutably through `self` for the slice's lifetime.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), n * DIRECT_BLOCK)
+        }
+    }
+
+    /// Gives memory back after a large group, keeping the first block (the tail).
+    fn shrink(&mut self) {
+        if self.blocks.len() > 2 * GROUP_MAX_BYTES / DIRECT_BLOCK {
+            self.blocks.truncate(16);
+            self.blocks.shrink_to_fit();
+        }
+    }
 }
 
 /// Writes `bytes` of zeros to a new spare segment, syncs it and gives it its name.
@@ -284,6 +368,9 @@ struct Writer {
     dir: PathBuf,
     index: u64,
     file: File,
+    /// `file` is open with `O_DIRECT`: groups are written as whole blocks from `aligned`.
+    direct: bool,
+    aligned: Aligned,
     /// Where the next group goes in `file`.
     offset: u64,
     /// `file`'s preallocated size (0: not preallocated).
@@ -386,6 +473,10 @@ impl Writer {
                 self.start_snapshot(space, pos, dedupe);
             }
             WalMsg::Flush(tx) => flushes.push(tx),
+            #[cfg(test)]
+            WalMsg::Direct(tx) => {
+                let _ = tx.send(self.direct);
+            }
         }
         Ok(())
     }
@@ -397,14 +488,16 @@ impl Writer {
         if self.opts.policy != FsyncPolicy::Never {
             self.sync_file()?;
         }
-        let (file, offset, cap) = open_segment(
+        let (file, offset, cap, direct) = open_segment(
             &self.dir,
             self.index + 1,
             &self.spare,
             self.opts.segment_bytes,
+            self.opts.policy == FsyncPolicy::Always,
         )?;
         self.index += 1;
         self.file = file;
+        self.direct = direct;
         self.offset = offset;
         self.cap = cap;
         self.prepare_spare();
@@ -470,11 +563,16 @@ impl Writer {
             if self.wants_new_segment() {
                 self.next_segment()?;
             }
-            let path = || self.dir.join(segment_name(self.index));
             let t = Instant::now();
-            self.file
-                .write_all_at(&self.buf, self.offset)
-                .map_err(|e| DurableError::io("cannot append to log", &path(), e))?;
+            let written = if self.direct {
+                self.write_direct()
+            } else {
+                self.file.write_all_at(&self.buf, self.offset)
+            };
+            written.map_err(|e| {
+                let path = self.dir.join(segment_name(self.index));
+                DurableError::io("cannot append to log", &path, e)
+            })?;
             if let Some(m) = &self.opts.metrics {
                 m.write.observe(t.elapsed());
                 m.appended_bytes
@@ -505,6 +603,23 @@ impl Writer {
             self.durable = durable;
             (self.hooks.on_durable)(durable);
         }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` as whole aligned blocks: the partial block before `offset` (kept
+    /// in `aligned`'s first block) followed by `buf` and zeros to the block's end (the segment
+    /// holds zeros there already), then keeps the new partial block.
+    fn write_direct(&mut self) -> std::io::Result<()> {
+        let head = (self.offset % DIRECT_BLOCK as u64) as usize;
+        let total = head + self.buf.len();
+        let blocks = total.div_ceil(DIRECT_BLOCK);
+        let out = self.aligned.bytes(blocks);
+        out[head..total].copy_from_slice(&self.buf);
+        out[total..].fill(0);
+        self.file.write_all_at(out, self.offset - head as u64)?;
+        let full = total - total % DIRECT_BLOCK;
+        out.copy_within(full..total, 0);
+        self.aligned.shrink();
         Ok(())
     }
 

@@ -1720,6 +1720,7 @@ mod tests {
                         format!("snapshot {} ({} pairs)", pos.seq, space.len())
                     }
                     WalMsg::Flush(_) => "flush".into(),
+                    WalMsg::Direct(_) => "direct?".into(),
                 }
             })
             .collect()
