@@ -541,8 +541,11 @@ pub fn fast_write_command(body: &[u8], max_pairs: usize) -> Option<(u64, Command
         return None;
     }
     let first = args.len() - b.len();
-    // Element ends, as offsets into `args`.
-    let mut ends = Vec::with_capacity(n as usize);
+    // Cut from one copy of `args` (the frame buffer is not pinned), element by element; every
+    // element takes at least three bytes, which bounds what is reserved.
+    let whole = bytes::Bytes::copy_from_slice(args);
+    let mut elems = Vec::with_capacity((n as usize).min(b.len() / 3));
+    let mut start = first;
     for _ in 0..n {
         b = b.strip_prefix(&[0x82])?;
         for _ in 0..2 {
@@ -557,21 +560,13 @@ pub fn fast_write_command(body: &[u8], max_pairs: usize) -> Option<(u64, Command
             }
             b = rest;
         }
-        ends.push(args.len() - b.len());
+        let end = args.len() - b.len();
+        elems.push(RawItem::from_checked(whole.slice(start..end)));
+        start = end;
     }
     if !b.is_empty() {
         return None;
     }
-    let whole = bytes::Bytes::copy_from_slice(args);
-    let mut start = first;
-    let elems = ends
-        .into_iter()
-        .map(|end| {
-            let e = RawItem::from_checked(whole.slice(start..end));
-            start = end;
-            e
-        })
-        .collect();
     Some((
         id,
         if put {

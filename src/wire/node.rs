@@ -332,6 +332,11 @@ impl RelayAnswer {
                 scratch.extend_from_slice(b"\x62id\xf6\x66status\x62ok\x65count");
                 cbor::write_head(scratch, 0, n);
             }
+            // The commonest answer, as `into_response(None).encode_into` writes it (unit test).
+            Reply::Rejected(r) if r.is_empty() => {
+                scratch.extend_from_slice(&[0; 4]);
+                scratch.extend_from_slice(PLAIN_WRITE_ANSWER);
+            }
             r => r.into_response(None).encode_into(scratch),
         }
         let body = scratch.get(4..).unwrap_or_default();
@@ -830,6 +835,11 @@ mod tests {
 
     #[test]
     fn the_plain_write_answer_is_what_the_primary_writes_and_reads_back_as_serde_does() {
+        let mut general = Vec::new();
+        Reply::Rejected(vec![])
+            .into_response(None)
+            .encode_into(&mut general);
+        assert_eq!(&general[4..], PLAIN_WRITE_ANSWER);
         let (mut scratch, mut f) = (Vec::new(), Vec::new());
         RelayAnswer::encode_into(7, Reply::Rejected(vec![]), &mut scratch, &mut f);
         let body = bytes::Bytes::copy_from_slice(&f[4..]);
