@@ -245,10 +245,9 @@ fn leftover_spare(dir: &Path, segment_bytes: u64) -> u8 {
 }
 
 /// Opens segment `index` (a new name): the spare renamed into place if one is ready, else a new
-/// empty file. Returns the file, the offset to write at, and its preallocated size (0: none).
-/// Opens segment `index` (the spare renamed, if ready): the file, where appends go, its
-/// preallocated size, and whether it was opened with `O_DIRECT` (asked by `direct`; only a
-/// preallocated segment, and only where the filesystem accepts it).
+/// empty file. Returns the file, the offset to write at, its preallocated size (0: none), and
+/// whether it was opened with `O_DIRECT` (asked by `direct`; only a preallocated segment, and
+/// only where the filesystem accepts it).
 fn open_segment(
     dir: &Path,
     index: u64,
