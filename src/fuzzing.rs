@@ -9,7 +9,7 @@
 //!
 //! | target | input | code under test |
 //! |---|---|---|
-//! | `client_frame` | `[chunk size][bytes of a client stream]` | `wire::frame::FrameDecoder`, `decode_value`, `wire::client::parse_request` / `command_of` (and `fast_pattern_command`, `fast_write_command` against them), the relay wrapping, tuple checks, patterns |
+//! | `client_frame` | `[chunk size][bytes of a client stream]` | `wire::frame::FrameDecoder`, `decode_value`, `wire::client::parse_request` / `command_of` (and `fast_command` against them), the relay wrapping, tuple checks, patterns |
 //! | `node_message` | one frame body | `wire::frame::decode` of every node message type |
 //! | `log_loader` | `[flags][log segment]` | `durable::FrameReader`, `durable::recover::recover` over a replica directory |
 //! | `snapshot_loader` | `[flags][file]` | `space::load_snapshot` (JSON save file) and the replica `snapshot` file through `recover` |
@@ -296,8 +296,7 @@ fn client_request(body: &[u8], cfg: &Config) {
     }
     // The proxy's one-pass readers of the usual GET/DELETE and PUT/POST: whatever they accept,
     // the general reader reads as the same id and command.
-    let fast = client::fast_pattern_command(body)
-        .or_else(|| client::fast_write_command(body, cfg.max_pairs_per_request));
+    let fast = client::fast_command(body, cfg.max_pairs_per_request);
     if let Some((id, cmd)) = &fast {
         let req = client::parse_request(body).expect("the fast reader accepted a malformed frame");
         assert_eq!(req.id, *id, "the fast reader read another id");

@@ -1725,8 +1725,7 @@ fn classify(
 ) -> Result<Classified, (OpLabel, Box<Response>)> {
     // The usual GET, DELETE, PUT and POST in one pass; anything else by the general reader.
     if sap == SapKind::Client
-        && let Some((id, cmd)) = client::fast_pattern_command(body)
-            .or_else(|| client::fast_write_command(body, cfg.max_pairs_per_request))
+        && let Some((id, cmd)) = client::fast_command(body, cfg.max_pairs_per_request)
     {
         return Ok(Classified::Data { cmd, id });
     }

@@ -190,9 +190,7 @@ pub fn spawn(
     let spare = Arc::new(AtomicU8::new(leftover_spare(&dir, opts.segment_bytes)));
     let (tx, rx) = std::sync::mpsc::sync_channel(opts.queue);
     let wanted = Arc::new(AtomicBool::new(false));
-    let direct = opts.policy == FsyncPolicy::Always;
-    let (file, offset, cap, direct) =
-        open_segment(&dir, index, &spare, opts.segment_bytes, direct)?;
+    let (file, offset, cap, direct) = open_segment(&dir, index, &spare, &opts)?;
     let mut w = Writer {
         dir,
         index,
@@ -246,15 +244,15 @@ fn leftover_spare(dir: &Path, segment_bytes: u64) -> u8 {
 
 /// Opens segment `index` (a new name): the spare renamed into place if one is ready, else a new
 /// empty file. Returns the file, the offset to write at, its preallocated size (0: none), and
-/// whether it was opened with `O_DIRECT` (asked by `direct`; only a preallocated segment, and
-/// only where the filesystem accepts it).
+/// whether it was opened with `O_DIRECT` (with `fsync = "always"`, only a preallocated segment,
+/// and only where the filesystem accepts it).
 fn open_segment(
     dir: &Path,
     index: u64,
     spare: &AtomicU8,
-    segment_bytes: u64,
-    direct: bool,
+    opts: &WalOptions,
 ) -> Result<(File, u64, u64, bool), DurableError> {
+    let segment_bytes = opts.segment_bytes;
     let path = dir.join(segment_name(index));
     let mut cap = 0;
     if spare
@@ -269,7 +267,7 @@ fn open_segment(
             ),
         }
     }
-    let opened_direct = (direct && cap > 0)
+    let opened_direct = (opts.policy == FsyncPolicy::Always && cap > 0)
         .then(|| {
             use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
@@ -487,13 +485,8 @@ impl Writer {
         if self.opts.policy != FsyncPolicy::Never {
             self.sync_file()?;
         }
-        let (file, offset, cap, direct) = open_segment(
-            &self.dir,
-            self.index + 1,
-            &self.spare,
-            self.opts.segment_bytes,
-            self.opts.policy == FsyncPolicy::Always,
-        )?;
+        let (file, offset, cap, direct) =
+            open_segment(&self.dir, self.index + 1, &self.spare, &self.opts)?;
         self.index += 1;
         self.file = file;
         self.direct = direct;

@@ -159,9 +159,7 @@ impl Relay {
         );
         cbor::write_head(out, 4, elems.len() as u64);
         for e in elems {
-            cbor::write_head(out, 6, TAG_ENCODED_CBOR);
-            cbor::write_head(out, 2, e.as_bytes().len() as u64);
-            out.extend_from_slice(e.as_bytes());
+            write_embedded(out, e.as_bytes());
         }
         frame::seal(out, start);
     }
@@ -345,9 +343,7 @@ impl RelayAnswer {
         cbor::write_text(out, "rid");
         cbor::write_head(out, 0, rid);
         cbor::write_text(out, "response");
-        cbor::write_head(out, 6, TAG_ENCODED_CBOR);
-        cbor::write_head(out, 2, body.len() as u64);
-        out.extend_from_slice(body);
+        write_embedded(out, body);
         frame::seal(out, start);
     }
 
@@ -473,6 +469,13 @@ impl Repl {
             frame::encode_into(m, out);
         }
     }
+}
+
+/// Writes one encoded CBOR item as serde writes a [`RawItem`]: tag 24 over its bytes.
+fn write_embedded(out: &mut Vec<u8>, item: &[u8]) {
+    cbor::write_head(out, 6, TAG_ENCODED_CBOR);
+    cbor::write_head(out, 2, item.len() as u64);
+    out.extend_from_slice(item);
 }
 
 fn write_pairs(out: &mut Vec<u8>, pairs: &[Pair]) {
