@@ -255,6 +255,11 @@ pub struct Config {
     /// block allocation to commit; the writer moves to the next segment when one is full.
     /// 0 = no preallocation: segments grow by appending and change only at snapshots.
     pub wal_segment_bytes: u64,
+    /// Snapshots and preallocated log segments, written in the background, sync their data
+    /// every this many bytes as they are written (0 = once, at the end): the disk then never
+    /// holds much of them unsynced, so a log sync after an append waits behind at most this much
+    /// of their data instead of all of it (a snapshot of millions of pairs is hundreds of MiB).
+    pub background_sync_bytes: u64,
 }
 
 impl Default for Config {
@@ -321,6 +326,7 @@ impl Default for Config {
             snapshot_every_bytes: 256 << 20,
             wal_queue_records: 65_536,
             wal_segment_bytes: 16 << 20,
+            background_sync_bytes: 4 << 20,
         }
     }
 }
@@ -332,6 +338,9 @@ pub const RESPONSE_ENVELOPE_BYTES: usize = 1024;
 /// spare one is written in the background, so it must neither be tiny nor take minutes.
 pub const MIN_WAL_SEGMENT_BYTES: u64 = 1 << 20;
 pub const MAX_WAL_SEGMENT_BYTES: u64 = 4 << 30;
+
+/// Smallest `background_sync_bytes` other than 0 (a sync per few KiB would make snapshots crawl).
+pub const MIN_BACKGROUND_SYNC_BYTES: u64 = 64 << 10;
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tuplespace.toml";
@@ -516,6 +525,15 @@ impl Config {
                 "wal_segment_bytes",
                 format!(
                     "must be 0 (no preallocation) or between {MIN_WAL_SEGMENT_BYTES} and {MAX_WAL_SEGMENT_BYTES}"
+                ),
+            );
+        }
+        if self.background_sync_bytes != 0 && self.background_sync_bytes < MIN_BACKGROUND_SYNC_BYTES
+        {
+            return bad(
+                "background_sync_bytes",
+                format!(
+                    "must be 0 (sync once, at the end) or at least {MIN_BACKGROUND_SYNC_BYTES}"
                 ),
             );
         }

@@ -1028,6 +1028,7 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
         Position { epoch: 3, seq: 9 },
         2,
         vec![(5, reply.clone())],
+        0,
     )
     .is_ok()
         && let Ok(bytes) = std::fs::read(scratch.join(SNAPSHOT_FILE))

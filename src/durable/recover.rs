@@ -507,6 +507,8 @@ mod tests {
             snapshot_every_bytes: 0,
             queue: 16,
             segment_bytes: 0,
+            // Small, so that snapshots and spare segments in these tests sync on the way.
+            background_sync_bytes: 64 << 10,
             metrics: None,
         }
     }
@@ -539,7 +541,7 @@ mod tests {
     fn write_copy_with(root: &Path, epoch: u64, n: u64, o: WalOptions) -> (PathBuf, Durable) {
         let (dir, lock) = create_dir(root).unwrap();
         if o.segment_bytes > 0 {
-            wal::make_spare(&dir, o.segment_bytes).unwrap();
+            wal::make_spare(&dir, o.segment_bytes, o.background_sync_bytes).unwrap();
         }
         let seen = Arc::new(Mutex::new(Durable::default()));
         let s2 = seen.clone();
@@ -648,6 +650,7 @@ mod tests {
             Position { epoch: 2, seq: 7 },
             0,
             table.clone(),
+            64 << 10,
         )
         .unwrap();
         drop(lock);
@@ -921,7 +924,7 @@ mod tests {
         const SEG: u64 = 1 << 20;
         let t = tempfile::tempdir().unwrap();
         let (dir, lock) = create_dir(t.path()).unwrap();
-        wal::make_spare(&dir, SEG).unwrap();
+        wal::make_spare(&dir, SEG, 64 << 10).unwrap();
         let (w, h) = wal::spawn(
             dir.clone(),
             None,
@@ -1017,13 +1020,13 @@ mod tests {
         // another one complete.
         std::fs::rename(
             {
-                wal::make_spare(&dir, SEG).unwrap();
+                wal::make_spare(&dir, SEG, 64 << 10).unwrap();
                 dir.join(crate::durable::SPARE_FILE)
             },
             dir.join(segment_name(1)),
         )
         .unwrap();
-        wal::make_spare(&dir, SEG).unwrap();
+        wal::make_spare(&dir, SEG, 64 << 10).unwrap();
         std::fs::write(dir.join(crate::durable::SPARE_TMP), vec![0u8; 1000]).unwrap();
         let r = recover(t.path(), MAX, 1000).unwrap().unwrap();
         assert_eq!(r.copy.pos, Position { epoch: 1, seq: 10 });
@@ -1072,7 +1075,7 @@ mod tests {
         // damage.
         let t2 = tempfile::tempdir().unwrap();
         let (d2, lock) = create_dir(t2.path()).unwrap();
-        wal::make_spare(&d2, SEG).unwrap();
+        wal::make_spare(&d2, SEG, 64 << 10).unwrap();
         std::fs::rename(
             d2.join(crate::durable::SPARE_FILE),
             d2.join(segment_name(0)),

@@ -90,6 +90,8 @@ pub struct WalOptions {
     pub queue: usize,
     /// Preallocated segment size; 0 = append to segments that change only at snapshots.
     pub segment_bytes: u64,
+    /// Snapshots and spare segments sync their data every this many bytes (0 = at the end).
+    pub background_sync_bytes: u64,
     /// Where the writer records its append and sync times (observations only).
     pub metrics: Option<Arc<crate::metrics::WalMetrics>>,
 }
@@ -103,6 +105,7 @@ impl WalOptions {
             snapshot_every_bytes: cfg.snapshot_every_bytes,
             queue: cfg.wal_queue_records,
             segment_bytes: cfg.wal_segment_bytes,
+            background_sync_bytes: cfg.background_sync_bytes,
             metrics: None,
         }
     }
@@ -342,11 +345,12 @@ impl Aligned {
     }
 }
 
-/// Writes `bytes` of zeros to a new spare segment, syncs it and gives it its name.
-pub(crate) fn make_spare(dir: &Path, bytes: u64) -> Result<(), DurableError> {
+/// Writes `bytes` of zeros to a new spare segment, syncs it and gives it its name; its data is
+/// synced every `sync_every` bytes on the way (`SyncEvery`; 0 = at the end only).
+pub(crate) fn make_spare(dir: &Path, bytes: u64, sync_every: u64) -> Result<(), DurableError> {
     let tmp = dir.join(SPARE_TMP);
     let io = |e| DurableError::io("cannot preallocate a log segment", &tmp, e);
-    let mut f = File::create(&tmp).map_err(io)?;
+    let mut f = super::SyncEvery::new(File::create(&tmp).map_err(io)?, sync_every);
     let zeros = vec![0u8; ZERO_CHUNK];
     let mut left = bytes;
     while left > 0 {
@@ -354,6 +358,7 @@ pub(crate) fn make_spare(dir: &Path, bytes: u64) -> Result<(), DurableError> {
         f.write_all(&zeros[..n]).map_err(io)?;
         left -= n as u64;
     }
+    let f = f.into_file();
     f.sync_all().map_err(io)?;
     drop(f);
     let spare = dir.join(SPARE_FILE);
@@ -499,6 +504,7 @@ impl Writer {
     /// Starts writing a spare segment in the background unless one is ready or on its way.
     fn prepare_spare(&self) {
         let bytes = self.opts.segment_bytes;
+        let sync_every = self.opts.background_sync_bytes;
         if bytes == 0
             || self
                 .spare
@@ -521,7 +527,7 @@ impl Writer {
                 // SAFETY: setpriority has no memory effects; 0 = the calling thread.
                 let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) };
                 let start = Instant::now();
-                match make_spare(&dir, bytes) {
+                match make_spare(&dir, bytes, sync_every) {
                     Ok(()) => {
                         debug!(dir = %dir.display(), bytes, ms = start.elapsed().as_millis() as u64, "log segment preallocated");
                         state.store(SPARE_READY, Ordering::Release);
@@ -667,6 +673,7 @@ impl Writer {
         }
         let busy = self.snapshotting.clone();
         let metrics = self.opts.metrics.clone();
+        let sync_every = self.opts.background_sync_bytes;
         let dir = self.dir.clone();
         let next = self.index;
         let spawned = std::thread::Builder::new()
@@ -677,7 +684,7 @@ impl Writer {
                 // SAFETY: setpriority has no memory effects; 0 = the calling thread.
                 let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) };
                 let start = Instant::now();
-                match write_snapshot(&dir, &space, pos, next, dedupe) {
+                match write_snapshot(&dir, &space, pos, next, dedupe, sync_every) {
                     Ok(n) => {
                         if let Some(m) = &metrics {
                             m.snapshots.fetch_add(1, Ordering::Relaxed);
