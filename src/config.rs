@@ -193,6 +193,12 @@ pub struct Config {
     pub backup_start_retries: u32,
     /// How long a new backup may take to start, connect and synchronise.
     pub backup_sync_timeout_ms: u64,
+    /// How long a synchronised backup that still receives every update (its heartbeats say how
+    /// far it has applied) may leave them unacknowledged — its log is slow to sync — before the
+    /// primary drops it. A backup that receives nothing new is dropped after
+    /// `heartbeat_timeout_ms` as before (a cut replication link). Taken as
+    /// `heartbeat_timeout_ms` where that is longer.
+    pub backup_ack_timeout_ms: u64,
 
     // ---- operations ----
     /// Async worker threads of a proxy or server process; 0 = one thread (current-thread
@@ -308,6 +314,7 @@ impl Default for Config {
             backup_retry_backoff_ms: 200,
             backup_start_retries: 5,
             backup_sync_timeout_ms: 60_000,
+            backup_ack_timeout_ms: 2_000,
             runtime_threads: 0,
             cpu_policy: CpuPolicy::Batch,
             udp_buffer_bytes: 4 << 20,

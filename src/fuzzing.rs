@@ -942,7 +942,14 @@ pub fn seeds(scratch: &Path) -> Vec<(&'static str, String, Vec<u8>)> {
             }),
         ),
         ("repl-ack", cbor(&ReplAck::Ack { seq: 5 })),
-        ("ping", cbor(&Beat::Ping { epoch: 1, n: 2 })),
+        (
+            "ping",
+            cbor(&Beat::Ping {
+                epoch: 1,
+                n: 2,
+                received: 3,
+            }),
+        ),
         ("pong", cbor(&Beat::Pong { epoch: 1, n: 2 })),
         ("terminate", cbor(&Beat::Terminate { epoch: 4 })),
     ];

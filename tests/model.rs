@@ -232,6 +232,9 @@ impl Cfg {
             // Disabled: a replica never gives up on the proxy within a run.
             proxy_loss_timeout: 1 << 40,
             backup_sync_timeout: 1 << 40,
+            // Pings say nothing of what the backup received (`received: 0`): a backup whose
+            // acknowledgements stop is dropped after `hb`, the quickest the machine allows.
+            backup_ack_timeout: self.hb,
             backup_retry_backoff: 1,
             backup_retry_doublings: 0,
             reconnect_pause: 1,
@@ -1893,7 +1896,7 @@ impl St {
                 && !self.cut(Addr::Rep(b), Addr::Rep(x))
                 && !self.cut(Addr::Rep(x), Addr::Rep(b))
             {
-                self.rep_step(cfg, x, replica::Input::Ping);
+                self.rep_step(cfg, x, replica::Input::Ping { received: 0 });
                 self.rep_step(cfg, b, replica::Input::Pong);
             }
         }

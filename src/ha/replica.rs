@@ -20,6 +20,9 @@ pub struct Timing {
     pub heartbeat_timeout: Millis,
     pub proxy_loss_timeout: Millis,
     pub backup_sync_timeout: Millis,
+    /// How long a synchronised backup that still receives updates may leave them
+    /// unacknowledged (a slow log) before it is dropped (at least `heartbeat_timeout`).
+    pub backup_ack_timeout: Millis,
     pub backup_retry_backoff: Millis,
     /// Doublings of the backoff before it stops growing.
     pub backup_retry_doublings: u32,
@@ -109,8 +112,10 @@ pub enum Input<R> {
         id: BackupId,
         why: String,
     },
-    /// A heartbeat from our backup.
-    Ping,
+    /// A heartbeat from our backup, with the last update it has applied (0: it does not say).
+    Ping {
+        received: u64,
+    },
     /// The primary's SAPs are ours (after a promotion).
     PromotionDone,
     /// An authenticated terminate from the primary of `epoch`.
@@ -195,6 +200,10 @@ struct Backup {
     last_ping: Millis,
     /// Last time an acknowledgement arrived or the backup was fully caught up.
     last_ack: Millis,
+    /// The last update its heartbeats said it applied, and when that last grew or covered every
+    /// update (the replication link delivers: late acknowledgements are its log's, not a cut).
+    received: u64,
+    last_recv: Millis,
     since: Millis,
 }
 
@@ -481,6 +490,8 @@ impl<R> Replica<R> {
                     acked: 0,
                     last_ping: now,
                     last_ack: now,
+                    received: 0,
+                    last_recv: now,
                     since: now,
                 });
                 out.push(Action::SendSnapshot { id });
@@ -505,6 +516,7 @@ impl<R> Replica<R> {
                     b.handle = Some(handle);
                     b.acked = b.acked.max(seq);
                     b.last_ack = now;
+                    b.last_recv = now;
                     // From now on every write waits for the backup's acknowledgement.
                     self.solo = false;
                     self.attempts = 0;
@@ -521,6 +533,7 @@ impl<R> Replica<R> {
                 if let Some(b) = self.backup.as_mut().filter(|b| b.id == id) {
                     b.acked = b.acked.max(seq);
                     b.last_ack = now;
+                    b.last_recv = now;
                     self.advance(out);
                 }
             }
@@ -532,9 +545,13 @@ impl<R> Replica<R> {
                     self.schedule_backup(now);
                 }
             }
-            Input::Ping => {
+            Input::Ping { received } => {
                 if let Some(b) = &mut self.backup {
                     b.last_ping = now;
+                    if received > b.received {
+                        b.received = received;
+                        b.last_recv = now;
+                    }
                 }
             }
             Input::PromotionDone => {
@@ -728,11 +745,23 @@ impl<R> Replica<R> {
             if b.acked >= latest {
                 b.last_ack = now;
             }
+            if b.received >= latest {
+                b.last_recv = now;
+            }
+            let unacked = now.saturating_sub(b.last_ack);
             if now.saturating_sub(b.last_ping) > hb {
                 lost = Some("backup heartbeats lapsed");
-            } else if b.synced && b.acked < latest && now.saturating_sub(b.last_ack) > hb {
-                // Pings flow but updates are not acknowledged: the replication direction is cut.
-                lost = Some("backup stopped acknowledging updates");
+            } else if b.synced && b.acked < latest && unacked > hb {
+                if now.saturating_sub(b.last_recv) > hb {
+                    // Pings flow but updates neither arrive nor are acknowledged: the
+                    // replication direction is cut.
+                    lost = Some("backup stopped acknowledging updates");
+                } else if unacked > self.t.backup_ack_timeout {
+                    // Updates arrive, its log does not keep up: writes have waited long enough.
+                    lost = Some(
+                        "backup receives updates but has not acknowledged them within backup_ack_timeout_ms (its log is too slow)",
+                    );
+                }
             } else if !b.synced && now.saturating_sub(b.since) > self.t.backup_sync_timeout {
                 lost = Some("backup did not synchronise within backup_sync_timeout_ms");
             }
@@ -769,6 +798,7 @@ mod tests {
             heartbeat_timeout: 300,
             proxy_loss_timeout: 5000,
             backup_sync_timeout: 60_000,
+            backup_ack_timeout: 2_000,
             backup_retry_backoff: 200,
             backup_retry_doublings: 5,
             reconnect_pause: 100,
@@ -835,6 +865,60 @@ mod tests {
         assert_eq!(
             released(&run(&mut r, 12, Input::BackupAck { id: 1, seq: 1 })),
             vec![1, 2]
+        );
+    }
+
+    /// Runs a synchronised backup's heartbeats (every 50 ms from `from` to `to`, each saying it
+    /// applied `received`) with ticks; the first action list that closes the backup, if any.
+    fn beats_until_lost(
+        r: &mut Replica<u32>,
+        from: Millis,
+        to: Millis,
+        received: u64,
+    ) -> Option<(Millis, Vec<Action<u32>>)> {
+        let mut t = from;
+        while t <= to {
+            let mut a = run(r, t, Input::Ping { received });
+            a.extend(run(r, t, Input::Tick));
+            if a.contains(&Action::CloseBackup { id: 1 }) {
+                return Some((t, a));
+            }
+            t += 50;
+        }
+        None
+    }
+
+    #[test]
+    fn a_backup_whose_log_is_slow_is_kept_until_backup_ack_timeout_a_cut_one_is_not() {
+        // Its heartbeats say it has write 1 (applied, not yet logged): the link delivers, only
+        // its log is slow. Kept past heartbeat_timeout (300), dropped after
+        // backup_ack_timeout (2000) of no acknowledgement; the reply waits meanwhile.
+        let mut r = primary_with_backup();
+        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
+        let (t, a) = beats_until_lost(&mut r, 20, 5000, 1).expect("dropped in the end");
+        assert!((2010..=2100).contains(&t), "dropped at {t}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Notify { detail, .. } if detail.contains("backup_ack_timeout_ms"))),
+            "{a:?}"
+        );
+        // Its acknowledgement before then releases the write and keeps it.
+        let mut r = primary_with_backup();
+        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
+        assert!(beats_until_lost(&mut r, 20, 1500, 1).is_none());
+        assert_eq!(
+            released(&run(&mut r, 1510, Input::BackupAck { id: 1, seq: 1 })),
+            vec![1]
+        );
+        assert!(beats_until_lost(&mut r, 1520, 5000, 1).is_none());
+        // Heartbeats that say it never got write 1 (or say nothing, 0): the replication
+        // direction is cut, dropped after heartbeat_timeout.
+        let mut r = primary_with_backup();
+        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
+        let (t, a) = beats_until_lost(&mut r, 20, 5000, 0).expect("dropped");
+        assert!((310..=400).contains(&t), "dropped at {t}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Notify { detail, .. } if detail.contains("stopped acknowledging"))),
+            "{a:?}"
         );
     }
 

@@ -40,7 +40,11 @@ pub enum Event {
     BackupAck(BackupId, u64),
     BackupSynced(BackupId, u64, String),
     BackupDown(BackupId, String),
-    Ping,
+    /// A heartbeat from the backup, with the last update it has applied (received, maybe not yet
+    /// logged).
+    Ping {
+        received: u64,
+    },
     BackupConnected(BackupId, BackupLink),
     BackupStartFailed(BackupId, String),
     /// A promotion took the primary's SAPs.
@@ -831,8 +835,10 @@ async fn acknowledge(
     let _ = out.flush().await;
 }
 
-/// Backup side: pings the primary's HEARTBEAT_SAP; each pong is an event. Reconnects until
-/// `stop` is dropped.
+/// Backup side: pings the primary's HEARTBEAT_SAP, each ping with the last update the store
+/// applied (`applied`, so the primary can tell a slow log from a cut link); each pong is an
+/// event. Reconnects until `stop` is dropped.
+#[allow(clippy::too_many_arguments)]
 pub async fn ping_primary(
     ep: quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
@@ -840,6 +846,7 @@ pub async fn ping_primary(
     sap_text: String,
     cfg: Arc<Config>,
     events: Events,
+    applied: Arc<AtomicU64>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut n = 0u64;
@@ -863,7 +870,8 @@ pub async fn ping_primary(
             tokio::select! {
                 _ = tick.tick() => {
                     n += 1;
-                    if out.send(&Beat::Ping { epoch: 0, n }).await.is_err() { break; }
+                    let received = applied.load(Ordering::Relaxed);
+                    if out.send(&Beat::Ping { epoch: 0, n, received }).await.is_err() { break; }
                 }
                 f = input.next() => match f {
                     Ok(Some(b)) => if let Ok(Beat::Pong { .. }) = frame::decode::<Beat>(&b) {
@@ -900,8 +908,8 @@ pub async fn serve_beats(ep: quinn::Endpoint, cfg: Arc<Config>, events: Events) 
                         let mut input = FramedRecv::new(recv, 64 * 1024);
                         while let Ok(Some(b)) = input.next().await {
                             match frame::decode::<Beat>(&b) {
-                                Ok(Beat::Ping { epoch, n }) => {
-                                    let _ = events.send(Event::Ping);
+                                Ok(Beat::Ping { epoch, n, received }) => {
+                                    let _ = events.send(Event::Ping { received });
                                     if out.send(&Beat::Pong { epoch, n }).await.is_err() {
                                         break;
                                     }

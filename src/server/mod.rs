@@ -166,6 +166,7 @@ pub fn timing(cfg: &Config) -> Timing {
         heartbeat_timeout: cfg.heartbeat_timeout_ms,
         proxy_loss_timeout: cfg.proxy_loss_timeout_ms,
         backup_sync_timeout: cfg.backup_sync_timeout_ms,
+        backup_ack_timeout: cfg.backup_ack_timeout_ms.max(cfg.heartbeat_timeout_ms),
         backup_retry_backoff: cfg.backup_retry_backoff_ms,
         backup_retry_doublings: cfg.backup_start_retries,
         reconnect_pause: cfg.heartbeat_interval_ms * 2,
@@ -642,6 +643,7 @@ impl Replica {
                 self.args.heartbeat_sap_text.clone(),
                 self.cfg.clone(),
                 self.events.clone(),
+                self.stats.seq.clone(),
                 self.ping_stop.clone(),
             ));
         }
@@ -770,7 +772,7 @@ impl Replica {
                 error!("{why}");
                 self.step(Input::StorageFailed { why });
             }
-            Event::Ping => self.step(Input::Ping),
+            Event::Ping { received } => self.step(Input::Ping { received }),
             Event::Pong => self.step(Input::Pong),
             Event::PrimaryStop => {
                 info!("the primary is shutting the service down");

@@ -26,6 +26,8 @@ pub struct SimParams {
     pub request_timeout: Millis,
     pub proxy_loss_timeout: Millis,
     pub backup_sync_timeout: Millis,
+    /// A backup that receives updates may leave them unacknowledged this long (a slow log).
+    pub backup_ack_timeout: Millis,
     pub backup_retry_backoff: Millis,
     pub clients: u32,
     pub keys: u32,
@@ -75,6 +77,7 @@ impl Default for SimParams {
             request_timeout: 3000,
             proxy_loss_timeout: 4000,
             backup_sync_timeout: 10_000,
+            backup_ack_timeout: 1000,
             backup_retry_backoff: 100,
             clients: 3,
             keys: 3,
@@ -399,7 +402,10 @@ enum Msg {
     Ack {
         seq: u64,
     },
-    Ping,
+    /// With the last update the backup applied.
+    Ping {
+        received: u64,
+    },
     Pong,
     Terminate {
         epoch: u64,
@@ -679,6 +685,7 @@ fn timing(p: &SimParams) -> Timing {
         heartbeat_timeout: p.heartbeat_timeout,
         proxy_loss_timeout: p.proxy_loss_timeout,
         backup_sync_timeout: p.backup_sync_timeout,
+        backup_ack_timeout: p.backup_ack_timeout,
         backup_retry_backoff: p.backup_retry_backoff,
         backup_retry_doublings: 3,
         reconnect_pause: p.heartbeat_interval * 2,
@@ -1600,6 +1607,7 @@ impl World {
                     && r.machine.role() == Role::Backup
                 {
                     let beat = r.beat.filter(|c| self.conns[*c as usize].open);
+                    let received = r.kv.seq;
                     let c = match beat {
                         Some(c) => Some(c),
                         None => self.primary_saps.map(|owner| {
@@ -1611,7 +1619,7 @@ impl World {
                         }),
                     };
                     if let Some(c) = c {
-                        self.send(c, a, CONTROL, Msg::Ping);
+                        self.send(c, a, CONTROL, Msg::Ping { received });
                     }
                 }
                 self.rep_step(pid, replica::Input::Tick);
@@ -2344,10 +2352,10 @@ impl World {
                     self.rep_step(pid, replica::Input::BackupAck { id, seq });
                 }
             }
-            Msg::Ping => {
+            Msg::Ping { received } => {
                 if self.primary_saps == Some(pid) {
                     self.send(conn, me, CONTROL, Msg::Pong);
-                    self.rep_step(pid, replica::Input::Ping);
+                    self.rep_step(pid, replica::Input::Ping { received });
                 }
             }
             Msg::Pong => {

@@ -671,6 +671,10 @@ pub enum Beat {
     Ping {
         epoch: u64,
         n: u64,
+        /// The last update the backup has applied (received; its log may not hold it yet). 0
+        /// from a sender that does not say.
+        #[serde(default)]
+        received: u64,
     },
     Pong {
         epoch: u64,
