@@ -791,6 +791,16 @@ struct Router {
 }
 
 impl Router {
+    /// Handles `msgs` in order, each at the time it is taken, then sends what they produced on
+    /// each relay stream in one message.
+    fn handle_all(&mut self, msgs: impl IntoIterator<Item = RouterMsg>) {
+        for m in msgs {
+            self.clock = Instant::now();
+            self.handle(m);
+        }
+        self.flush_relays();
+    }
+
     /// What was sent on each relay stream since the last flush leaves in one message.
     fn flush_relays(&mut self) {
         for l in self.links.values_mut() {
@@ -1437,9 +1447,7 @@ impl RouterTx {
         if r.stopped {
             return false;
         }
-        r.clock = Instant::now();
-        r.handle(msg);
-        r.flush_relays();
+        r.handle_all([msg]);
         true
     }
 }
@@ -1460,13 +1468,7 @@ async fn router_loop(router: Arc<Mutex<Router>>, mut rx: mpsc::UnboundedReceiver
             biased;
             n = rx.recv_many(&mut batch, 256) => {
                 if n == 0 { break; }
-                let mut r = lock(&router);
-                for m in batch.drain(..) {
-                    r.clock = Instant::now();
-                    r.handle(m);
-                }
-                // What the batch sent on each relay stream leaves in one message.
-                r.flush_relays();
+                lock(&router).handle_all(batch.drain(..));
             }
             _ = tick.tick() => {
                 let mut r = lock(&router);

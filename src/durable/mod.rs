@@ -424,10 +424,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
 
 /// A file written in the background (a snapshot, a spare log segment) that syncs its data every
 /// `every` bytes written (0: never by itself). On a disk shared with the log, a log sync after an
-/// append also waits for whatever of these files the disk holds unsynced: without this, the
-/// whole of a snapshot of millions of pairs (hundreds of MiB) at its final sync, long enough for
-/// a log sync waited 47–84 ms behind a 0.5–1.2 GiB file synced at its end, 3–10 ms with a sync
-/// every 4 MiB (docs/BENCHMARKS.md, "Background writes and the log's syncs").
+/// append also waits for whatever of these files the disk holds unsynced: without this, for the
+/// whole of a snapshot of millions of pairs (hundreds of MiB) at its final sync. Measured on this
+/// project's VM: a log sync waited 47–84 ms behind a 0.5–1.2 GiB file synced at its end, 3–10 ms
+/// with a sync every 4 MiB (docs/BENCHMARKS.md, "Background writes and the log's syncs").
 #[derive(Debug)]
 pub(crate) struct SyncEvery {
     file: std::fs::File,

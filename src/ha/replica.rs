@@ -888,19 +888,33 @@ mod tests {
         None
     }
 
+    /// Write 1 applied at 10 and never acknowledged, heartbeats from 20 saying the backup
+    /// applied `received`: when the backup is dropped, and why (the `backup-lost` detail).
+    fn dropped_with_write_1_unacked(received: u64) -> (Millis, String) {
+        let mut r = primary_with_backup();
+        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
+        let (t, a) = beats_until_lost(&mut r, 20, 5000, received).expect("dropped in the end");
+        let why = a
+            .into_iter()
+            .find_map(|x| match x {
+                Action::Notify {
+                    kind: "backup-lost",
+                    detail,
+                } => Some(detail),
+                _ => None,
+            })
+            .expect("a backup-lost notification");
+        (t, why)
+    }
+
     #[test]
     fn a_backup_whose_log_is_slow_is_kept_until_backup_ack_timeout_a_cut_one_is_not() {
         // Its heartbeats say it has write 1 (applied, not yet logged): the link delivers, only
         // its log is slow. Kept past heartbeat_timeout (300), dropped after
         // backup_ack_timeout (2000) of no acknowledgement; the reply waits meanwhile.
-        let mut r = primary_with_backup();
-        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
-        let (t, a) = beats_until_lost(&mut r, 20, 5000, 1).expect("dropped in the end");
+        let (t, why) = dropped_with_write_1_unacked(1);
         assert!((2010..=2100).contains(&t), "dropped at {t}");
-        assert!(
-            a.iter().any(|x| matches!(x, Action::Notify { detail, .. } if detail.contains("backup_ack_timeout_ms"))),
-            "{a:?}"
-        );
+        assert!(why.contains("backup_ack_timeout_ms"), "{why}");
         // Its acknowledgement before then releases the write and keeps it.
         let mut r = primary_with_backup();
         run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
@@ -912,14 +926,9 @@ mod tests {
         assert!(beats_until_lost(&mut r, 1520, 5000, 1).is_none());
         // Heartbeats that say it never got write 1 (or say nothing, 0): the replication
         // direction is cut, dropped after heartbeat_timeout.
-        let mut r = primary_with_backup();
-        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
-        let (t, a) = beats_until_lost(&mut r, 20, 5000, 0).expect("dropped");
+        let (t, why) = dropped_with_write_1_unacked(0);
         assert!((310..=400).contains(&t), "dropped at {t}");
-        assert!(
-            a.iter().any(|x| matches!(x, Action::Notify { detail, .. } if detail.contains("stopped acknowledging"))),
-            "{a:?}"
-        );
+        assert!(why.contains("stopped acknowledging"), "{why}");
     }
 
     #[test]
