@@ -124,7 +124,8 @@ async fn a_refused_server_exits_3() {
     );
 }
 
-/// The policy of every thread of process `pid` (`sched_getscheduler` on each task).
+/// The policy of every thread of process `pid` (`sched_getscheduler` on each task), leaving out
+/// threads that end while they are read.
 #[cfg(target_os = "linux")]
 fn thread_policies(pid: u32) -> Vec<(String, i32)> {
     let mut out = Vec::new();
@@ -135,11 +136,17 @@ fn thread_policies(pid: u32) -> Vec<(String, i32)> {
             .to_string_lossy()
             .parse()
             .expect("a thread id");
-        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // A thread may end between the listing and these reads (a blocking-pool thread
+        // idling out): it has no policy to check, so it is skipped.
+        let Ok(name) = std::fs::read_to_string(t.path().join("comm")) else {
+            continue;
+        };
         // SAFETY: sched_getscheduler has no memory arguments.
-        out.push((name.trim().to_owned(), unsafe {
-            libc::sched_getscheduler(tid)
-        }));
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        if policy < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            continue;
+        }
+        out.push((name.trim().to_owned(), policy));
     }
     out
 }
