@@ -275,7 +275,10 @@ async fn worker(
 
 async fn preload(o: &BenchOptions, cfg: &Config) -> Result<(), String> {
     let mut c = open(o, cfg).await?;
-    let batch = 1000u64;
+    // Up to 1,000 pairs a request, and within half of `max_request_bytes` (a pair's key and
+    // framing take well under 64 bytes).
+    let per_pair = o.value_size as u64 + 64;
+    let batch = (cfg.max_request_bytes as u64 / 2 / per_pair).clamp(1, 1000);
     let mut id = 1;
     let mut start = 0;
     while start < o.keys {

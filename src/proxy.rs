@@ -1216,12 +1216,9 @@ impl Router {
         for token in late {
             self.answer_status(token, None);
         }
-        // The primary sends no heartbeats while it stops its backup and saves (its event loop
-        // has ended): silence counts only once the request is `node_idle_timeout_ms` old, by
-        // when a dead primary's link has timed out anyway (a save of a few pairs took 340 ms in
-        // a loaded CI run, past `heartbeat_timeout_ms`).
-        if let Some(d) = self.shutdown_deadline
-            && now + self.cfg.shutdown_timeout() >= d + self.cfg.node_idle_timeout()
+        // The primary heartbeats on while it stops its backup and saves: silence means it died
+        // or was cut off after we asked it to save.
+        if self.shutdown_deadline.is_some()
             && !self.machine.witness().primary_heard_recently(self.now())
         {
             // The primary died (or was cut off) after we asked it to save.

@@ -350,6 +350,62 @@ async fn shutdown_from_the_cli_stops_the_service() {
     assert!(saved.contains(r#"[["k"],["v"]]"#), "save file: {saved}");
 }
 
+/// A save that outlasts the heartbeat timeout is not a dead primary: the primary heartbeats on
+/// while it stops its backup and saves, so the stop waits for the save and reports it. Here
+/// 48 MB saved with a sync every 64 KiB, against a 150 ms heartbeat timeout; without those
+/// heartbeats the proxy gives up on the primary 150 ms into the save ("fell silent") and the
+/// answer reports no save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
+    use ciborium::Value;
+    const PAIRS: usize = 12_000;
+    const PER_REQUEST: usize = 100;
+    let mut cl = Cluster::builder()
+        .set("heartbeat_interval_ms=30")
+        .set("heartbeat_timeout_ms=150")
+        .set("background_sync_bytes=65536")
+        .start()
+        .await;
+    let mut c = cl.client().await;
+    let value = "v".repeat(4000);
+    for chunk in 0..PAIRS / PER_REQUEST {
+        let pairs = (0..PER_REQUEST)
+            .map(|i| tpair(&format!("k,{}", chunk * PER_REQUEST + i), &value))
+            .collect();
+        let r = c.request("PUT", Some(Value::Array(pairs))).await.unwrap();
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+    }
+    c.close();
+    let mut admin = Client::connect(&cl.shutdown_sap, &cl.certs, CertRole::Admin, &client_cfg())
+        .await
+        .expect("admin connection");
+    let t0 = Instant::now();
+    let r = admin
+        .request("SHUTDOWN", None)
+        .await
+        .expect("SHUTDOWN answer");
+    let took = t0.elapsed();
+    let message = r.message.clone().unwrap_or_default();
+    assert!(
+        r.status == Status::Ok && message.contains(&format!("{PAIRS} pairs saved")),
+        "{r:?} after {took:?}\n{}",
+        cl.logs()
+    );
+    let ps = wait_exit_async(cl.proxy.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    let ss = wait_exit_async(cl.server.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    assert!(ps.is_some() && ss.is_some(), "still running\n{}", cl.logs());
+    let logs = cl.logs();
+    assert!(!logs.contains("fell silent"), "{logs}");
+    let saved = std::fs::metadata(&cl.save_file)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        saved > (PAIRS * value.len()) as u64,
+        "save file of {saved} bytes"
+    );
+    println!("SHUTDOWN with a save of {saved} bytes answered in {took:?}");
+}
+
 /// `notify_command` that appends `PROCESS|KIND` to `file`, one line per call.
 fn recording_notify(file: &std::path::Path) -> String {
     format!(

@@ -180,7 +180,9 @@ pub enum Action<R> {
     TakeOver {
         epoch: u64,
     },
-    /// Stop the process (after stopping the backup and saving, if `save`).
+    /// Stop the process (after stopping the backup and saving, if `save`). While it saves, the
+    /// replica still heartbeats the witness ([`Replica::step`] takes `Tick`, `HeartbeatAck`,
+    /// `ProxyUp` and `ProxyDown`), so that a long save is not taken for a dead primary.
     Exit {
         reason: ExitReason,
         save: bool,
@@ -214,6 +216,8 @@ pub struct Replica<R> {
     role: Role,
     epoch: u64,
     exited: bool,
+    /// Exited with a save to make: heartbeats go on until the process ends.
+    saving: bool,
     // proxy link
     proxy_up: bool,
     connecting: bool,
@@ -261,6 +265,7 @@ impl<R> Replica<R> {
             role,
             epoch: 0,
             exited: false,
+            saving: false,
             proxy_up: false,
             connecting: false,
             proxy_lost_since: Some(now),
@@ -345,12 +350,16 @@ impl<R> Replica<R> {
 
     fn exit(&mut self, reason: ExitReason, save: bool, out: &mut Vec<Action<R>>) {
         self.exited = true;
+        self.saving = save;
         out.push(Action::Exit { reason, save });
     }
 
     /// Feeds one input observed at `now`; appends what the server must do, in order.
     pub fn step(&mut self, now: Millis, input: Input<R>, out: &mut Vec<Action<R>>) {
         if self.exited {
+            if self.saving {
+                self.step_saving(input, out);
+            }
             return;
         }
         match input {
@@ -715,7 +724,20 @@ impl<R> Replica<R> {
             self.exit(ExitReason::ProxyLost, save, out);
             return;
         }
-        // A primary speaks for an epoch only once its log records it.
+        self.heartbeat(out);
+        match self.role {
+            Role::Primary => self.primary_tick(now, out),
+            Role::Backup => {
+                if now.saturating_sub(self.last_pong) > self.t.heartbeat_timeout {
+                    self.suspect_primary("no heartbeat answer from the primary", out);
+                }
+            }
+        }
+    }
+
+    /// A heartbeat for the witness, if the link is up: a primary speaks for an epoch only once
+    /// its log records it.
+    fn heartbeat(&self, out: &mut Vec<Action<R>>) {
         if self.proxy_up && (self.role == Role::Backup || self.epoch_durable()) {
             out.push(Action::Heartbeat {
                 epoch: self.epoch,
@@ -727,13 +749,22 @@ impl<R> Replica<R> {
                 echo: self.echo,
             });
         }
-        match self.role {
-            Role::Primary => self.primary_tick(now, out),
-            Role::Backup => {
-                if now.saturating_sub(self.last_pong) > self.t.heartbeat_timeout {
-                    self.suspect_primary("no heartbeat answer from the primary", out);
-                }
+    }
+
+    /// After `Exit { save: true }`, while the server stops its backup and saves: nothing is
+    /// decided any more, but the witness goes on hearing from a live primary (a save of millions
+    /// of pairs takes seconds; silence would read as a failure). The proxy link is followed so
+    /// that heartbeats go only where they can.
+    fn step_saving(&mut self, input: Input<R>, out: &mut Vec<Action<R>>) {
+        match input {
+            Input::Tick => self.heartbeat(out),
+            Input::HeartbeatAck { n, .. } => self.echo = n,
+            Input::ProxyUp { .. } => {
+                self.proxy_up = true;
+                self.echo = 0;
             }
+            Input::ProxyDown => self.proxy_up = false,
+            _ => {}
         }
     }
 
@@ -1063,6 +1094,44 @@ mod tests {
             a.iter().any(|x| matches!(x, Action::StartBackup { .. })),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn a_primary_that_saves_heartbeats_on_and_decides_nothing_more() {
+        let mut r = primary_with_backup();
+        let a = run(&mut r, 10, Input::Shutdown);
+        assert!(a.contains(&Action::Exit {
+            reason: ExitReason::Shutdown,
+            save: true
+        }));
+        // While it saves: heartbeats with the latest echo, on whichever link is up; nothing else.
+        run(&mut r, 11, Input::HeartbeatAck { epoch: 1, n: 7 });
+        let a = run(&mut r, 400, Input::Tick);
+        assert_eq!(
+            a,
+            vec![Action::Heartbeat {
+                epoch: 1,
+                synced_backup: Some("b1".into()),
+                echo: 7
+            }]
+        );
+        assert!(run(&mut r, 401, Input::Write { seq: 1, reply: 1 }).is_empty());
+        assert!(run(&mut r, 402, Input::ProxyDown).is_empty());
+        assert!(run(&mut r, 403, Input::Tick).is_empty());
+        assert!(run(&mut r, 404, Input::ProxyUp { epoch: 1 }).is_empty());
+        assert!(matches!(
+            run(&mut r, 405, Input::Tick)[..],
+            [Action::Heartbeat { echo: 0, .. }]
+        ));
+        // A server that stops without a save falls silent at once.
+        let mut b = Replica::<u32>::new(Role::Backup, timing(), 0);
+        run(&mut b, 1, Input::ProxyUp { epoch: 1 });
+        let a = run(&mut b, 2, Input::Shutdown);
+        assert!(a.contains(&Action::Exit {
+            reason: ExitReason::Shutdown,
+            save: false
+        }));
+        assert!(run(&mut b, 3, Input::Tick).is_empty());
     }
 
     #[test]

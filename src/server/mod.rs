@@ -414,8 +414,27 @@ pub async fn run(
         }
     };
     if save {
-        r.stop_backup().await;
-        let saved = r.save().await;
+        // The backup stops and the store thread saves while this loop goes on heartbeating the
+        // witness (the machine decides nothing more; a save of millions of pairs takes seconds).
+        let backup = r.backup.take().map(|(_, b)| b);
+        let children: Vec<_> = r.children.drain().map(|(_, c)| c).collect();
+        let (store, save_file, timeout) = (
+            r.store.clone(),
+            r.args.save_file.clone(),
+            r.cfg.shutdown_timeout(),
+        );
+        let work = async move {
+            stop_backup(backup, children).await;
+            save_space(&store, save_file.as_deref(), timeout).await
+        };
+        tokio::pin!(work);
+        let saved = loop {
+            tokio::select! {
+                saved = &mut work => break saved,
+                Some(ev) = ev_rx.recv() => r.on_event_while_saving(ev),
+                _ = hb.tick() => r.step(Input::Tick),
+            }
+        };
         if r.shutdown_from_proxy
             && let Some(l) = &r.proxy
         {
@@ -970,19 +989,15 @@ impl Replica {
         });
     }
 
-    /// Tells the backup to stop (service shutdown).
-    async fn stop_backup(&mut self) {
-        if let Some((_, b)) = self.backup.take() {
-            let _ = b.tx.send(Repl::Stop);
-            let _ = tokio::time::timeout(Duration::from_secs(2), b.conn.closed()).await;
-        }
-        for (_, mut c) in self.children.drain() {
-            if tokio::time::timeout(Duration::from_secs(3), c.wait())
-                .await
-                .is_err()
-            {
-                let _ = c.kill().await;
-            }
+    /// While the primary saves at a shutdown: follows the proxy link and its heartbeat
+    /// acknowledgements (the machine heartbeats on); everything else is moot now. A backup that
+    /// connects now is not wanted.
+    fn on_event_while_saving(&mut self, ev: Event) {
+        match ev {
+            Event::ProxyConnected(_) | Event::ProxyDown(_) => self.on_event(ev),
+            Event::Control(_, ToServer::HeartbeatAck { .. }) => self.on_event(ev),
+            Event::BackupConnected(_, link) => link.conn.close(0u32.into(), b"stopping"),
+            _ => {}
         }
     }
 
@@ -1077,28 +1092,51 @@ impl Replica {
             }
         });
     }
+}
 
-    async fn save(&self) -> bool {
-        let Some(path) = &self.args.save_file else {
-            return false;
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.store.send(StoreMsg::Save(tx)).is_err() {
-            return false;
+/// Tells the backup to stop (service shutdown) and waits (bounded) for it and any backup
+/// process this server started.
+async fn stop_backup(backup: Option<BackupLink>, children: Vec<tokio::process::Child>) {
+    if let Some(b) = backup {
+        let _ = b.tx.send(Repl::Stop);
+        let _ = tokio::time::timeout(Duration::from_secs(2), b.conn.closed()).await;
+    }
+    for mut c in children {
+        if tokio::time::timeout(Duration::from_secs(3), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
         }
-        match tokio::time::timeout(self.cfg.shutdown_timeout(), rx).await {
-            Ok(Ok(Ok(n))) => {
-                info!(file = %path.display(), pairs = n, "space saved");
-                true
-            }
-            Ok(Ok(Err(e))) => {
-                error!(file = %path.display(), "saving failed: {e}; the previous file (if any) is intact");
-                false
-            }
-            _ => {
-                error!(file = %path.display(), "saving did not finish within shutdown_timeout_ms");
-                false
-            }
+    }
+}
+
+/// Has the store thread save the space to `save_file` (if any), waiting at most `timeout`;
+/// whether it was saved.
+async fn save_space(
+    store: &StoreTx,
+    save_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> bool {
+    let Some(path) = save_file else {
+        return false;
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if store.send(StoreMsg::Save(tx)).is_err() {
+        return false;
+    }
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(Ok(n))) => {
+            info!(file = %path.display(), pairs = n, "space saved");
+            true
+        }
+        Ok(Ok(Err(e))) => {
+            error!(file = %path.display(), "saving failed: {e}; the previous file (if any) is intact");
+            false
+        }
+        _ => {
+            error!(file = %path.display(), "saving did not finish within shutdown_timeout_ms");
+            false
         }
     }
 }
