@@ -350,25 +350,23 @@ async fn shutdown_from_the_cli_stops_the_service() {
     assert!(saved.contains(r#"[["k"],["v"]]"#), "save file: {saved}");
 }
 
-/// A save that outlasts the heartbeat timeout is not a dead primary: the primary heartbeats on
-/// while it stops its backup and saves, so the stop waits for the save and reports it. Here
-/// 48 MB saved with a sync every 64 KiB, against a 150 ms heartbeat timeout; without those
-/// heartbeats the proxy gives up on the primary 150 ms into the save ("fell silent") and the
-/// answer reports no save.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
+/// A cluster holding `SAVE_PAIRS` pairs of 4,000 bytes (48 MB) with a 150 ms heartbeat timeout
+/// and a save that syncs every 64 KiB: its save takes longer than the heartbeat timeout.
+const SAVE_PAIRS: usize = 12_000;
+const SAVE_VALUE: usize = 4_000;
+
+async fn cluster_with_a_long_save() -> Cluster {
     use ciborium::Value;
-    const PAIRS: usize = 12_000;
     const PER_REQUEST: usize = 100;
-    let mut cl = Cluster::builder()
+    let cl = Cluster::builder()
         .set("heartbeat_interval_ms=30")
         .set("heartbeat_timeout_ms=150")
         .set("background_sync_bytes=65536")
         .start()
         .await;
     let mut c = cl.client().await;
-    let value = "v".repeat(4000);
-    for chunk in 0..PAIRS / PER_REQUEST {
+    let value = "v".repeat(SAVE_VALUE);
+    for chunk in 0..SAVE_PAIRS / PER_REQUEST {
         let pairs = (0..PER_REQUEST)
             .map(|i| tpair(&format!("k,{}", chunk * PER_REQUEST + i), &value))
             .collect();
@@ -376,9 +374,23 @@ async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
         assert_eq!(r.status, Status::Ok, "{r:?}");
     }
     c.close();
-    let mut admin = Client::connect(&cl.shutdown_sap, &cl.certs, CertRole::Admin, &client_cfg())
+    cl
+}
+
+async fn admin_of(cl: &Cluster) -> Client {
+    Client::connect(&cl.shutdown_sap, &cl.certs, CertRole::Admin, &client_cfg())
         .await
-        .expect("admin connection");
+        .expect("admin connection")
+}
+
+/// A save that outlasts the heartbeat timeout is not a dead primary: the primary heartbeats on
+/// while it stops its backup and saves, so the stop waits for the save and reports it. Without
+/// those heartbeats the proxy gives up on the primary 150 ms into the save ("fell silent") and
+/// the answer reports no save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
+    let mut cl = cluster_with_a_long_save().await;
+    let mut admin = admin_of(&cl).await;
     let t0 = Instant::now();
     let r = admin
         .request("SHUTDOWN", None)
@@ -387,7 +399,7 @@ async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
     let took = t0.elapsed();
     let message = r.message.clone().unwrap_or_default();
     assert!(
-        r.status == Status::Ok && message.contains(&format!("{PAIRS} pairs saved")),
+        r.status == Status::Ok && message.contains(&format!("{SAVE_PAIRS} pairs saved")),
         "{r:?} after {took:?}\n{}",
         cl.logs()
     );
@@ -400,10 +412,52 @@ async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
         .map(|m| m.len())
         .unwrap_or(0);
     assert!(
-        saved > (PAIRS * value.len()) as u64,
+        saved > (SAVE_PAIRS * SAVE_VALUE) as u64,
         "save file of {saved} bytes"
     );
     println!("SHUTDOWN with a save of {saved} bytes answered in {took:?}");
+}
+
+/// The control: a primary killed (-9) while it saves falls silent, and the stop ends within
+/// about `heartbeat_timeout_ms` with an answer that says so and no save, instead of waiting for
+/// `shutdown_timeout_ms` (10 s). The kill comes once the primary has stopped its backup (so
+/// that no backup can take over) and is saving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_during_its_save_ends_the_stop_without_a_save() {
+    let mut cl = cluster_with_a_long_save().await;
+    let backup = cl
+        .status()
+        .await
+        .backup
+        .map(|b| b.pid)
+        .expect("a backup pid");
+    let mut admin = admin_of(&cl).await;
+    let answer = tokio::spawn(async move { admin.request("SHUTDOWN", None).await });
+    // Polled closely: the save that follows the backup's exit takes well over 150 ms.
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while alive(backup) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!alive(backup), "the backup did not stop\n{}", cl.logs());
+    signal(cl.server_pid(), Signal::SIGKILL);
+    let killed = Instant::now();
+    let r = answer.await.expect("task").expect("SHUTDOWN answer");
+    let took = killed.elapsed();
+    let message = r.message.clone().unwrap_or_default();
+    assert!(
+        r.status == Status::Ok && message.contains("fell silent") && !message.contains("saved"),
+        "{r:?}\n{}",
+        cl.logs()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "answered {took:?} after the kill\n{}",
+        cl.logs()
+    );
+    let ps = wait_exit_async(cl.proxy.as_mut().unwrap(), EXIT_TIMEOUT).await;
+    assert!(ps.is_some(), "the proxy still runs\n{}", cl.logs());
+    assert!(!cl.save_file.exists(), "a save file after the kill");
+    println!("SHUTDOWN answered {took:?} after the primary was killed during its save");
 }
 
 /// `notify_command` that appends `PROCESS|KIND` to `file`, one line per call.
