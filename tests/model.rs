@@ -1292,6 +1292,8 @@ impl St {
                         {
                             self.disk = Some((p.incarnation, d));
                         }
+                        // Written at once here: the actions after it go on at once too.
+                        self.proxy_step(cfg, router::Input::Witness(witness::Input::Persisted));
                     }
                     W::HeartbeatAck { link, epoch, n } => {
                         if let Some(c) = self.proxy_conn(link) {

@@ -90,6 +90,9 @@ pub enum Input {
     /// The stop did not complete (the primary did not confirm in time): the service goes on, and
     /// a replica leaving is a failure again.
     StopAborted,
+    /// A `Persist` this witness asked for is done (written, or given up on): the actions held
+    /// behind it, heartbeat acknowledgements included, are on their way.
+    Persisted,
     Tick,
 }
 
@@ -165,6 +168,10 @@ pub struct Witness {
     learning: Option<Learning>,
     /// The service is being stopped on purpose ([`Input::Stopping`]).
     stopping: bool,
+    /// `Persist` actions not yet reported done ([`Input::Persisted`]). The executor holds every
+    /// action behind a `Persist` until the state is on disk, heartbeat acknowledgements too, so
+    /// meanwhile no replica can echo a new one: its heartbeats count without a fresh echo.
+    persisting: u32,
 }
 
 /// What a fresh witness has heard while it learns (see [`Witness::learning`]).
@@ -200,6 +207,7 @@ impl Witness {
             last_tick: None,
             learning: None,
             stopping: false,
+            persisting: 0,
         }
     }
 
@@ -354,6 +362,17 @@ impl Witness {
             Input::Answered { link } => self.confirm(link),
             Input::Stopping => self.stopping = true,
             Input::StopAborted => self.stopping = false,
+            Input::Persisted => {
+                self.persisting = self.persisting.saturating_sub(1);
+                if self.persisting == 0 {
+                    // What was held meanwhile (acknowledgements, welcomes) leaves now: every
+                    // replica gets a whole window to answer it, as after a stall of our own.
+                    for m in self.members.values_mut() {
+                        m.echo_at = m.echo_at.max(now);
+                        m.last_heard = m.last_heard.max(now);
+                    }
+                }
+            }
             Input::Tick => self.tick(now, &mut out),
         }
         if self.durable.epoch > before.epoch
@@ -365,6 +384,7 @@ impl Witness {
         if self.durable != before {
             // Whatever depends on the new state (grants, routes) must wait for it to be stable.
             out.insert(0, Action::Persist(self.durable.clone()));
+            self.persisting += 1;
         }
         out
     }
@@ -405,8 +425,9 @@ impl Witness {
             m.echo_at = now;
         }
         // A replica we hear but that no longer hears us (a one-way cut towards it) is as good as
-        // silent: its heartbeat does not count.
-        if now.saturating_sub(m.echo_at) > self.heartbeat_timeout {
+        // silent: its heartbeat does not count. Not while our acknowledgements wait for our own
+        // state to reach the disk: a slow disk here is not a cut there.
+        if self.persisting == 0 && now.saturating_sub(m.echo_at) > self.heartbeat_timeout {
             return;
         }
         m.last_heard = now;
@@ -480,6 +501,12 @@ impl Witness {
                 m.last_heard = now;
                 m.echo_at = now;
             }
+            return;
+        }
+        if self.persisting > 0 {
+            // Our own state is not on disk yet and everything we would send waits behind it
+            // (a replica that registered meanwhile has not even been welcomed): silence now is
+            // ours. Nothing is decided until it is written; then every replica gets a window.
             return;
         }
         if self.primary.is_none()
@@ -1106,12 +1133,16 @@ mod tests {
 
     struct Fx {
         w: Witness,
+        /// `Persist` is reported done at once (`Input::Persisted` right after), unless a test
+        /// holds it to play a slow disk.
+        hold_persists: bool,
     }
 
     impl Fx {
         fn new() -> Fx {
             Fx {
                 w: Witness::new(HB),
+                hold_persists: false,
             }
         }
         /// A heartbeat built with `hb` echoes every ack sent so far (a healthy two-way link).
@@ -1130,7 +1161,17 @@ mod tests {
                 },
                 other => other,
             };
-            self.w.step(ms, i)
+            let mut out = self.w.step(ms, i);
+            if !self.hold_persists {
+                for _ in 0..out
+                    .iter()
+                    .filter(|a| matches!(a, Action::Persist(_)))
+                    .count()
+                {
+                    out.extend(self.w.step(ms, Input::Persisted));
+                }
+            }
+            out
         }
         /// Primary link 1 and synced backup link 2 at epoch 1.
         fn pair() -> Fx {
@@ -1255,6 +1296,65 @@ mod tests {
             .collect();
         assert!(acks.windows(2).all(|w| w[1] == w[0] + 1), "{acks:?}");
     }
+    #[test]
+    fn heartbeats_count_without_a_fresh_echo_while_our_acks_wait_for_our_disk() {
+        // The proxy's state file takes long to sync (a backup dropped: a new epoch to record):
+        // every action after the Persist is held, our acks too, so neither replica can echo a new
+        // one. A slow disk here is not a cut there: nobody lapses meanwhile.
+        let mut f = Fx::pair();
+        f.hold_persists = true;
+        let mut a = f.at(20, Input::PeerLost { link: 1, epoch: 1 });
+        assert!(has(&a, |x| matches!(x, Action::Persist(_))), "{a:?}");
+        let stuck = f.w.members.get(&1).map_or(0, |m| m.acks_sent);
+        for t in (50..=1000).step_by(50) {
+            a.extend(f.at(
+                t,
+                Input::Heartbeat {
+                    link: 1,
+                    epoch: 1,
+                    synced_backup: None,
+                    echo: stuck,
+                },
+            ));
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert!(
+            !has(&a, |x| matches!(
+                x,
+                Action::Drop { link: 1 } | Action::NoPrimary
+            )),
+            "{a:?}"
+        );
+        assert_eq!(f.w.primary(), Some(1));
+        // A new backup registers meanwhile: its welcome waits behind the write, so it cannot
+        // heartbeat yet; it is not dropped for that.
+        a = f.at(1000, hello(3, Role::Backup, 2));
+        for t in (1050..=1500).step_by(50) {
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert!(!has(&a, |x| matches!(x, Action::Drop { link: 3 })), "{a:?}");
+        // Written (each write reported): the held acks leave, and from now on an echo that does
+        // not rise is a cut again, after one window.
+        while f.w.persisting > 0 {
+            f.at(1500, Input::Persisted);
+        }
+        f.hold_persists = false;
+        a = vec![];
+        for t in (1550..=2500).step_by(50) {
+            a.extend(f.at(
+                t,
+                Input::Heartbeat {
+                    link: 1,
+                    epoch: 1,
+                    synced_backup: None,
+                    echo: stuck,
+                },
+            ));
+            a.extend(f.at(t, Input::Tick));
+        }
+        assert_eq!(f.w.primary(), None, "{a:?}");
+    }
+
     fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
         actions.iter().any(pred)
     }
