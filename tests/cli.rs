@@ -377,12 +377,6 @@ async fn cluster_with_a_long_save() -> Cluster {
     cl
 }
 
-async fn admin_of(cl: &Cluster) -> Client {
-    Client::connect(&cl.shutdown_sap, &cl.certs, CertRole::Admin, &client_cfg())
-        .await
-        .expect("admin connection")
-}
-
 /// A save that outlasts the heartbeat timeout is not a dead primary: the primary heartbeats on
 /// while it stops its backup and saves, so the stop waits for the save and reports it. Without
 /// those heartbeats the proxy gives up on the primary 150 ms into the save ("fell silent") and
@@ -390,7 +384,7 @@ async fn admin_of(cl: &Cluster) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_longer_than_the_heartbeat_timeout_is_waited_for() {
     let mut cl = cluster_with_a_long_save().await;
-    let mut admin = admin_of(&cl).await;
+    let mut admin = cl.admin().await;
     let t0 = Instant::now();
     let r = admin
         .request("SHUTDOWN", None)
@@ -431,7 +425,7 @@ async fn a_primary_killed_during_its_save_ends_the_stop_without_a_save() {
         .backup
         .map(|b| b.pid)
         .expect("a backup pid");
-    let mut admin = admin_of(&cl).await;
+    let mut admin = cl.admin().await;
     let answer = tokio::spawn(async move { admin.request("SHUTDOWN", None).await });
     // Polled closely: the save that follows the backup's exit takes well over 150 ms.
     let deadline = Instant::now() + EXIT_TIMEOUT;

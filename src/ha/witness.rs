@@ -367,10 +367,7 @@ impl Witness {
                 if self.persisting == 0 {
                     // What was held meanwhile (acknowledgements, welcomes) leaves now: every
                     // replica gets a whole window to answer it, as after a stall of our own.
-                    for m in self.members.values_mut() {
-                        m.echo_at = m.echo_at.max(now);
-                        m.last_heard = m.last_heard.max(now);
-                    }
+                    self.new_windows(now);
                 }
             }
             Input::Tick => self.tick(now, &mut out),
@@ -497,10 +494,7 @@ impl Witness {
             self.end_learning(out);
         }
         if stalled {
-            for m in self.members.values_mut() {
-                m.last_heard = now;
-                m.echo_at = now;
-            }
+            self.new_windows(now);
             return;
         }
         if self.persisting > 0 {
@@ -568,6 +562,15 @@ impl Witness {
                 "backup heartbeats lapsed"
             };
             self.drop_backup(b, why, out);
+        }
+    }
+
+    /// Silence so far was ours, not theirs: every replica's heartbeat window and echo window
+    /// start again at `now`.
+    fn new_windows(&mut self, now: Millis) {
+        for m in self.members.values_mut() {
+            m.last_heard = now;
+            m.echo_at = now;
         }
     }
 
@@ -1306,18 +1309,7 @@ mod tests {
         let mut a = f.at(20, Input::PeerLost { link: 1, epoch: 1 });
         assert!(has(&a, |x| matches!(x, Action::Persist(_))), "{a:?}");
         let stuck = f.w.members.get(&1).map_or(0, |m| m.acks_sent);
-        for t in (50..=1000).step_by(50) {
-            a.extend(f.at(
-                t,
-                Input::Heartbeat {
-                    link: 1,
-                    epoch: 1,
-                    synced_backup: None,
-                    echo: stuck,
-                },
-            ));
-            a.extend(f.at(t, Input::Tick));
-        }
+        a.extend(beats_with_echo(&mut f, 50..=1000, stuck));
         assert!(
             !has(&a, |x| matches!(
                 x,
@@ -1339,20 +1331,27 @@ mod tests {
             f.at(1500, Input::Persisted);
         }
         f.hold_persists = false;
-        a = vec![];
-        for t in (1550..=2500).step_by(50) {
+        a = beats_with_echo(&mut f, 1550..=2500, stuck);
+        assert_eq!(f.w.primary(), None, "{a:?}");
+    }
+
+    /// Every 50 ms over `span`: a heartbeat from primary link 1 at epoch 1 echoing `echo`
+    /// (no synced backup), then a tick.
+    fn beats_with_echo(f: &mut Fx, span: std::ops::RangeInclusive<u64>, echo: u64) -> Vec<Action> {
+        let mut a = vec![];
+        for t in span.step_by(50) {
             a.extend(f.at(
                 t,
                 Input::Heartbeat {
                     link: 1,
                     epoch: 1,
                     synced_backup: None,
-                    echo: stuck,
+                    echo,
                 },
             ));
             a.extend(f.at(t, Input::Tick));
         }
-        assert_eq!(f.w.primary(), None, "{a:?}");
+        a
     }
 
     fn has(actions: &[Action], pred: impl Fn(&Action) -> bool) -> bool {
