@@ -46,19 +46,50 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 // Ports, waiting, configs
 // ---------------------------------------------------------------------------------------------
 
-/// A free loopback UDP port: bound by the OS, read, released. Never the same twice in one test
-/// binary (tests run in parallel threads).
-pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    loop {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
-        let port = sock.local_addr().expect("local address").port();
-        drop(sock);
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if given.get_or_insert_with(HashSet::new).insert(port) {
+/// The kernel's ephemeral port range (`ip_local_port_range`): sockets bound to port 0 (every QUIC
+/// client endpoint in the processes under test) take ports from here at any moment.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A loopback port that is free now and cannot be handed to another socket before the process
+/// under test binds it: it lies outside the ephemeral range (a port the OS gave out and we released
+/// was once taken by a client endpoint of a parallel test before our server could bind it). Each
+/// test binary starts at its own offset (from its pid) so binaries running at once rarely meet; a
+/// port is tried with a bind of `kind` before it is given, and never given twice in one binary.
+fn free_port_of(kind: fn(u16) -> bool) -> u16 {
+    static GIVEN: Mutex<Option<(HashSet<u16>, u32)>> = Mutex::new(None);
+    let (eph_lo, eph_hi) = ephemeral_range();
+    // The largest stretch of ports above 1024 outside the ephemeral range.
+    let (lo, hi) = if eph_lo.saturating_sub(1025) >= 65535 - eph_hi {
+        (1025u32, u32::from(eph_lo))
+    } else {
+        (u32::from(eph_hi) + 1, 65536u32)
+    };
+    let span = hi - lo;
+    let mut guard = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (given, next) =
+        guard.get_or_insert_with(|| (HashSet::new(), (std::process::id() * 61) % span));
+    for _ in 0..span {
+        let port = (lo + *next % span) as u16;
+        *next = (*next + 1) % span;
+        if !given.contains(&port) && kind(port) {
+            given.insert(port);
             return port;
         }
     }
+    panic!("no free loopback port outside the ephemeral range {eph_lo}-{eph_hi}");
+}
+
+/// A free loopback UDP port (see `free_port_of`).
+pub fn free_port() -> u16 {
+    free_port_of(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// `127.0.0.1:PORT` on a free port.
@@ -68,16 +99,8 @@ pub fn free_sap() -> String {
 
 /// `127.0.0.1:PORT` on a free loopback TCP port (for metrics), never the same twice.
 pub fn free_tcp_sap() -> String {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral TCP port");
-        let port = l.local_addr().expect("local address").port();
-        drop(l);
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if given.get_or_insert_with(HashSet::new).insert(port) {
-            return format!("127.0.0.1:{port}");
-        }
-    }
+    let port = free_port_of(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+    format!("127.0.0.1:{port}")
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
