@@ -607,7 +607,12 @@ impl<R> Replica<R> {
                 if epoch < self.epoch || (epoch == self.epoch && !self.awaiting_grant) {
                     return;
                 }
-                if self.backup.is_some() {
+                // A backup attached while we waited for this grant was never reported to the
+                // witness (`promotable_backup`): the grant answers the loss we reported and did
+                // not drop it. Dropping it would make every backup that joins while the witness
+                // is slow to answer (its state file on a slow disk) a loss of its own.
+                let kept = self.awaiting_grant;
+                if self.backup.is_some() && !kept {
                     // The witness dropped our backup (it lost it): so do we (at the old epoch, so
                     // that this grant proves it cannot be the primary).
                     self.lose_backup(now, "the witness dropped the backup", out);
@@ -623,6 +628,11 @@ impl<R> Replica<R> {
                 self.lost = keep;
                 self.kill_pending.extend(dead.into_iter().map(|(id, _)| id));
                 self.go_solo(out);
+                if kept && self.backup.as_ref().is_some_and(|b| b.synced) {
+                    // What waited for the grant is released; from now on every write waits for
+                    // the kept backup's acknowledgement again, as after `BackupSynced`.
+                    self.solo = false;
+                }
             }
             Role::Backup => {
                 // The witness grants a backup only to promote it (a welcome may already have
@@ -995,6 +1005,73 @@ mod tests {
         // Stopped once the witness acknowledges us as the primary at the new epoch.
         let a = run(&mut r, 16, Input::HeartbeatAck { epoch: 2, n: 1 });
         assert!(a.contains(&Action::KillBackup { id: 1 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_backup_that_joined_while_we_waited_for_the_grant_is_kept() {
+        // The witness is slow to answer (its state file on a slow disk): a new backup is started,
+        // connects and synchronises before the grant for the lost one arrives. The grant answers
+        // our own report; the witness never heard of the new backup, so it did not drop it.
+        let mut r = primary_with_backup();
+        run(&mut r, 10, Input::Write { seq: 1, reply: 1 });
+        let a = run(
+            &mut r,
+            11,
+            Input::BackupDown {
+                id: 1,
+                why: "cut".into(),
+            },
+        );
+        assert!(a.contains(&Action::PeerLost { epoch: 1 }), "{a:?}");
+        assert!(released(&run(&mut r, 12, Input::Write { seq: 2, reply: 2 })).is_empty());
+        let a = run(&mut r, 300, Input::Tick);
+        assert!(
+            a.contains(&Action::StartBackup { id: 2, attempt: 1 }),
+            "{a:?}"
+        );
+        run(&mut r, 301, Input::BackupConnected { id: 2 });
+        let a = run(
+            &mut r,
+            302,
+            Input::BackupSynced {
+                id: 2,
+                seq: 2,
+                handle: "b2".into(),
+            },
+        );
+        assert!(
+            released(&a).is_empty(),
+            "still waiting for the grant: {a:?}"
+        );
+        let beat = |a: &[Action<u32>]| {
+            a.iter().find_map(|x| match x {
+                Action::Heartbeat { synced_backup, .. } => Some(synced_backup.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            beat(&run(&mut r, 303, Input::Tick)),
+            Some(None),
+            "not reported while the grant is awaited"
+        );
+        let a = run(&mut r, 400, Input::Grant { epoch: 2 });
+        assert_eq!(released(&a), vec![1, 2]);
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, Action::CloseBackup { id: 2 } | Action::PeerLost { .. })),
+            "the new backup is kept: {a:?}"
+        );
+        assert_eq!(r.epoch(), 2);
+        // Writes wait for the kept backup again, and the witness hears of it.
+        assert!(released(&run(&mut r, 401, Input::Write { seq: 3, reply: 3 })).is_empty());
+        assert_eq!(
+            released(&run(&mut r, 402, Input::BackupAck { id: 2, seq: 3 })),
+            vec![3]
+        );
+        assert_eq!(
+            beat(&run(&mut r, 403, Input::Tick)),
+            Some(Some("b2".into()))
+        );
     }
 
     #[test]

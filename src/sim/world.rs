@@ -45,6 +45,12 @@ pub struct SimParams {
     pub disk_delay: (Millis, Millis),
     /// ... or, with this probability, up to this long (a slow disk).
     pub slow_disk: (f64, Millis),
+    /// The proxy's state file: a write (with its fsync and the directory's) takes this long
+    /// (uniform) ...
+    pub proxy_disk_delay: (Millis, Millis),
+    /// ... or, with this probability, up to this long (a stalled disk; longer than the heartbeat
+    /// timeout). Every action behind a `Persist` waits for it, as in `src/proxy.rs`.
+    pub proxy_slow_disk: (f64, Millis),
     /// A broken executor for tests: a record counts as held once handed to the OS, before its
     /// sync (as with `fsync = "never"`); a power cut still loses what was not synced.
     pub ack_before_sync: bool,
@@ -87,6 +93,8 @@ impl Default for SimParams {
             logs: true,
             disk_delay: (1, 4),
             slow_disk: (0.03, 40),
+            proxy_disk_delay: (1, 6),
+            proxy_slow_disk: (0.02, 800),
             ack_before_sync: false,
             kill_keeps_page_cache: false,
             proxy_fresh_wait: 2000,
@@ -475,6 +483,11 @@ enum Ev {
     ProxyStart {
         with_state: bool,
     },
+    /// The proxy's state file write for incarnation `n` (see `ProxyTick`) is done.
+    ProxyPersisted {
+        n: u64,
+        state: Durable,
+    },
     Resume(Addr),
     ConnectTimeout {
         pid: Pid,
@@ -578,6 +591,9 @@ struct ProxyProc {
     incarnation: u64,
     with_state: bool,
     actions: Vec<router::Action<Pending, KvReply>>,
+    /// A state file write is under way: every action after it waits in `held` (`src/proxy.rs`).
+    persisting: bool,
+    held: std::collections::VecDeque<router::Action<Pending, KvReply>>,
 }
 
 struct Rep {
@@ -665,6 +681,8 @@ struct World {
     /// on (one; two in launch-command mode).
     disks: Vec<Disk>,
     drng: Rng,
+    /// The proxy's disk delays (apart, so that the replicas' disks draw as before).
+    prng: Rng,
     hosts: u8,
     restarts: u64,
     power_cuts: u64,
@@ -760,6 +778,7 @@ pub fn run(seed: u64, p: &SimParams, plan: &Plan) -> Report {
         write_epochs: BTreeMap::new(),
         disks: Vec::new(),
         drng,
+        prng: Rng::new(seed ^ 0x57A7_E57A_7E57_A7E5),
         hosts,
         restarts: 0,
         power_cuts: 0,
@@ -918,6 +937,8 @@ impl World {
             incarnation,
             with_state,
             actions: Vec::new(),
+            persisting: false,
+            held: std::collections::VecDeque::new(),
         });
         self.proxy_paused = false;
         self.log(|| format!("proxy starts (incarnation {incarnation}, state file: {with_state})"));
@@ -1527,6 +1548,7 @@ impl World {
             Ev::Fault(i) => self.fault(i),
             Ev::Heal(i) => self.heal(i),
             Ev::ProxyStart { with_state } => self.start_proxy(with_state),
+            Ev::ProxyPersisted { n, state } => self.proxy_persisted(n, state),
             Ev::Resume(a) => {
                 self.log(|| format!("{a:?} resumes"));
                 match a {
@@ -2108,11 +2130,40 @@ impl World {
         let mut actions = std::mem::take(&mut p.actions);
         p.router.step(now, input, &mut actions);
         for a in actions.drain(..) {
-            self.proxy_apply(a);
+            match self.proxy.as_mut() {
+                Some(p) if p.persisting => p.held.push_back(a),
+                Some(_) => self.proxy_apply(a),
+                None => {}
+            }
         }
         if let Some(p) = self.proxy.as_mut() {
             p.actions = actions;
         }
+    }
+
+    /// The state file write of incarnation `n` is done: it is on the disk, the actions held
+    /// behind it go out in order (up to the next `Persist`), then the witness hears `Persisted`.
+    fn proxy_persisted(&mut self, n: u64, state: Durable) {
+        if n != self.proxy_starts {
+            // That proxy died with its write: the state file is as before.
+            return;
+        }
+        if self.proxy_paused {
+            self.at(self.now + 20, Ev::ProxyPersisted { n, state });
+            return;
+        }
+        let Some(p) = self.proxy.as_mut() else { return };
+        self.disk = Some((p.incarnation, state));
+        p.persisting = false;
+        while let Some(a) = self
+            .proxy
+            .as_mut()
+            .filter(|p| !p.persisting)
+            .and_then(|p| p.held.pop_front())
+        {
+            self.proxy_apply(a);
+        }
+        self.proxy_step(router::Input::Witness(witness::Input::Persisted));
     }
 
     fn proxy_conn(&self, link: LinkId) -> Option<ConnId> {
@@ -2153,13 +2204,22 @@ impl World {
                 }
                 match w {
                     W::Persist(d) => {
-                        if let Some(p) = &self.proxy
-                            && p.with_state
-                        {
-                            self.disk = Some((p.incarnation, d));
+                        let Some(p) = self.proxy.as_mut() else { return };
+                        if !p.with_state {
+                            // Nothing to write: done at once, as in `src/proxy.rs`.
+                            self.proxy_step(router::Input::Witness(witness::Input::Persisted));
+                            return;
                         }
-                        // Written at once here: the actions after it go on at once too.
-                        self.proxy_step(router::Input::Witness(witness::Input::Persisted));
+                        p.persisting = true;
+                        let (lo, hi) = self.p.proxy_disk_delay;
+                        let (slow, slowest) = self.p.proxy_slow_disk;
+                        let delay = if self.prng.chance(slow) {
+                            self.prng.range(hi, slowest)
+                        } else {
+                            self.prng.range(lo, hi)
+                        };
+                        let n = self.proxy_starts;
+                        self.at(self.now + delay, Ev::ProxyPersisted { n, state: d });
                     }
                     W::HeartbeatAck { link, epoch, n } => {
                         if let Some(c) = self.proxy_conn(link) {
