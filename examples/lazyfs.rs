@@ -23,6 +23,10 @@
 //! on the control FIFO, every pending overlay is written and fsynced, as `sync(1)` would; it prints
 //! `lazyfs: flushed N bytes in M files`.
 //!
+//! **Slow disk**: with `--fsync-delay-ms N`, every `fsync`, `fdatasync` and directory `fsync`
+//! takes N ms more (it sleeps before writing the overlay back), as a disk that stalls would; reads
+//! and writes are not slowed. A line `fsync-delay N` on the control FIFO changes it (0: off).
+//!
 //! **Shutdown**: on `SIGTERM`, `SIGINT` or `SIGHUP` it unmounts (lazily if the mount is busy, then
 //! it serves the files still open for at most 2 s more), writes and fsyncs every overlay (a clean
 //! unmount of a real filesystem writes its dirty data back), prints `lazyfs: flushed N bytes in M
@@ -381,6 +385,8 @@ struct Shared {
     egid: u32,
     /// `LAZYFS_TRACE=1`: print every data operation to stderr.
     trace: bool,
+    /// Added to every fsync (`--fsync-delay-ms`, `fsync-delay N`).
+    fsync_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 macro_rules! trace {
@@ -684,8 +690,19 @@ impl Shared {
         Ok(Some((bytes, true, file)))
     }
 
+    /// A slow disk (`--fsync-delay-ms`): every sync waits this long first.
+    fn sync_delay(&self) {
+        let ms = self
+            .fsync_delay_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+
     fn fsync(&self, node: &Node, datasync: bool) -> Res<()> {
         trace!(self, "fsync ino {} datasync {datasync}", node.ino);
+        self.sync_delay();
         let Some((_, _, file)) = self.flush_node(node)? else {
             return self.fsyncdir(node);
         };
@@ -701,6 +718,7 @@ impl Shared {
         if node.kind != FileType::Directory {
             return Ok(());
         }
+        self.sync_delay();
         let fd = rfs::openat(
             &node.fd,
             ".",
@@ -1398,16 +1416,23 @@ struct Args {
     mountpoint: PathBuf,
     backing: PathBuf,
     control: Option<PathBuf>,
+    fsync_delay_ms: u64,
 }
 
-const USAGE: &str = "usage: lazyfs MOUNTPOINT BACKING_DIR [--control FIFO]";
+const USAGE: &str = "usage: lazyfs MOUNTPOINT BACKING_DIR [--control FIFO] [--fsync-delay-ms N]";
 
 fn parse_args() -> Result<Args, Exit> {
     let mut positional = Vec::new();
     let mut control = None;
+    let mut fsync_delay_ms = 0;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
-        if a == "--control" {
+        if a == "--fsync-delay-ms" {
+            fsync_delay_ms = args
+                .next()
+                .and_then(|v| v.to_str().and_then(|v| v.parse::<u64>().ok()))
+                .ok_or_else(|| Exit::Usage("--fsync-delay-ms needs a number of ms".into()))?;
+        } else if a == "--control" {
             let Some(path) = args.next() else {
                 return Err(Exit::Usage("--control needs a path".into()));
             };
@@ -1431,6 +1456,7 @@ fn parse_args() -> Result<Args, Exit> {
         mountpoint,
         backing,
         control,
+        fsync_delay_ms,
     })
 }
 
@@ -1458,6 +1484,17 @@ fn control_loop(path: PathBuf, shared: Arc<Shared>) {
                 "" => {}
                 "clear-cache" | "lazyfs::clear-cache" | "power-cut" => shared.report_power_cut(),
                 "sync" | "checkpoint" | "lazyfs::cache-checkpoint" => shared.report_flush(),
+                other if other.starts_with("fsync-delay ") => {
+                    match other["fsync-delay ".len()..].trim().parse::<u64>() {
+                        Ok(ms) => {
+                            shared
+                                .fsync_delay_ms
+                                .store(ms, std::sync::atomic::Ordering::Relaxed);
+                            eprintln!("lazyfs: fsync delay {ms} ms");
+                        }
+                        Err(e) => eprintln!("lazyfs: bad control command {other:?}: {e}"),
+                    }
+                }
                 other => eprintln!("lazyfs: unknown control command {other:?}"),
             }
         }
@@ -1544,6 +1581,7 @@ fn run() -> Result<(), Exit> {
         euid: rustix::process::geteuid().as_raw(),
         egid: rustix::process::getegid().as_raw(),
         trace: std::env::var_os("LAZYFS_TRACE").is_some_and(|v| v != "0" && !v.is_empty()),
+        fsync_delay_ms: std::sync::atomic::AtomicU64::new(args.fsync_delay_ms),
     });
 
     let auto_unmount = on_path("fusermount3") || on_path("fusermount");

@@ -18,6 +18,9 @@
 //! cut at the last good record: the service starts and serves a prefix of the writes). Every
 //! damage must be reported by a WARN naming the file and the offset.
 //!
+//! And a slow disk under the proxy's state file (lazyfs `--fsync-delay-ms`) while the backup is
+//! killed: the backup the primary starts meanwhile is kept.
+//!
 //! Each cut happens once the load has stored at least [`CUT_PAIRS`] pairs (STATUS, polled), so a
 //! round cannot pass on an idle service. Tests take a lock and run one at a time.
 
@@ -708,4 +711,117 @@ async fn a_flipped_byte_mid_log_is_reported_and_the_other_or_the_cut_copy_recove
         "the service does not serve after the cut\n{log}"
     );
     svc.stop().await;
+}
+
+/// The proxy's state file on a slow disk: every fsync takes [`SLOW_FSYNC_MS`] (lazyfs
+/// `--fsync-delay-ms`), so each write of the witness's state (file, then directory) takes
+/// several heartbeat timeouts, and everything behind it (acknowledgements, welcomes, the grant)
+/// waits. The backup is killed: the primary starts a new backup at once, and it synchronises long
+/// before the witness's grant for the lost one is on disk. That grant drops only the backup the
+/// witness knew; the new one is kept (before the fix the primary took the grant for the loss of
+/// its new backup and closed it, and then the next one: found by the simulator). One backup
+/// lost, one new epoch, the same primary, no failover, every write acknowledged.
+const SLOW_FSYNC_MS: u64 = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_proxy_disk_keeps_the_backup_started_while_the_grant_is_written() {
+    let _serial = SERIAL.lock().await;
+    let test = "a_slow_proxy_disk_keeps_the_backup_started_while_the_grant_is_written";
+    let mut svc = UpService::new(&[]);
+    let bin = match lazyfs_binary() {
+        Ok(b) => b,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            return;
+        }
+    };
+    let disk = svc.dir().join("proxy-disk");
+    let delay = SLOW_FSYNC_MS.to_string();
+    let fs = match Lazyfs::mount_with(
+        &bin,
+        &disk,
+        &svc.dir().join("proxy-disk-backing"),
+        &svc.dir().join("lazyfs.log"),
+        &["--fsync-delay-ms", &delay],
+    )
+    .await
+    {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: lazyfs cannot mount here: {why}");
+            return;
+        }
+    };
+    let cfg = Config::default();
+    assert!(
+        SLOW_FSYNC_MS > 2 * cfg.heartbeat_timeout_ms && 2 * SLOW_FSYNC_MS < cfg.connect_timeout_ms,
+        "the delay must outlast the heartbeat timeout and stay within the connect timeout"
+    );
+    svc.sets.push(format!(
+        "proxy_state_file={:?}",
+        disk.join("proxy.state").display().to_string()
+    ));
+    svc.start();
+    let st0 = svc.wait_ready(READY_TIMEOUT).await;
+    let (primary, backup) = (pid_of(&st0, "primary"), pid_of(&st0, "backup"));
+    put_seq(&svc, "slow", 0..20).await;
+
+    let killed = Instant::now();
+    signal(backup, Signal::SIGKILL);
+    // The grant (epoch + 1) is written, then a new backup is recorded as synchronised.
+    let deadline = killed + Duration::from_secs(30);
+    let st1 = loop {
+        let st = svc.status().await;
+        if let Some(st) = &st
+            && st.epoch > st0.epoch
+            && st.backup_synced
+            && st.pid_of("backup").is_some_and(|b| b != backup)
+        {
+            break st.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new synchronised backup 30 s after the kill: {st:?}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = killed.elapsed();
+    // Writes go on through the kept backup.
+    put_seq(&svc, "slow", 20..60).await;
+    let st2 = svc.status().await.expect("STATUS");
+    let log = svc.log(svc.starts);
+    eprintln!(
+        "{test}: new backup {} recorded synchronised {took:?} after the kill; epoch {} -> {}",
+        pid_of(&st1, "backup"),
+        st0.epoch,
+        st2.epoch
+    );
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the witness dropped the backup"))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "the primary dropped a backup on the grant for another: {dropped:?}\n{log}"
+    );
+    assert_eq!(
+        log.matches("event=\"failover\"").count(),
+        0,
+        "a slow proxy disk is not a failure of the primary\n{log}"
+    );
+    assert_eq!(pid_of(&st2, "primary"), primary, "{st2:?}\n{log}");
+    assert_eq!(
+        pid_of(&st2, "backup"),
+        pid_of(&st1, "backup"),
+        "the new backup was replaced: {st2:?}\n{log}"
+    );
+    assert_eq!(
+        st2.epoch,
+        st0.epoch + 1,
+        "one backup loss, one epoch: {st2:?}\n{log}"
+    );
+    assert_eq!(present(&svc, "slow").await, (0..60).collect::<Vec<_>>());
+    svc.stop().await;
+    drop(fs);
 }

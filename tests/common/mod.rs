@@ -1421,12 +1421,24 @@ impl Lazyfs {
         backing: &Path,
         log: &Path,
     ) -> Result<Lazyfs, String> {
+        Self::mount_with(bin, mountpoint, backing, log, &[]).await
+    }
+
+    /// [`Lazyfs::mount`] with more options (e.g. `--fsync-delay-ms N`: a slow disk).
+    pub async fn mount_with(
+        bin: &Path,
+        mountpoint: &Path,
+        backing: &Path,
+        log: &Path,
+        options: &[&str],
+    ) -> Result<Lazyfs, String> {
         std::fs::create_dir_all(backing).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
         let err = std::fs::File::create(log).map_err(|e| e.to_string())?;
         let child = Command::new(bin)
             .arg(mountpoint)
             .arg(backing)
+            .args(options)
             .stdin(Stdio::null())
             .stdout(Stdio::from(err.try_clone().map_err(|e| e.to_string())?))
             .stderr(Stdio::from(err))
